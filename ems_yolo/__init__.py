@@ -1,0 +1,10 @@
+"""ems-yolo: directly-trained spiking neural networks for object detection (EMS-YOLO) on the Ultralytics engine."""
+
+from ems_yolo.utils.offline import configure_environment
+
+configure_environment()  # before anything imports ultralytics (it probes the network at import)
+
+from ems_yolo.nn import LIF, EMSDetectionModel  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = ["LIF", "EMSDetectionModel", "__version__"]

@@ -1,0 +1,139 @@
+"""EMSDetectionModel: an Ultralytics `DetectionModel` built by ems-yolo's parser with the EMS anchor head."""
+
+from __future__ import annotations
+
+from copy import deepcopy
+from pathlib import Path
+
+import torch
+import yaml
+from ultralytics.nn.tasks import BaseModel, DetectionModel
+from ultralytics.utils import LOGGER
+from ultralytics.utils.torch_utils import initialize_weights, intersect_dicts
+
+from ems_yolo.nn.head import EMSDetect
+from ems_yolo.nn.loss import YOLOv5Loss
+from ems_yolo.nn.parser import parse_model
+
+MODELS_DIR = Path(__file__).resolve().parents[2] / "cfg" / "models"
+STRIDE_PROBE = 256  # probe input size; 2x the largest stride
+
+
+def available_models() -> list[str]:
+    """Names of the model YAMLs shipped in cfg/models."""
+    return sorted(p.name for p in MODELS_DIR.glob("*.yaml"))
+
+
+def find_model_yaml(name: str | Path) -> Path:
+    """Resolve a model YAML given as a path or as a name in cfg/models (with or without `.yaml`)."""
+    p = Path(name).expanduser()
+    if p.is_file():
+        return p
+    for candidate in (MODELS_DIR / p.name, MODELS_DIR / f"{p.name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"model YAML '{name}' not found; built-in models: {', '.join(available_models())}")
+
+
+def load_model_yaml(name: str | Path) -> dict:
+    """Read a model YAML into a dict, recording its path under `yaml_file`."""
+    path = find_model_yaml(name)
+    try:
+        d = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: invalid YAML: {e}") from e
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a mapping with 'nc', 'backbone' and 'head', got {type(d).__name__}")
+    for key in ("nc", "backbone", "head"):
+        if key not in d:
+            raise ValueError(f"{path}: missing required key '{key}'")
+    d["yaml_file"] = str(path)
+    return d
+
+
+class EMSDetectionModel(DetectionModel):
+    """Spiking detector: 4-D input `[B, C, H, W]`, T inside the model, Ultralytics-compatible outputs.
+
+    `time_steps` and `input_kind` ("frames"/"events") override the YAML; both are stored in `self.yaml` and travel
+    with checkpoints.
+    """
+
+    def __init__(
+        self,
+        cfg: str | Path | dict = "ems-res10.yaml",
+        ch: int | None = None,
+        nc: int | None = None,
+        verbose: bool = True,
+        time_steps: int | None = None,
+        input_kind: str | None = None,
+    ):
+        BaseModel.__init__(self)  # DetectionModel.__init__ would call the stock parser
+        self.yaml = deepcopy(cfg) if isinstance(cfg, dict) else load_model_yaml(cfg)
+        ch = int(ch or self.yaml.get("channels", 3))
+        if nc and nc != self.yaml["nc"]:
+            LOGGER.info(f"Overriding model.yaml nc={self.yaml['nc']} with nc={nc}")
+            self.yaml["nc"] = nc
+        if time_steps:
+            self.yaml["time_steps"] = int(time_steps)
+        if input_kind:
+            self.yaml["input"] = input_kind
+        self.yaml["channels"] = ch
+        self.model, self.save = parse_model(self.yaml, ch=ch)
+        self.names = {i: f"{i}" for i in range(self.yaml["nc"])}
+        self.inplace = self.yaml.get("inplace", True)
+
+        head = self.model[-1]
+        if not isinstance(head, EMSDetect):
+            raise ValueError(f"the last model row must be EMSDetect, got {type(head).__name__}")
+        head.set_stride(self._probe_strides(ch))
+        self.stride = head.stride
+        initialize_weights(self)
+        if verbose:
+            self.log_layers()
+            self.info()
+
+    @property
+    def time_steps(self) -> int:
+        """Number of simulation time steps T."""
+        return int(self.yaml.get("time_steps", 1))
+
+    def _probe_strides(self, ch: int) -> torch.Tensor:
+        """Level strides from one dummy forward (4-D input, statistics untouched)."""
+        head = self.model[-1]
+        self.model.eval()
+        head.training = True
+        with torch.no_grad():
+            raw = self.forward(torch.zeros(1, ch, STRIDE_PROBE, STRIDE_PROBE))
+        self.model.train()
+        return torch.tensor([STRIDE_PROBE / p.shape[2] for p in raw])
+
+    def log_layers(self) -> None:
+        """Log the Ultralytics-style layer table: index, sources, repeats, parameters, module, arguments."""
+        LOGGER.info(f"\n{'':>3}{'from':>20}{'n':>3}{'params':>11}  {'module':<16}arguments")
+        for m in self.model:
+            LOGGER.info(f"{m.i:>3}{m.f!s:>20}{m.n:>3}{m.np:>11,}  {m.type:<16}{m.args}")
+
+    def init_criterion(self) -> YOLOv5Loss:
+        """YOLOv5-style loss with the gains of the YAML's `loss:` section."""
+        return YOLOv5Loss.from_model(self)
+
+    def load(self, weights, verbose: bool = True) -> None:
+        """Load matching tensors from a checkpoint dict or model (the stock version assumes the anchor-free head)."""
+        model = (weights.get("ema") or weights["model"]) if isinstance(weights, dict) else weights
+        csd = intersect_dicts(model.float().state_dict(), self.state_dict())
+        self.load_state_dict(csd, strict=False)
+        if verbose:
+            LOGGER.info(f"Transferred {len(csd)}/{len(self.state_dict())} items from pretrained weights")
+
+    def fuse(self, verbose: bool = True, imgsz: int = 640):
+        """No-op: conv/tdBN folding is not applied (the stock fuse only knows Ultralytics' Conv layers)."""
+        return self
+
+    def is_fused(self) -> bool:  # noqa: D102
+        return False
+
+    def info(self, detailed: bool = False, verbose: bool = True, imgsz: int | list = 640):
+        """Log and return (layers, parameters, gradients, GFLOPs over all T steps) like Ultralytics' model_info."""
+        from ems_yolo.utils.flops import model_summary
+
+        return model_summary(self, imgsz=imgsz, detailed=detailed, verbose=verbose)

@@ -1,0 +1,33 @@
+"""Shared test set-up: a private ems-yolo home (fonts, settings, generated data) and common fixtures."""
+
+import os
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("EMS_YOLO_HOME", tempfile.mkdtemp(prefix="ems-yolo-tests-"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SHARED_DATA = SHARED / "data"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    """Deterministic torch RNG in every test."""
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def tiny_cfg():
+    """Factory: a built-in model YAML at reduced width with overrides (nc, time_steps, ...) applied."""
+    from ems_yolo.nn import load_model_yaml
+
+    def make(name: str = "ems-res10.yaml", width: float = 0.25, **overrides) -> dict:
+        d = load_model_yaml(name)
+        d["width_multiple"] = width
+        d.update(overrides)
+        return d
+
+    return make
