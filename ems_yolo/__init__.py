@@ -4,7 +4,8 @@ from ems_yolo.utils.offline import configure_environment
 
 configure_environment()  # before anything imports ultralytics (it probes the network at import)
 
+from ems_yolo.engine.model import EMSYOLO  # noqa: E402
 from ems_yolo.nn import LIF, EMSDetectionModel  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["LIF", "EMSDetectionModel", "__version__"]
+__all__ = ["EMSYOLO", "LIF", "EMSDetectionModel", "__version__"]

@@ -38,6 +38,16 @@ class EMSDetect(Detect):
         for conv in self.m:
             conv.spike_input = False
 
+    @property
+    def end2end(self) -> bool:
+        """Always False: the anchor head needs NMS (there is no one-to-one branch)."""
+        return False
+
+    @end2end.setter
+    def end2end(self, value: bool) -> None:
+        if value:
+            raise ValueError("EMSDetect has no NMS-free (end-to-end) branch")
+
     def set_stride(self, stride: torch.Tensor) -> None:
         """Store level strides, express anchors in grid units (ascending with stride) and initialise biases."""
         self.stride = stride.float()

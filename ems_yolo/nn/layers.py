@@ -77,7 +77,7 @@ class EncodingConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Encode `[B, C_in, H, W]` to `[T*B, c2, H/s, W/s]`."""
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
+        if not torch.jit.is_tracing() and (x.dim() != 4 or x.shape[1] != self.in_channels):
             raise ValueError(
                 f"{self.input_kind} input must be [B, {self.in_channels}, H, W], got {list(x.shape)}"
                 + (f" (T={self.time_steps} bins x {self.in_channels // self.time_steps} channels)"

@@ -1,0 +1,102 @@
+"""Resolve the `data=` argument to a dataset YAML that exists on disk, never downloading anything.
+
+`None`/`shapes` is the built-in generated dataset; a bare name is looked up in cfg/datasets; any other value is a
+path to an Ultralytics detection YAML. The YAML's `path:` and splits are checked here: when images are missing
+the error says where to put them and how to get them, instead of letting Ultralytics run its `download:` hook.
+The resolved copy (absolute `path:`, no `download:` key) is what the engines read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import yaml
+
+from ems_yolo.utils.offline import ems_home
+
+DATASETS_DIR = Path(__file__).resolve().parents[2] / "cfg" / "datasets"
+REPO_ROOT = DATASETS_DIR.parents[1]
+BUILTIN = "shapes"
+
+
+def available_datasets() -> list[str]:
+    """The built-in dataset name plus the YAMLs shipped in cfg/datasets."""
+    return [BUILTIN, *sorted(p.name for p in DATASETS_DIR.glob("*.yaml"))]
+
+
+def _find_yaml(data: str) -> Path:
+    p = Path(data).expanduser()
+    if p.is_file():
+        return p
+    if len(p.parts) == 1:
+        for candidate in (DATASETS_DIR / p.name, DATASETS_DIR / f"{p.name}.yaml"):
+            if candidate.is_file():
+                return candidate
+    raise FileNotFoundError(f"dataset '{data}' not found; give a dataset YAML path or one of: {', '.join(available_datasets())}")
+
+
+def _dataset_root(d: dict, yaml_path: Path) -> Path:
+    """Root folder of a dataset: absolute `path:`, else relative to the cwd, the YAML's folder or the repo root."""
+    raw = d.get("path")
+    if raw is None:
+        return yaml_path.parent.resolve()
+    p = Path(str(raw)).expanduser()
+    if p.is_absolute():
+        return p
+    for base in (Path.cwd(), yaml_path.parent, REPO_ROOT):
+        if (base / p).exists():
+            return (base / p).resolve()
+    return (Path.cwd() / p).resolve()
+
+
+def _split_paths(root: Path, value) -> list[Path]:
+    values = value if isinstance(value, list) else [value]
+    return [p if p.is_absolute() else root / p for p in (Path(str(v)) for v in values)]
+
+
+def resolve_data(data: str | Path | None) -> str:
+    """Return the path of a dataset YAML whose images exist, generating the built-in data when asked."""
+    if data is None or str(data) in (BUILTIN, f"{BUILTIN}.yaml"):
+        from ems_yolo.data.shapes import make_shapes_dataset
+
+        return str(make_shapes_dataset())
+    src = _find_yaml(str(data))
+    resolved_dir = ems_home() / "data"
+    try:
+        d = yaml.safe_load(src.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{src}: invalid YAML: {e}") from e
+    if not isinstance(d, dict):
+        raise ValueError(f"{src}: expected a mapping with 'path', 'train', 'val' and 'names'")
+    for key in ("train", "val"):
+        if not d.get(key):
+            raise ValueError(f"{src}: missing required key '{key}' (image folder, list file or list of them)")
+    root = _dataset_root(d, src)
+    missing = [p for key in ("train", "val") for p in _split_paths(root, d[key]) if not p.exists()]
+    if missing:
+        raise FileNotFoundError(_missing_message(src, d, root, missing))
+    d.pop("download", None)
+    d["path"] = str(root)
+    text = yaml.safe_dump(d, sort_keys=False)
+    if src.parent.resolve() == resolved_dir.resolve():  # already a resolved copy (e.g. from a checkpoint)
+        return str(src)
+    out = resolved_dir / f"{src.stem}-{hashlib.sha1(text.encode()).hexdigest()[:10]}.yaml"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, out)
+    return str(out)
+
+
+def _missing_message(src: Path, d: dict, root: Path, missing: list[Path]) -> str:
+    """Explain which files are missing and how to obtain the dataset (the YAML's `get:` text when it has one)."""
+    lines = [
+        f"dataset '{src}': images not found (missing {', '.join(str(m) for m in missing[:3])}).",
+        f"ems-yolo never downloads data. Put the dataset under {root} or set 'path:' in a copy of {src.name}.",
+    ]
+    if d.get("get"):
+        lines.append(str(d["get"]).strip())
+    return "\n".join(lines)

@@ -1,0 +1,131 @@
+"""EMSYOLO: the `ultralytics.YOLO`-style facade for spiking EMS models.
+
+    EMSYOLO("ems-res10.yaml").train(data="coco8.yaml", epochs=3)
+    EMSYOLO("runs/detect/train/weights/best.pt").val()
+    EMSYOLO("best.pt").predict("video.mp4"); EMSYOLO("best.pt").export(format="onnx")
+
+Time steps come from the model YAML or checkpoint and can be overridden with `time_steps=`; an override of a YAML
+is written to a derived YAML file (the trainer rebuilds models from the file named in its arguments, also in DDP
+workers), so the new T is what checkpoints record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from torch import nn
+from ultralytics.engine.model import Model
+from ultralytics.models.yolo.detect import DetectionPredictor
+from ultralytics.utils import DEFAULT_CFG_DICT
+
+from ems_yolo.data.datasets import resolve_data
+from ems_yolo.engine.trainer import EMSTrainer
+from ems_yolo.engine.validator import EMSValidator
+from ems_yolo.nn.model import EMSDetectionModel, find_model_yaml, load_model_yaml
+from ems_yolo.utils.offline import ems_home
+
+# Training defaults that differ from Ultralytics' to follow the EMS-YOLO recipe (model-spec §9).
+EMS_TRAIN_DEFAULTS: dict[str, Any] = {"optimizer": "SGD", "lrf": 0.1, "cos_lr": True, "close_mosaic": 0}
+EXPORT_SUFFIXES = (".onnx", ".torchscript", ".engine", ".mlpackage", ".tflite", ".pb")
+
+
+def derive_model_yaml(cfg: dict) -> Path:
+    """Write a model dict to `$EMS_YOLO_HOME/models/<stem>-<hash>.yaml` (content-addressed, written once)."""
+    d = {k: v for k, v in cfg.items() if k != "yaml_file"}
+    text = yaml.safe_dump(d, sort_keys=False)
+    stem = Path(cfg.get("yaml_file", "model")).stem
+    out = ems_home() / "models" / f"{stem}-{hashlib.sha1(text.encode()).hexdigest()[:10]}.yaml"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, out)
+    return out
+
+
+def set_time_steps(model: nn.Module, time_steps: int) -> None:
+    """Change T of a built model in place (every module holding `time_steps`, and the model YAML)."""
+    if time_steps < 1:
+        raise ValueError(f"time_steps must be >= 1, got {time_steps}")
+    for m in model.modules():
+        if hasattr(m, "time_steps") and isinstance(m.time_steps, int):
+            m.time_steps = time_steps
+    model.yaml["time_steps"] = time_steps
+
+
+def resolve_model_source(model: str | Path, time_steps: int | None = None) -> str:
+    """Map a model argument to a YAML path or an existing weights file; errors early for missing files."""
+    text = str(model).strip()
+    p = Path(text).expanduser()
+    if p.suffix in (".yaml", ".yml") or (not p.suffix and not p.exists()):
+        path = find_model_yaml(text)
+        if time_steps:
+            cfg = load_model_yaml(path)
+            cfg["time_steps"] = int(time_steps)
+            path = derive_model_yaml(cfg)
+        return str(path)
+    if not p.exists():
+        raise FileNotFoundError(f"model weights '{text}' not found (ems-yolo does not download weights)")
+    return str(p)
+
+
+class EMSYOLO(Model):
+    """Spiking YOLO model: train, val, predict and export through the Ultralytics engine."""
+
+    def __init__(
+        self,
+        model: str | Path = "ems-res10.yaml",
+        task: str = "detect",
+        verbose: bool = False,
+        time_steps: int | None = None,
+    ):
+        source = resolve_model_source(model, time_steps)
+        super().__init__(source, task=task, verbose=verbose)
+        if time_steps and isinstance(self.model, nn.Module) and self.model.yaml.get("time_steps") != time_steps:
+            set_time_steps(self.model, int(time_steps))
+        elif time_steps and not isinstance(self.model, nn.Module):
+            raise ValueError(f"time_steps is fixed in exported model '{source}' (T is unrolled into the graph)")
+
+    @property
+    def task_map(self) -> dict:
+        """Engine classes for the detect task."""
+        return {
+            "detect": {
+                "model": EMSDetectionModel,
+                "trainer": EMSTrainer,
+                "validator": EMSValidator,
+                "predictor": DetectionPredictor,
+            }
+        }
+
+    @property
+    def time_steps(self) -> int | None:
+        """T of a PyTorch model (None for exported models, whose T is baked in)."""
+        return self.model.yaml.get("time_steps") if isinstance(self.model, nn.Module) else None
+
+    def _new(self, cfg: str, task: str | None = None, verbose: bool = False) -> None:
+        """Build from an ems-yolo model YAML (Ultralytics' loader would not know our file names)."""
+        self.cfg = str(find_model_yaml(cfg))
+        self.task = "detect"
+        self.model = EMSDetectionModel(load_model_yaml(self.cfg), verbose=verbose)
+        self.overrides["model"] = self.cfg
+        self.overrides["task"] = self.task
+        self.model.args = {**DEFAULT_CFG_DICT, **self.overrides}
+        self.model.task = self.task
+        self.model_name = self.cfg
+
+    def train(self, trainer=None, **kwargs):
+        """Train with the EMS-YOLO recipe defaults (overridable); `data` defaults to the built-in dataset."""
+        kwargs = {**EMS_TRAIN_DEFAULTS, **kwargs}
+        if not kwargs.get("resume"):
+            kwargs["data"] = resolve_data(kwargs.get("data") or self.overrides.get("data"))
+        return super().train(trainer=trainer, **kwargs)
+
+    def val(self, validator=None, **kwargs):
+        """Validate on `data` (default: the checkpoint's dataset, else the built-in one)."""
+        kwargs["data"] = resolve_data(kwargs.get("data") or self.overrides.get("data"))
+        return super().val(validator=validator, **kwargs)

@@ -1,0 +1,78 @@
+"""EMSTrainer: Ultralytics' DetectionTrainer building EMS models, with offline AMP check and atomic checkpoints."""
+
+from __future__ import annotations
+
+import os
+from copy import copy
+from pathlib import Path
+from unittest import mock
+
+import torch
+import ultralytics.engine.trainer as ul_trainer
+from ultralytics.models.yolo.detect import DetectionTrainer
+from ultralytics.utils import LOGGER, RANK
+
+from ems_yolo.data.datasets import resolve_data
+from ems_yolo.engine.validator import EMSValidator
+from ems_yolo.nn.model import EMSDetectionModel
+
+
+class AtomicPath(type(Path())):
+    """A Path whose `write_bytes` goes through a temporary sibling and `os.replace`, so an interrupted save never
+    leaves a truncated checkpoint behind (Ultralytics writes last.pt/best.pt with `Path.write_bytes`)."""
+
+    def write_bytes(self, data) -> int:  # noqa: D102
+        tmp = Path(self.parent) / f".{self.name}.tmp{os.getpid()}"
+        n = Path.write_bytes(tmp, data)
+        os.replace(tmp, self)
+        return n
+
+
+def check_amp_offline(model: torch.nn.Module) -> bool:
+    """AMP check without Ultralytics' download of a reference model: the EMS model itself must give finite
+    outputs under autocast on the training device."""
+    p = next(model.parameters())
+    if p.device.type == "cpu":
+        return False
+    ch = int(model.yaml.get("channels", 3))
+    x = torch.rand(2, ch, 128, 128, device=p.device)
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad(), torch.autocast(p.device.type):
+            y = model(x)[0]
+        ok = bool(torch.isfinite(y).all())
+    finally:
+        model.train(was_training)
+    if not ok:
+        LOGGER.warning("AMP check failed (non-finite outputs under autocast); training in full precision")
+    return ok
+
+
+class EMSTrainer(DetectionTrainer):
+    """Detection trainer for spiking EMS models; everything else (loop, EMA, augmentation, DDP) is Ultralytics'."""
+
+    def __init__(self, cfg=ul_trainer.DEFAULT_CFG, overrides: dict | None = None, _callbacks=None):
+        super().__init__(cfg, overrides, _callbacks)
+        self.last, self.best = AtomicPath(self.last), AtomicPath(self.best)
+
+    def get_dataset(self) -> dict:
+        """Resolve `data=` offline (built-in data, cfg/datasets names, clear errors) before Ultralytics checks it."""
+        self.args.data = resolve_data(self.args.data)
+        return super().get_dataset()
+
+    def get_model(self, cfg=None, weights=None, verbose: bool = True) -> EMSDetectionModel:
+        """Build the EMS model for this dataset's classes and channels, loading `weights` when given."""
+        model = EMSDetectionModel(cfg, nc=self.data["nc"], ch=self.data["channels"], verbose=verbose and RANK == -1)
+        if weights:
+            model.load(weights)
+        return model
+
+    def get_validator(self) -> EMSValidator:
+        """Validator used after every epoch."""
+        return EMSValidator(self.test_loader, save_dir=self.save_dir, args=copy(self.args), _callbacks=self.callbacks)
+
+    def _setup_train(self) -> None:
+        """Ultralytics' set-up with its AMP check (which downloads yolo26n.pt) replaced by an offline one."""
+        with mock.patch.object(ul_trainer, "check_amp", check_amp_offline):
+            super()._setup_train()
