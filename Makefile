@@ -21,5 +21,8 @@ test: install
 demo: install
 	$(PY) tools/demo.py
 
+bench: install
+	$(PY) tools/bench_learning.py
+
 clean:
 	rm -rf $(VENV) runs *.egg-info .pytest_cache

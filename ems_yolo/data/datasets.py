@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 import yaml
@@ -19,11 +20,13 @@ from ems_yolo.utils.offline import ems_home
 DATASETS_DIR = Path(__file__).resolve().parents[2] / "cfg" / "datasets"
 REPO_ROOT = DATASETS_DIR.parents[1]
 BUILTIN = "shapes"
+SYNTHETIC_GEN1 = "gen1-synthetic"
+EVENT_SPLIT_SEP = "#"  # event splits are "<cache.h5>#<group>"
 
 
 def available_datasets() -> list[str]:
     """The built-in dataset name plus the YAMLs shipped in cfg/datasets."""
-    return [BUILTIN, *sorted(p.name for p in DATASETS_DIR.glob("*.yaml"))]
+    return [BUILTIN, SYNTHETIC_GEN1, *sorted(p.name for p in DATASETS_DIR.glob("*.yaml"))]
 
 
 def _find_yaml(data: str) -> Path:
@@ -62,6 +65,8 @@ def resolve_data(data: str | Path | None) -> str:
         from ems_yolo.data.shapes import make_shapes_dataset
 
         return str(make_shapes_dataset())
+    if str(data) in (SYNTHETIC_GEN1, f"{SYNTHETIC_GEN1}.yaml"):
+        return str(make_synthetic_gen1_data())
     src = _find_yaml(str(data))
     resolved_dir = ems_home() / "data"
     try:
@@ -74,7 +79,13 @@ def resolve_data(data: str | Path | None) -> str:
         if not d.get(key):
             raise ValueError(f"{src}: missing required key '{key}' (image folder, list file or list of them)")
     root = _dataset_root(d, src)
-    missing = [p for key in ("train", "val") for p in _split_paths(root, d[key]) if not p.exists()]
+    if "cache" in d:  # event dataset: splits are groups of one HDF5 cache
+        missing = _split_paths(root, d["cache"])
+        missing = [p for p in missing if not p.is_file()]
+        if not missing:
+            d["cache"] = str(_split_paths(root, d["cache"])[0].resolve())
+    else:
+        missing = [p for key in ("train", "val") for p in _split_paths(root, d[key]) if not p.exists()]
     if missing:
         raise FileNotFoundError(_missing_message(src, d, root, missing))
     d.pop("download", None)
@@ -89,6 +100,59 @@ def resolve_data(data: str | Path | None) -> str:
         tmp.write_text(text)
         os.replace(tmp, out)
     return str(out)
+
+
+def is_event_data(data: str | Path) -> bool:
+    """True for a (resolved) dataset YAML that describes an event cache."""
+    try:
+        return "cache" in (yaml.safe_load(Path(data).read_text()) or {})
+    except (OSError, yaml.YAMLError):
+        return False
+
+
+def load_data(data: str | Path, split: str = "") -> dict:
+    """Dataset dict for the engines: Ultralytics' `check_det_dataset` for images, our own for event caches.
+
+    Event splits become `<cache>#<group>` strings, `channels` is T*C of the cached representation and `events`
+    carries the representation settings.
+    """
+    if not is_event_data(data):
+        from ultralytics.data.utils import check_det_dataset
+
+        return check_det_dataset(data, split=split)
+    from ems_yolo.events.gen1 import Gen1Cache
+
+    d = yaml.safe_load(Path(data).read_text())
+    names = d["names"] if isinstance(d["names"], dict) else dict(enumerate(d["names"]))
+    splits = {k: f"{d['cache']}{EVENT_SPLIT_SEP}{d[k]}" for k in ("train", "val", "test") if d.get(k)}
+    rep = Gen1Cache(d["cache"], d[split or "val"]).representation
+    return {
+        **d, **splits, "yaml_file": str(data), "names": names, "nc": len(names),
+        "channels": rep.bins * rep.channels_per_bin, "events": asdict(rep),
+    }
+
+
+def split_event_path(img_path: str) -> tuple[str, str] | None:
+    """(cache file, group) for an event split string, else None."""
+    path, sep, group = str(img_path).rpartition(EVENT_SPLIT_SEP)
+    return (path, group) if sep and path.endswith((".h5", ".hdf5")) else None
+
+
+def make_synthetic_gen1_data() -> Path:
+    """Generate (once) the synthetic Gen1 recordings, their HDF5 cache and a data YAML; return the YAML."""
+    from ems_yolo.events.gen1 import GEN1_NAMES, preprocess_gen1
+    from ems_yolo.events.synthetic import make_synthetic_gen1
+
+    root = make_synthetic_gen1()
+    cache = preprocess_gen1(root, root / "cache.h5", progress=False)
+    out = root / "data.yaml"
+    d = {"path": str(root), "cache": str(cache), "train": "train", "val": "val", "test": "test", "names": GEN1_NAMES}
+    text = yaml.safe_dump(d, sort_keys=False)
+    if not out.is_file() or out.read_text() != text:
+        tmp = out.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, out)
+    return out
 
 
 def _missing_message(src: Path, d: dict, root: Path, missing: list[Path]) -> str:

@@ -12,8 +12,8 @@ import ultralytics.engine.trainer as ul_trainer
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import LOGGER, RANK
 
-from ems_yolo.data.datasets import resolve_data
-from ems_yolo.engine.validator import EMSValidator
+from ems_yolo.data.datasets import is_event_data, load_data, resolve_data, split_event_path
+from ems_yolo.engine.validator import EMSValidator, build_event_dataset
 from ems_yolo.nn.model import EMSDetectionModel
 
 
@@ -57,13 +57,27 @@ class EMSTrainer(DetectionTrainer):
         self.last, self.best = AtomicPath(self.last), AtomicPath(self.best)
 
     def get_dataset(self) -> dict:
-        """Resolve `data=` offline (built-in data, cfg/datasets names, clear errors) before Ultralytics checks it."""
+        """Resolve `data=` offline (built-in data, cfg/datasets names, clear errors); event caches load here."""
         self.args.data = resolve_data(self.args.data)
-        return super().get_dataset()
+        return load_data(self.args.data) if is_event_data(self.args.data) else super().get_dataset()
+
+    def build_dataset(self, img_path: str, mode: str = "train", batch: int | None = None):
+        """Event cache splits get EventDetectionDataset; image folders go to Ultralytics."""
+        if split_event_path(img_path):
+            return build_event_dataset(img_path, self.args, mode)
+        return super().build_dataset(img_path, mode, batch)
 
     def get_model(self, cfg=None, weights=None, verbose: bool = True) -> EMSDetectionModel:
-        """Build the EMS model for this dataset's classes and channels, loading `weights` when given."""
-        model = EMSDetectionModel(cfg, nc=self.data["nc"], ch=self.data["channels"], verbose=verbose and RANK == -1)
+        """Build the EMS model for this dataset's classes and channels, loading `weights` when given.
+
+        On event data the input is `events` and T equals the number of time bins of the cached representation
+        (step t reads bin t).
+        """
+        events = self.data.get("events")
+        kw = {"input_kind": "events", "time_steps": events["bins"]} if events else {}
+        model = EMSDetectionModel(
+            cfg, nc=self.data["nc"], ch=self.data["channels"], verbose=verbose and RANK == -1, **kw
+        )
         if weights:
             model.load(weights)
         return model

@@ -51,6 +51,18 @@ def load_model_yaml(name: str | Path) -> dict:
     return d
 
 
+def ann_twin(cfg: dict) -> dict:
+    """The same architecture as a conventional ANN: LIF neurons replaced by ReLU, one time step (energy-spec §3.3).
+
+    The SiLU pseudo-neurons of the original COCO configs become plain SiLU; an event model reads all its time
+    bins at once as input channels.
+    """
+    d = deepcopy(cfg)
+    d["neuron"] = {**(d.get("neuron") or {}), "kind": "relu"}
+    d["time_steps"] = 1
+    return d
+
+
 class EMSDetectionModel(DetectionModel):
     """Spiking detector: 4-D input `[B, C, H, W]`, T inside the model, Ultralytics-compatible outputs.
 
