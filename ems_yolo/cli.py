@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -80,7 +81,10 @@ def info(ctx: typer.Context) -> None:
 ENGINE_KEYS = {
     "model": "model YAML (built-in name or path) or weights (.pt, .onnx, .torchscript); default ems-res10.yaml",
     "time_steps": "simulation time steps T; overrides the model YAML or checkpoint (PyTorch models only)",
+    "events": "predict: simulate events from a video source first, then detect on them (default False)",
+    "stride_ms": "predict on events: step of the sliding window along a .dat recording (default 50)",
 }
+EVENT_SUFFIXES = (".dat", ".h5", ".hdf5")
 MODE_HELP = {
     "train": "Train a spiking detector. data= defaults to the built-in shapes dataset (also data=shapes).",
     "val": "Validate a model (mAP50, mAP50-95; save_json=True adds pycocotools mAP).",
@@ -114,6 +118,8 @@ def run_mode(mode: str, tokens: list[str]):
     ours, kv = engine_overrides(tokens, mode)
     if mode == "predict" and kv.get("source") is None:
         raise typer.BadParameter("predict needs source=<image, folder, glob, video, URL or webcam index>")
+    if mode == "predict" and (ours.get("events") or str(kv["source"]).endswith(EVENT_SUFFIXES)):
+        return predict_on_events(ours, kv)
     model = EMSYOLO(ours.get("model", "ems-res10.yaml"), time_steps=ours.get("time_steps"))
     if mode == "predict":
         kv.setdefault("save", True)
@@ -122,6 +128,33 @@ def run_mode(mode: str, tokens: list[str]):
             pass
         return None
     return getattr(model, mode)(**kv)
+
+
+def predict_on_events(ours: dict[str, Any], kv: dict[str, Any]) -> None:
+    """Event sources (.dat recordings, .h5 caches, or videos with events=True): sliding-window detection."""
+    from ultralytics.cfg import get_cfg
+    from ultralytics.utils import DEFAULT_CFG_DICT
+    from ultralytics.utils.files import increment_path
+
+    from ems_yolo.events.predict import predict_events
+    from ems_yolo.events.simulator import video_to_events
+
+    args = get_cfg(DEFAULT_CFG_DICT, {**kv, "mode": "predict"})
+    project = Path(args.project or Path.cwd() / "runs" / "detect")
+    out_dir = increment_path(project / (args.name or "predict"), exist_ok=args.exist_ok)
+    source = Path(str(args.source))
+    if ours.get("events") and not str(source).endswith(EVENT_SUFFIXES):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        dat = out_dir / f"{source.stem}_td.dat"
+        n = len(video_to_events(source, dat, progress=True))
+        typer.echo(f"simulated {n:,} events from {source} -> {dat}")
+        source = dat
+    out = predict_events(
+        ours.get("model", "ems-res10.yaml"), source, out_dir, stride_ms=float(ours.get("stride_ms", 50)),
+        conf=args.conf if args.conf is not None else 0.25, iou=args.iou, max_det=args.max_det,
+        imgsz=kv.get("imgsz"), save_video=args.save is not False,
+    )
+    typer.echo(f"detections -> {out}\nannotated video -> {out.parent}")
 
 
 def _mode_help(mode: str) -> str:
@@ -154,6 +187,73 @@ def predict(ctx: typer.Context) -> None:
 def export(ctx: typer.Context) -> None:
     """Export through Ultralytics' Exporter."""
     run_mode("export", ctx.args)
+
+
+GEN1_KEYS = {
+    "src": "Gen1 root folder holding train/ val/ test/ with <name>_td.dat + <name>_bbox.npy",
+    "dst": "output HDF5 cache file (resumed when it exists)",
+    "representation": "ems_frames (default, the paper's), histogram or voxel",
+    "bins": "time bins per sample = model time steps T (default 5)",
+    "window_ms": "window before each label (default 250)",
+    "height": "sensor height (default 240)",
+    "width": "sensor width (default 304)",
+    "cutoff": "histogram count clip / voxel scale (default 10)",
+    "splits": "splits to process (default [train, val, test])",
+}
+EVENTS_KEYS = {
+    "source": "input video (any format OpenCV reads)",
+    "out": "output Prophesee .dat file (default <video stem>_td.dat beside the video)",
+    "width": "sensor width to resize to (default 304)",
+    "height": "sensor height to resize to (default 240)",
+    "c_on": "ON contrast threshold in log intensity (default 0.2)",
+    "c_off": "OFF contrast threshold (default 0.2)",
+    "sigma": "per-pixel threshold spread (default 0)",
+    "refractory_us": "refractory period in microseconds (default 0)",
+    "noise_hz": "shot-noise events per pixel per second (default 0)",
+    "seed": "random seed (default 0)",
+    "max_frames": "stop after this many frames",
+}
+
+
+@app.command(context_settings=KEY_VALUE, help="Gen1 tools. 'ems-yolo gen1 preprocess src=... dst=...' builds the "
+             "HDF5 sample cache used for training (resumable).\n\n" + _keys_help(GEN1_KEYS))
+def gen1(ctx: typer.Context, action: str = typer.Argument(..., help="preprocess")) -> None:
+    """Build a Gen1 sample cache from the raw recordings."""
+    from ems_yolo.events.gen1 import SPLITS, preprocess_gen1
+    from ems_yolo.events.representations import EventRepresentation
+
+    if action != "preprocess":
+        raise typer.BadParameter(f"unknown gen1 action '{action}', expected 'preprocess'")
+    kv = parse_key_values(ctx.args, GEN1_KEYS, "gen1 preprocess")
+    for key in ("src", "dst"):
+        if key not in kv:
+            raise typer.BadParameter(f"gen1 preprocess needs {key}=")
+    rep_keys = {"name": kv.get("representation", "ems_frames")}
+    rep_keys.update({k: kv[k] for k in ("bins", "height", "width", "cutoff") if k in kv})
+    if "window_ms" in kv:
+        rep_keys["window_us"] = int(float(kv["window_ms"]) * 1000)
+    splits = kv.get("splits", SPLITS)
+    if isinstance(splits, str):  # splits=[train,val] or splits=train,val arrive as text
+        splits = [x.strip(" '\"") for x in splits.strip("[]()").split(",") if x.strip()]
+    out = preprocess_gen1(str(kv["src"]), str(kv["dst"]), EventRepresentation.from_dict(rep_keys), tuple(splits))
+    typer.echo(f"cache written: {out}")
+
+
+@app.command(context_settings=KEY_VALUE, help="Simulate an event camera from a video and write a Prophesee .dat "
+             "file.\n\n" + _keys_help(EVENTS_KEYS))
+def events(ctx: typer.Context) -> None:
+    """Video to events (ESIM-style simulator)."""
+    from ems_yolo.events.simulator import SimulatorConfig, video_to_events
+
+    kv = parse_key_values(ctx.args, EVENTS_KEYS, "events")
+    if "source" not in kv:
+        raise typer.BadParameter("events needs source=<video>")
+    source = Path(str(kv["source"]))
+    out = Path(str(kv.get("out", source.with_name(f"{source.stem}_td.dat"))))
+    sim = {k: kv[k] for k in ("c_on", "c_off", "sigma", "refractory_us", "noise_hz", "seed") if k in kv}
+    ev = video_to_events(source, out, width=int(kv.get("width", 304)), height=int(kv.get("height", 240)),
+                         config=SimulatorConfig(**sim), max_frames=kv.get("max_frames"), progress=True)
+    typer.echo(f"{len(ev):,} events -> {out}")
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Event-camera data: Prophesee `.dat` events and Gen1 `_bbox.npy` boxes."""
+"""Event-camera data: Prophesee `.dat` events, Gen1 `_bbox.npy` boxes, event representations, Gen1 metrics."""
 
 from ems_yolo.events.io import (
     BBOX_DTYPE,
@@ -13,6 +13,10 @@ from ems_yolo.events.io import (
     write_bbox,
     write_dat,
 )
+from ems_yolo.events.evaluation import evaluate_gen1
+from ems_yolo.events.representations import EventRepresentation, count_histogram, ems_frames, voxel_grid
+from ems_yolo.events.simulator import EventSimulator, SimulatorConfig, video_to_events
+from ems_yolo.events.synthetic import make_synthetic_gen1
 
 __all__ = [
     "BBOX_DTYPE",
@@ -21,9 +25,18 @@ __all__ = [
     "DatHeader",
     "DatReader",
     "EventFileError",
+    "EventRepresentation",
+    "EventSimulator",
+    "SimulatorConfig",
+    "count_histogram",
+    "ems_frames",
+    "evaluate_gen1",
+    "make_synthetic_gen1",
     "read_bbox",
     "read_dat",
     "read_dat_header",
+    "video_to_events",
+    "voxel_grid",
     "write_bbox",
     "write_dat",
 ]

@@ -364,7 +364,9 @@ def _integer_field(array: np.ndarray, name: str, low: int, high: int, allow_bool
     return values.astype(np.int64)
 
 
-def write_dat(path: PathLike, events: np.ndarray, width: int = 304, height: int = 240) -> None:
+def write_dat(
+    path: PathLike, events: np.ndarray, width: int = 304, height: int = 240, date: datetime | None = None
+) -> None:
     """Write events (fields t, x, y, p; t in integer µs, non-decreasing) as an Event2D `.dat` file.
 
     The input is validated and never modified; the file is written atomically with a Version 2 header that
@@ -397,7 +399,7 @@ def write_dat(path: PathLike, events: np.ndarray, width: int = 304, height: int 
         for line in (
             "Data file containing Event2D events",
             "Version 2",
-            f"Date {datetime.now():%Y-%m-%d %H:%M:%S}",
+            f"Date {date or datetime.now():%Y-%m-%d %H:%M:%S}",
             f"Height {height}",
             f"Width {width}",
         )

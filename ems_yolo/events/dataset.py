@@ -1,0 +1,73 @@
+"""EventDetectionDataset: samples of a Gen1-style HDF5 cache in the batch format of Ultralytics' detection engine.
+
+Each item is the representation of one labelled window as a `[T*C, imgsz, imgsz]` uint8 image (time-major
+channels; the model's encoding layer splits them into T steps) with its boxes, stretched from the sensor size to
+a square input as in the EMS-YOLO protocol (box IoU is invariant to an axis-aligned stretch). Metrics are
+computed in network coordinates (`ori_shape` = input size); `t_us` and `recording` travel with the batch so that
+the validator can also score the Prophesee protocol in sensor coordinates.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from ultralytics.data.dataset import YOLODataset
+
+from ems_yolo.events.gen1 import Gen1Cache
+
+
+class EventDetectionDataset(torch.utils.data.Dataset):
+    """Detection samples from one split of an event cache; optional horizontal flips as augmentation."""
+
+    collate_fn = staticmethod(YOLODataset.collate_fn)
+
+    def __init__(self, cache: str | Path, split: str, imgsz: int = 320, fliplr: float = 0.0, seed: int = 0):
+        self.cache = Gen1Cache(cache, split)
+        self.rep = self.cache.representation
+        self.imgsz = int(imgsz)
+        self.fliplr = fliplr
+        self.rng = np.random.default_rng(seed)
+        self.im_files = [f"{self.cache.recordings[r]}@{t}us" for r, t in zip(self.cache.recording, self.cache.t_us)]
+        self.labels = [self._label(i) for i in range(len(self.cache))]
+
+    def _label(self, i: int) -> dict:
+        """Ultralytics-style label dict: class [n, 1] and normalised centre-xywh boxes [n, 4]."""
+        b = self.cache.boxes(i)
+        w, h = self.rep.width, self.rep.height
+        xywh = np.stack(((b[:, 1] + b[:, 3] / 2) / w, (b[:, 2] + b[:, 4] / 2) / h, b[:, 3] / w, b[:, 4] / h), 1)
+        return {"cls": b[:, :1].copy(), "bboxes": xywh.astype(np.float32), "im_file": self.im_files[i],
+                "shape": (h, w), "normalized": True, "bbox_format": "xywh"}
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def image(self, i: int) -> np.ndarray:
+        """Model input of sample i: uint8 [T*C, imgsz, imgsz]."""
+        x = self.rep.to_model(self.cache.stored(i))
+        hwc = cv2.resize(np.ascontiguousarray(x.transpose(1, 2, 0)), (self.imgsz, self.imgsz), interpolation=cv2.INTER_LINEAR)
+        return hwc.reshape(self.imgsz, self.imgsz, -1).transpose(2, 0, 1)
+
+    def __getitem__(self, i: int) -> dict:
+        label = self.labels[i]
+        img, boxes = self.image(i), label["bboxes"].copy()
+        if self.fliplr and self.rng.random() < self.fliplr:
+            img, boxes[:, 0] = img[:, :, ::-1], 1 - boxes[:, 0]
+        n = len(boxes)
+        return {
+            "img": torch.from_numpy(np.ascontiguousarray(img)),
+            "cls": torch.from_numpy(label["cls"]),
+            "bboxes": torch.from_numpy(boxes),
+            "batch_idx": torch.zeros(n),
+            "im_file": self.im_files[i],
+            "ori_shape": (self.imgsz, self.imgsz),
+            "resized_shape": (self.imgsz, self.imgsz),
+            "ratio_pad": ((1.0, 1.0), (0.0, 0.0)),
+            "t_us": int(self.cache.t_us[i]),
+            "recording": int(self.cache.recording[i]),
+        }
+
+    def close_mosaic(self, hyp=None) -> None:
+        """No mosaic here; present because the trainer calls it when `close_mosaic` is set."""

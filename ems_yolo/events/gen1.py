@@ -1,0 +1,220 @@
+"""The Gen1 automotive dataset: recordings on disk, label cleaning and the HDF5 sample cache.
+
+`preprocess_gen1` turns a Gen1 folder (`train/`, `val/`, `test/` holding `<name>_td.dat` + `<name>_bbox.npy`) into
+one HDF5 file with a group per split. Every unique label timestamp of a recording becomes one sample: the event
+representation of the window before it (stored compactly, chunked and compressed) and its cleaned boxes. Work is
+committed recording by recording, so an interrupted run resumes where it stopped.
+
+Cache layout, per split group:
+    samples      uint8 [N, *stored]   one sample per chunk, lzf-compressed
+    t_us         int64 [N]            label time of each sample
+    recording    int32 [N]            index into `recordings`
+    label_count  int32 [N]            boxes per sample (offsets = cumulative sum)
+    labels       float32 [M, 5]       class, x, y, w, h (top-left, sensor pixels)
+    recordings   str [R]              recordings fully written (the resume point)
+    done_samples int64 [R]            samples written after each recording
+    done_labels  int64 [R]            labels written after each recording
+Root attributes: `representation` (JSON of EventRepresentation), `names`, `version`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from ems_yolo.events.io import read_bbox, read_dat
+from ems_yolo.events.representations import EventRepresentation
+
+GEN1_NAMES = {0: "car", 1: "pedestrian"}
+SPLITS = ("train", "val", "test")
+CACHE_VERSION = 1
+GEN1_HELP = """How to get Gen1 (Prophesee "ATIS Automotive Detection Dataset", about 200 GB compressed):
+  1. Request access at https://www.prophesee.ai/2020/01/24/prophesee-gen1-automotive-detection-dataset/ and
+     download the 10 7z archives (6 train, 2 val, 2 test); extract them so that <root>/train, <root>/val and
+     <root>/test hold <name>_td.dat and <name>_bbox.npy pairs.
+  2. Build the sample cache: ems-yolo gen1 preprocess src=<root> dst=<cache.h5>
+  3. Point cfg/datasets/gen1.yaml (path: and cache:) at it, or pass data=<your copy>.
+Without the real data, data=gen1-synthetic trains on a generated Gen1-shaped dataset."""
+
+
+def find_recordings(split_dir: Path) -> list[tuple[str, Path, Path]]:
+    """Pairs (name, events file, boxes file) of a split folder, sorted by name; a missing boxes file is an error."""
+    pairs = []
+    for td in sorted(Path(split_dir).glob("*_td.dat")):
+        name = td.name[: -len("_td.dat")]
+        bbox = td.with_name(f"{name}_bbox.npy")
+        if not bbox.is_file():
+            raise FileNotFoundError(f"{td}: no matching labels file {bbox.name}")
+        pairs.append((name, td, bbox))
+    return pairs
+
+
+def clean_labels(boxes: np.ndarray, width: int = 304, height: int = 240) -> dict[int, np.ndarray]:
+    """Boxes per label timestamp, as the EMS-YOLO protocol uses them (events-spec §4).
+
+    At each timestamp keep the last box of every track, clip the box extents to the sensor and drop boxes left
+    with zero width or height. Returns {t: float32 [n, 5] (class, x, y, w, h)}; timestamps whose boxes all vanish
+    are omitted (no empty samples).
+    """
+    out: dict[int, np.ndarray] = {}
+    if len(boxes) == 0:
+        return out
+    t = boxes["t"].astype(np.int64)
+    for ts in np.unique(t):
+        rows = boxes[t == ts]
+        _, last_rev = np.unique(rows["track_id"][::-1], return_index=True)
+        rows = rows[np.sort(len(rows) - 1 - last_rev)]  # last box of each track, original order
+        x0 = np.clip(rows["x"], 0, width)
+        y0 = np.clip(rows["y"], 0, height)
+        x1 = np.clip(rows["x"] + rows["w"], 0, width)
+        y1 = np.clip(rows["y"] + rows["h"], 0, height)
+        keep = (x1 > x0) & (y1 > y0)
+        if keep.any():
+            out[int(ts)] = np.stack(
+                (rows["class_id"][keep].astype(np.float32), x0[keep], y0[keep], (x1 - x0)[keep], (y1 - y0)[keep]), 1
+            ).astype(np.float32)
+    return out
+
+
+def _create_split(f, split: str, stored_shape: tuple[int, ...]):
+    g = f.require_group(split)
+    if "samples" not in g:
+        g.create_dataset("samples", (0, *stored_shape), np.uint8, maxshape=(None, *stored_shape),
+                         chunks=(1, *stored_shape), compression="lzf")
+        for name, dtype in (("t_us", np.int64), ("recording", np.int32), ("label_count", np.int32),
+                            ("done_samples", np.int64), ("done_labels", np.int64)):
+            g.create_dataset(name, (0,), dtype, maxshape=(None,), chunks=(4096,))
+        g.create_dataset("labels", (0, 5), np.float32, maxshape=(None, 5), chunks=(4096, 5))
+        import h5py
+
+        g.create_dataset("recordings", (0,), h5py.string_dtype(), maxshape=(None,), chunks=(256,))
+    return g
+
+
+def _append(ds, values: np.ndarray) -> None:
+    n = ds.shape[0]
+    ds.resize(n + len(values), axis=0)
+    ds[n:] = values
+
+
+def _rollback_partial(g) -> None:
+    """Drop rows written after the last completed recording (an interrupted run)."""
+    n_samples = int(g["done_samples"][-1]) if len(g["done_samples"]) else 0
+    n_labels = int(g["done_labels"][-1]) if len(g["done_labels"]) else 0
+    for name in ("samples", "t_us", "recording", "label_count"):
+        g[name].resize(n_samples, axis=0)
+    g["labels"].resize(n_labels, axis=0)
+
+
+def preprocess_gen1(
+    src: str | Path,
+    dst: str | Path,
+    representation: EventRepresentation | None = None,
+    splits: tuple[str, ...] = SPLITS,
+    progress: bool = True,
+) -> Path:
+    """Build (or resume) the HDF5 sample cache `dst` from the Gen1 folder `src`; returns `dst`."""
+    import h5py
+    from ultralytics.utils import TQDM
+
+    src, dst = Path(src).expanduser(), Path(dst).expanduser()
+    rep = representation or EventRepresentation()
+    present = [s for s in splits if (src / s).is_dir()]
+    if not present:
+        raise FileNotFoundError(f"Gen1 folder '{src}' has none of the split folders {list(splits)}.\n{GEN1_HELP}")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    rep_json = json.dumps(asdict(rep), sort_keys=True)
+    with h5py.File(dst, "a") as f:
+        if f.attrs.get("representation", rep_json) != rep_json:
+            raise ValueError(
+                f"{dst}: cache was built with representation {f.attrs['representation']}, asked for {rep_json}; "
+                "use another dst or delete the file"
+            )
+        f.attrs.update(representation=rep_json, names=json.dumps(GEN1_NAMES), version=CACHE_VERSION)
+        stored_shape = rep.stored_shape
+        for split in present:
+            g = _create_split(f, split, stored_shape)
+            _rollback_partial(g)
+            done = {s.decode() if isinstance(s, bytes) else s for s in g["recordings"][:]}
+            todo = [r for r in find_recordings(src / split) if r[0] not in done]
+            bar = TQDM(todo, desc=f"gen1 {split}", disable=not progress, total=len(todo))
+            for name, td, bbox in bar:
+                _write_recording(g, name, td, bbox, rep)
+                f.flush()
+    return dst
+
+
+def _write_recording(g, name: str, td: Path, bbox: Path, rep: EventRepresentation) -> None:
+    """Append all samples of one recording, then mark it done (the commit point for resuming)."""
+    labels = clean_labels(read_bbox(bbox), rep.width, rep.height)
+    index = len(g["recordings"])
+    samples, times, counts, rows = [], [], [], []
+    for ts, boxes in labels.items():
+        events = read_dat(td, max(ts - rep.window_us, 0), ts)
+        samples.append(rep.stored(events, ts))
+        times.append(ts)
+        counts.append(len(boxes))
+        rows.append(boxes)
+        if len(samples) == 64:  # bounded memory for long recordings
+            _flush(g, samples, times, counts, rows, index)
+            samples, times, counts, rows = [], [], [], []
+    _flush(g, samples, times, counts, rows, index)
+    _append(g["done_samples"], np.array([g["samples"].shape[0]]))
+    _append(g["done_labels"], np.array([g["labels"].shape[0]]))
+    _append(g["recordings"], np.array([name], dtype=object))
+
+
+def _flush(g, samples, times, counts, rows, index: int) -> None:
+    if not samples:
+        return
+    _append(g["samples"], np.stack(samples))
+    _append(g["t_us"], np.array(times, np.int64))
+    _append(g["recording"], np.full(len(samples), index, np.int32))
+    _append(g["label_count"], np.array(counts, np.int32))
+    _append(g["labels"], np.concatenate(rows))
+
+
+class Gen1Cache:
+    """Read-only view of one split of a cache file; opens the HDF5 file lazily (safe with DataLoader workers)."""
+
+    def __init__(self, path: str | Path, split: str):
+        import h5py
+
+        self.path, self.split = Path(path), split
+        if not self.path.is_file():
+            raise FileNotFoundError(f"event cache '{self.path}' not found.\n{GEN1_HELP}")
+        with h5py.File(self.path, "r") as f:
+            if split not in f:
+                raise KeyError(f"{self.path}: no split '{split}' (has {sorted(f.keys())})")
+            g = f[split]
+            n = int(g["done_samples"][-1]) if len(g["done_samples"]) else 0
+            self.t_us = g["t_us"][:n]
+            self.recording = g["recording"][:n]
+            counts = g["label_count"][:n].astype(np.int64)
+            self.offsets = np.concatenate(([0], np.cumsum(counts)))
+            self.labels = g["labels"][: self.offsets[-1]]
+            self.recordings = [s.decode() if isinstance(s, bytes) else s for s in g["recordings"][:]]
+            self.representation = EventRepresentation(**json.loads(f.attrs["representation"]))
+            self.names = {int(k): v for k, v in json.loads(f.attrs["names"]).items()}
+        self._file = None
+
+    def __len__(self) -> int:
+        return len(self.t_us)
+
+    def boxes(self, i: int) -> np.ndarray:
+        """Cleaned boxes of sample i: float32 [n, 5] (class, x, y, w, h) in sensor pixels."""
+        return self.labels[self.offsets[i] : self.offsets[i + 1]]
+
+    def stored(self, i: int) -> np.ndarray:
+        """The cached representation of sample i."""
+        if self._file is None:
+            import h5py
+
+            self._file = h5py.File(self.path, "r")
+        return self._file[self.split]["samples"][i]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_file": None}  # h5py handles do not cross process boundaries

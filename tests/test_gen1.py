@@ -1,0 +1,200 @@
+"""Gen1 pipeline on synthetic Gen1 recordings: cache building (resumable), training at T=3, both evaluation
+protocols, and detection along event streams."""
+
+import csv
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from ems_yolo import EMSYOLO
+from ems_yolo.cli import app
+from ems_yolo.data.datasets import resolve_data
+from ems_yolo.engine.model import derive_model_yaml
+from ems_yolo.events import gen1
+from ems_yolo.events.evaluation import evaluate_gen1
+from ems_yolo.events.gen1 import Gen1Cache, clean_labels, find_recordings, preprocess_gen1
+from ems_yolo.events.io import BBOX_DTYPE, EventFileError, read_bbox, read_dat
+from ems_yolo.events.representations import EventRepresentation
+from ems_yolo.events.synthetic import make_synthetic_gen1
+from ems_yolo.nn import load_model_yaml
+
+REP = EventRepresentation(bins=3, window_us=150_000)
+ESIM_VIDEO = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos" / "esim_test_frames.avi"
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    return make_synthetic_gen1(tmp_path_factory.mktemp("gen1") / "raw", n_train=3, n_val=1, n_test=1, duration_s=2.0)
+
+
+@pytest.fixture(scope="module")
+def cache(synth, tmp_path_factory) -> Path:
+    return preprocess_gen1(synth, tmp_path_factory.mktemp("cache") / "gen1.h5", REP, progress=False)
+
+
+@pytest.fixture(scope="module")
+def data_yaml(cache) -> Path:
+    y = cache.parent / "gen1-tiny.yaml"
+    y.write_text(f"path: {cache.parent}\ncache: {cache.name}\ntrain: train\nval: val\ntest: test\n"
+                 "names:\n  0: car\n  1: pedestrian\n")
+    return y
+
+
+def _v2(rows) -> np.ndarray:
+    out = np.zeros(len(rows), BBOX_DTYPE)
+    for i, (t, x, y, w, h, c, tr) in enumerate(rows):
+        out[i] = (t, x, y, w, h, c, tr, 1.0)
+    return out
+
+
+def test_clean_labels_last_per_track_clipped_no_empty():
+    boxes = _v2([
+        (1000, 10, 10, 20, 20, 0, 1),
+        (1000, 12, 10, 20, 20, 0, 1),   # same track, later row wins
+        (1000, 290, -5, 30, 20, 1, 2),  # extends past the right and top edges -> clipped
+        (2000, 400, 10, 20, 20, 0, 3),  # fully outside -> dropped, and the timestamp vanishes
+    ])
+    out = clean_labels(boxes, 304, 240)
+    assert list(out) == [1000]
+    np.testing.assert_allclose(out[1000], [[0, 12, 10, 20, 20], [1, 290, 0, 14, 15]])
+
+
+def test_cache_holds_the_representation_and_clean_labels(synth, cache):
+    c = Gen1Cache(cache, "train")
+    recs = find_recordings(synth / "train")
+    assert c.recordings == [r[0] for r in recs]
+    expected = [(i, ts, b) for i, (_, td, bb) in enumerate(recs) for ts, b in clean_labels(read_bbox(bb)).items()]
+    assert len(c) == len(expected) > 0
+    for k in (0, len(c) // 2, len(c) - 1):
+        i, ts, b = expected[k]
+        assert c.recording[k] == i and c.t_us[k] == ts
+        np.testing.assert_array_equal(c.boxes(k), b)
+        events = read_dat(recs[i][1], ts - REP.window_us, ts)
+        np.testing.assert_array_equal(c.stored(k), REP.stored(events, ts))
+    with h5py.File(cache) as f:
+        assert f["train/samples"].compression == "lzf" and f["train/samples"].chunks[0] == 1
+
+
+def test_preprocess_resumes_after_interruption(synth, cache, tmp_path, monkeypatch):
+    dst = tmp_path / "resumed.h5"
+    real = gen1._write_recording
+    done = []
+
+    def crash_on_second(g, name, td, bbox, rep):
+        if done:  # half-write the second recording, then die
+            gen1._flush(g, [np.zeros(rep.stored_shape, np.uint8)], [1], [1], [np.zeros((1, 5), np.float32)], 7)
+            raise KeyboardInterrupt
+        done.append(name)
+        real(g, name, td, bbox, rep)
+
+    monkeypatch.setattr(gen1, "_write_recording", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        preprocess_gen1(synth, dst, REP, progress=False)
+    monkeypatch.setattr(gen1, "_write_recording", real)
+    assert len(Gen1Cache(dst, "train").recordings) == 1
+    preprocess_gen1(synth, dst, REP, progress=False)
+    with h5py.File(dst) as a, h5py.File(cache) as b:
+        for split in ("train", "val", "test"):
+            for name in ("samples", "labels", "t_us", "recording", "label_count"):
+                np.testing.assert_array_equal(a[split][name][:], b[split][name][:])
+    with pytest.raises(ValueError, match="representation"):
+        preprocess_gen1(synth, dst, EventRepresentation(bins=5), progress=False)
+
+
+def test_preprocess_errors_name_the_bad_file(synth, tmp_path):
+    src = tmp_path / "src" / "train"
+    src.mkdir(parents=True)
+    name, td, bb = find_recordings(synth / "train")[0]
+    (src / td.name).write_bytes(td.read_bytes() + b"\x01\x02\x03")  # truncated record
+    (src / bb.name).write_bytes(bb.read_bytes())
+    with pytest.raises(EventFileError, match=f"{td.name}.*byte offset"):
+        preprocess_gen1(src.parent, tmp_path / "c.h5", REP, progress=False)
+    (src / bb.name).unlink()
+    with pytest.raises(FileNotFoundError, match="no matching labels file"):
+        preprocess_gen1(src.parent, tmp_path / "c2.h5", REP, progress=False)
+    with pytest.raises(FileNotFoundError, match="How to get Gen1"):
+        preprocess_gen1(tmp_path / "nowhere", tmp_path / "c3.h5", REP, progress=False)
+
+
+def test_missing_gen1_explains_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="(?s)never downloads.*prophesee.*gen1 preprocess"):
+        resolve_data("gen1.yaml")
+
+
+@pytest.fixture(scope="module")
+def trained(data_yaml, tmp_path_factory):
+    d = load_model_yaml("ems-res10.yaml")
+    d["width_multiple"] = 0.25
+    project = tmp_path_factory.mktemp("runs")
+    model = EMSYOLO(derive_model_yaml(d))
+    model.train(data=str(data_yaml), epochs=4, imgsz=96, batch=4, nbs=4, optimizer="AdamW", lr0=0.003,
+                warmup_epochs=0, workers=0, plots=False, verbose=False, seed=0, project=str(project), name="ev")
+    return project / "ev", model
+
+
+def test_event_training_at_T3_lowers_loss_and_scores_both_protocols(trained, data_yaml, caplog):
+    run, model = trained
+    assert model.model.yaml["time_steps"] == 3 and model.model.yaml["input"] == "events"
+    assert model.model.yaml["channels"] == 9  # 3 bins x 3 channels
+    rows = list(csv.DictReader((run / "results.csv").open()))
+    loss = [sum(float(r[f"train/{k}"]) for k in ("box", "obj", "cls")) for r in rows]
+    assert loss[-1] < loss[0]
+    with caplog.at_level("INFO"):
+        metrics = EMSYOLO(run / "weights" / "last.pt").val(data=str(data_yaml), imgsz=96, batch=4, workers=0,
+                                                           plots=False, project=str(run.parent), name="val")
+    assert "protocol B" in caplog.text and "Prophesee/RVT protocol" in caplog.text
+    assert set(metrics.gen1) >= {"mAP50-95", "mAP50", "mAP75"}
+    assert metrics.gen1["images"] > 0 and 0 <= metrics.gen1["mAP50"] <= 1
+    assert 0 <= metrics.box.map50 <= 1
+
+
+def test_predict_on_recording_and_cache(trained, synth, cache, tmp_path):
+    run, _ = trained
+    name, td, bb = find_recordings(synth / "val")[0]
+    r = CliRunner().invoke(app, ["predict", f"model={run / 'weights' / 'last.pt'}", f"source={td}", "conf=0.001",
+                                 "stride_ms=250", "imgsz=96", f"project={tmp_path}", "name=p"])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "p" / f"{name}_bbox.npy"
+    det = read_bbox(out)
+    assert len(det) and np.all(np.diff(det["t"]) >= 0) and (det["t"] % 250_000 == det["t"][0] % 250_000).all()
+    assert (tmp_path / "p" / f"{name}.avi").is_file()
+    scores = evaluate_gen1([read_bbox(bb)], [det])
+    assert 0 <= scores["mAP50"] <= 1
+    r = CliRunner().invoke(app, ["predict", f"model={run / 'weights' / 'last.pt'}", f"source={cache}",
+                                 "conf=0.001", "imgsz=96", f"project={tmp_path}", "name=h"])
+    assert r.exit_code == 0, r.output
+    det = read_bbox(tmp_path / "h" / "gen1_val_bbox.npy")
+    assert set(np.unique(det["t"])) <= set(Gen1Cache(cache, "val").t_us.tolist())
+
+
+def test_cli_gen1_preprocess_and_video_to_events(synth, tmp_path):
+    r = CliRunner().invoke(app, ["gen1", "preprocess", f"src={synth}", f"dst={tmp_path / 'c.h5'}", "bins=2",
+                                 "window_ms=100", "splits=[val]"])
+    assert r.exit_code == 0, r.output
+    c = Gen1Cache(tmp_path / "c.h5", "val")
+    assert c.representation.bins == 2 and c.representation.window_us == 100_000 and len(c) > 0
+    if not ESIM_VIDEO.is_file():
+        pytest.skip("esim test video not present")
+    out = tmp_path / "esim_td.dat"
+    r = CliRunner().invoke(app, ["events", f"source={ESIM_VIDEO}", f"out={out}", "c_on=0.25", "c_off=0.25"])
+    assert r.exit_code == 0, r.output
+    ev = read_dat(out)
+    assert len(ev) > 1000 and np.all(np.diff(ev["t"]) >= 0) and ev["x"].max() < 304 and ev["y"].max() < 240
+
+
+def test_predict_on_video_simulates_events_first(trained, tmp_path):
+    if not ESIM_VIDEO.is_file():
+        pytest.skip("esim test video not present")
+    run, _ = trained
+    r = CliRunner().invoke(app, ["predict", f"model={run / 'weights' / 'last.pt'}", f"source={ESIM_VIDEO}",
+                                 "events=True", "conf=0.001", "imgsz=96", f"project={tmp_path}", "name=v"])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "v"
+    assert len(read_dat(out / "esim_test_frames_td.dat")) > 1000
+    det = read_bbox(out / "esim_test_frames_bbox.npy")
+    assert len(det) > 0 and (det["x"] >= -1).all() and (det["x"] + det["w"] <= 305).all()
+    assert (out / "esim_test_frames.avi").is_file()
