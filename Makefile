@@ -23,6 +23,7 @@ demo: install
 
 bench: install
 	$(PY) tools/bench_learning.py
+	$(PY) tools/bench_events.py
 
 clean:
 	rm -rf $(VENV) runs *.egg-info .pytest_cache

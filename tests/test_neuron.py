@@ -106,3 +106,29 @@ def test_silu_pseudo_neuron_is_real_valued():
     n = SiLUNeuron(time_steps=2)
     y = n(torch.randn(4, 8))
     assert not set(y.unique().tolist()) <= {0.0, 1.0}
+
+
+@pytest.mark.parametrize("surrogate", ["rectangle", "sigmoid", "atan"])
+def test_fused_training_path_equals_step_by_step_graph(surrogate):
+    """The fused MultiStepLIF (training) gives the spikes and gradients of the per-step autograd graph."""
+    T = 4
+    lif = LIF(time_steps=T, surrogate=surrogate).train()
+    x = (torch.randn(T * 3, 8, 6, 6) * 0.7 + 0.4).requires_grad_()
+    y = lif(x)
+    assert "MultiStepLIF" in type(y.grad_fn.next_functions[0][0]).__name__  # the fused node, under the fold view
+    w = torch.randn_like(y)
+    (y * w).sum().backward()
+
+    ref_x = x.detach().clone().requires_grad_()
+    fn, alpha = lif._spike_fn, lif.alpha
+    xs = ref_x.view(T, -1, 8, 6, 6)
+    u, s, out = xs[0], None, []
+    for t in range(T):
+        if t:
+            u = 0.25 * u * (1 - s.detach()) + xs[t]
+        s = fn.apply(u - 0.5, alpha)
+        out.append(s)
+    ref = torch.cat(out)
+    (ref * w).sum().backward()
+    assert torch.equal(y, ref)
+    assert torch.allclose(x.grad, ref_x.grad, atol=1e-6)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
-from ems_yolo.nn.surrogate import DEFAULT_ALPHA, get_surrogate
+from ems_yolo.nn.surrogate import DEFAULT_ALPHA, Rectangle, get_surrogate
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,43 @@ class NeuronConfig:
 def unfold_time(x: torch.Tensor, time_steps: int) -> torch.Tensor:
     """View `[T*B, ...]` as `[T, B, ...]` (batch stays dynamic in traced graphs)."""
     return x.view(time_steps, -1, *x.shape[1:])
+
+
+class MultiStepLIF(torch.autograd.Function):
+    """The LIF recurrence over all T steps as one autograd node, with a hand-written backward.
+
+    With the reset detached, dL/du_t = dL/ds_t * h(u_t) + dL/du_{t+1} * tau * (1 - s_t), so backward needs only the
+    surrogate derivative h(u_t) and the spikes s_t: both are saved as bool for the rectangular surrogate (a 1-byte
+    mask each instead of the several float tensors per step that the step-by-step graph keeps).
+    """
+
+    @staticmethod
+    def forward(ctx, currents: torch.Tensor, tau: float, vth: float, alpha: float, surrogate: type) -> torch.Tensor:
+        rect = surrogate is Rectangle
+        spikes = torch.empty_like(currents)
+        deriv = torch.empty(currents.shape, dtype=torch.bool if rect else currents.dtype, device=currents.device)
+        u = currents[0]
+        for t in range(currents.shape[0]):
+            if t:
+                u = tau * u * (1 - spikes[t - 1]) + currents[t]
+            x = u - vth
+            spikes[t] = x > 0
+            deriv[t] = x.abs() < alpha / 2 if rect else surrogate.derivative(x, alpha)
+        ctx.save_for_backward(deriv, spikes.bool())
+        ctx.tau, ctx.scale = tau, (1 / alpha if rect else 1.0)
+        return spikes
+
+    @staticmethod
+    def backward(ctx, grad_spikes: torch.Tensor):
+        deriv, spikes = ctx.saved_tensors
+        grad = torch.empty_like(grad_spikes)
+        carry = None
+        for t in reversed(range(grad_spikes.shape[0])):
+            g = grad_spikes[t] * deriv[t] * ctx.scale
+            if carry is not None:
+                g = g + carry * ctx.tau * (~spikes[t])
+            grad[t] = carry = g
+        return grad, None, None, None, None
 
 
 class LIF(nn.Module):
@@ -84,8 +121,14 @@ class LIF(nn.Module):
         return (u > self.vth).to(u.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Map input currents `[T*B, ...]` to binary spikes of the same shape."""
+        """Map input currents `[T*B, ...]` to binary spikes of the same shape.
+
+        Training with the default detached reset runs the fused `MultiStepLIF`; inference (and the non-detached
+        variant) runs the plain per-step loop, which traces and exports.
+        """
         currents = unfold_time(x, self.time_steps)
+        if self.training and self.detach_reset and torch.is_grad_enabled():
+            return MultiStepLIF.apply(currents, self.tau, self.vth, self.alpha, self._spike_fn).flatten(0, 1)
         u = currents[0]
         s = self.fire(u)
         spikes = [s]
