@@ -81,6 +81,7 @@ def info(ctx: typer.Context) -> None:
 ENGINE_KEYS = {
     "model": "model YAML (built-in name or path) or weights (.pt, .onnx, .torchscript); default ems-res10.yaml",
     "time_steps": "simulation time steps T; overrides the model YAML or checkpoint (PyTorch models only)",
+    "ann": "build the ANN twin of the model YAML: LIF replaced by ReLU, T=1 (default False)",
     "events": "predict: simulate events from a video source first, then detect on them (default False)",
     "stride_ms": "predict on events: step of the sliding window along a .dat recording (default 50)",
 }
@@ -120,7 +121,7 @@ def run_mode(mode: str, tokens: list[str]):
         raise typer.BadParameter("predict needs source=<image, folder, glob, video, URL or webcam index>")
     if mode == "predict" and (ours.get("events") or str(kv["source"]).endswith(EVENT_SUFFIXES)):
         return predict_on_events(ours, kv)
-    model = EMSYOLO(ours.get("model", "ems-res10.yaml"), time_steps=ours.get("time_steps"))
+    model = EMSYOLO(ours.get("model", "ems-res10.yaml"), time_steps=ours.get("time_steps"), ann=bool(ours.get("ann")))
     if mode == "predict":
         kv.setdefault("save", True)
         results = model.predict(stream=True, **kv)  # Ultralytics consumes the stream itself for CLI callers

@@ -215,3 +215,18 @@ def test_ddp_launcher_imports_our_trainer(tmp_path, tiny_yaml):
     finally:
         script.unlink(missing_ok=True)
         state_file.unlink(missing_ok=True)
+
+
+def test_ann_twin_trains_and_exports(tmp_path):
+    data = make_shapes_dataset(n_train=8, n_val=4, imgsz=64)
+    d = load_model_yaml("ems-res10.yaml")
+    d["width_multiple"] = 0.25
+    model = EMSYOLO(derive_model_yaml(d), ann=True)
+    assert model.time_steps == 1 and model.model.yaml["neuron"]["kind"] == "relu"
+    assert not any(type(m).__name__ == "LIF" for m in model.model.modules())
+    model.train(data=str(data), epochs=1, imgsz=64, project=str(tmp_path), name="ann", **FAST)
+    best = tmp_path / "ann" / "weights" / "best.pt"
+    assert EMSYOLO(best).val(data=str(data), imgsz=64, project=str(tmp_path), name="v", **FAST).box.map50 >= 0
+    assert Path(EMSYOLO(best).export(format="torchscript", imgsz=64)).is_file()
+    with pytest.raises(ValueError, match="ANN twin from a model YAML"):
+        EMSYOLO(best, ann=True)

@@ -157,3 +157,18 @@ def test_training_steps_lower_the_loss(tiny_cfg):
         opt.step()
         losses.append(loss.sum().item())
     assert losses[-1] < 0.65 * losses[0]
+
+
+def test_bf16_autocast_training_step(tiny_cfg):
+    """Mixed precision: under bf16 autocast the LIF still emits {0, 1} and the loss and gradients are finite."""
+    model = EMSDetectionModel(tiny_cfg("ems-res10.yaml", width=0.25, nc=2, time_steps=2), verbose=False).train()
+    seen = []
+    model.model[1].residual[0].conv.register_forward_pre_hook(lambda m, inp: seen.append(inp[0]))
+    batch = {"img": torch.rand(2, 3, 64, 64), "batch_idx": torch.tensor([0.0, 1.0]), "cls": torch.tensor([[0.0], [1.0]]),
+             "bboxes": torch.tensor([[0.5, 0.5, 0.4, 0.4], [0.3, 0.6, 0.3, 0.5]])}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = model.loss(batch)
+    loss.sum().backward()
+    assert torch.isfinite(loss).all()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+    assert set(seen[0].unique().tolist()) <= {0.0, 1.0}
