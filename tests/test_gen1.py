@@ -15,7 +15,12 @@ from ems_yolo.data.datasets import resolve_data
 from ems_yolo.engine.model import derive_model_yaml
 from ems_yolo.events import gen1
 from ems_yolo.events.evaluation import evaluate_gen1
-from ems_yolo.events.gen1 import Gen1Cache, clean_labels, find_recordings, preprocess_gen1
+from ems_yolo.events.gen1 import (
+    Gen1Cache,
+    clean_labels,
+    find_recordings,
+    preprocess_gen1,
+)
 from ems_yolo.events.io import BBOX_DTYPE, EventFileError, read_bbox, read_dat
 from ems_yolo.events.representations import EventRepresentation
 from ems_yolo.events.synthetic import make_synthetic_gen1

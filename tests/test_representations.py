@@ -7,7 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ems_yolo.events import EVENT_DTYPE, EventRepresentation, count_histogram, ems_frames, read_dat, voxel_grid
+from ems_yolo.events import (
+    EVENT_DTYPE,
+    EventRepresentation,
+    count_histogram,
+    ems_frames,
+    read_dat,
+    voxel_grid,
+)
 
 SAMPLE = Path("/work/shared/data/events/sample_ncars.dat")
 needs_sample = pytest.mark.skipif(not SAMPLE.exists(), reason="shared N-CARS sample not available")

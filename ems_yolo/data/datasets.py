@@ -8,13 +8,12 @@ The resolved copy (absolute `path:`, no `download:` key) is what the engines rea
 
 from __future__ import annotations
 
-import hashlib
-import os
 from dataclasses import asdict
 from pathlib import Path
 
 import yaml
 
+from ems_yolo.utils.files import atomic_write_text, content_addressed, read_yaml_mapping
 from ems_yolo.utils.offline import ems_home
 
 DATASETS_DIR = Path(__file__).resolve().parents[2] / "cfg" / "datasets"
@@ -69,15 +68,7 @@ def resolve_data(data: str | Path | None) -> str:
         return str(make_synthetic_gen1_data())
     src = _find_yaml(str(data))
     resolved_dir = ems_home() / "data"
-    try:
-        d = yaml.safe_load(src.read_text())
-    except yaml.YAMLError as e:
-        raise ValueError(f"{src}: invalid YAML: {e}") from e
-    if not isinstance(d, dict):
-        raise ValueError(f"{src}: expected a mapping with 'path', 'train', 'val' and 'names'")
-    for key in ("train", "val"):
-        if not d.get(key):
-            raise ValueError(f"{src}: missing required key '{key}' (image folder, list file or list of them)")
+    d = read_yaml_mapping(src, ("train", "val", "names"))
     root = _dataset_root(d, src)
     if "cache" in d:  # event dataset: splits are groups of one HDF5 cache
         missing = _split_paths(root, d["cache"])
@@ -90,15 +81,9 @@ def resolve_data(data: str | Path | None) -> str:
         raise FileNotFoundError(_missing_message(src, d, root, missing))
     d.pop("download", None)
     d["path"] = str(root)
-    text = yaml.safe_dump(d, sort_keys=False)
     if src.parent.resolve() == resolved_dir.resolve():  # already a resolved copy (e.g. from a checkpoint)
         return str(src)
-    out = resolved_dir / f"{src.stem}-{hashlib.sha1(text.encode()).hexdigest()[:10]}.yaml"
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, out)
+    out = content_addressed(resolved_dir, src.stem, yaml.safe_dump(d, sort_keys=False))
     return str(out)
 
 
@@ -149,9 +134,7 @@ def make_synthetic_gen1_data() -> Path:
     d = {"path": str(root), "cache": str(cache), "train": "train", "val": "val", "test": "test", "names": GEN1_NAMES}
     text = yaml.safe_dump(d, sort_keys=False)
     if not out.is_file() or out.read_text() != text:
-        tmp = out.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, out)
+        atomic_write_text(out, text)
     return out
 
 

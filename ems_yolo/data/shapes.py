@@ -14,14 +14,14 @@ with less than half of its area visible are rejected, so every drawn object is l
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import shutil
 from pathlib import Path
 
 import cv2
 import numpy as np
 import yaml
+
+from ems_yolo.utils.files import build_folder_once
+from ems_yolo.utils.offline import ems_home
 
 __all__ = ["CLASS_NAMES", "default_root", "make_shapes_dataset"]
 
@@ -42,8 +42,7 @@ _MARKER = ".complete"
 
 def default_root() -> Path:
     """Return the dataset cache folder, ``$EMS_YOLO_HOME/datasets`` (EMS_YOLO_HOME defaults to ~/.cache/ems-yolo)."""
-    home = os.environ.get("EMS_YOLO_HOME") or Path.home() / ".cache" / "ems-yolo"
-    return Path(home).expanduser() / "datasets"
+    return ems_home() / "datasets"
 
 
 def make_shapes_dataset(
@@ -75,20 +74,7 @@ def make_shapes_dataset(
             _write_yaml(final, final)
         return yaml_path
 
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"  # unique per writer
-    tmp.mkdir()
-    try:
-        _write_dataset(tmp, final, params)
-        if final.exists() and not _is_complete(final, params):  # leftover of an interrupted or foreign generation
-            shutil.rmtree(final)
-        try:
-            tmp.rename(final)
-        except OSError:  # another process renamed its complete copy into place first
-            if not _is_complete(final, params):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    build_folder_once(final, lambda f: _is_complete(f, params), lambda tmp: _write_dataset(tmp, final, params))
     return yaml_path
 
 

@@ -12,8 +12,6 @@ workers), so the new T is what checkpoints record.
 
 from __future__ import annotations
 
-import hashlib
-import os
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +24,13 @@ from ultralytics.utils import DEFAULT_CFG_DICT
 from ems_yolo.data.datasets import resolve_data
 from ems_yolo.engine.trainer import EMSTrainer
 from ems_yolo.engine.validator import EMSValidator
-from ems_yolo.nn.model import EMSDetectionModel, ann_twin, find_model_yaml, load_model_yaml
+from ems_yolo.nn.model import (
+    EMSDetectionModel,
+    ann_twin,
+    find_model_yaml,
+    load_model_yaml,
+)
+from ems_yolo.utils.files import content_addressed
 from ems_yolo.utils.offline import ems_home
 
 # Training defaults that differ from Ultralytics' to follow the EMS-YOLO recipe (model-spec §9).
@@ -36,16 +40,8 @@ EXPORT_SUFFIXES = (".onnx", ".torchscript", ".engine", ".mlpackage", ".tflite", 
 
 def derive_model_yaml(cfg: dict) -> Path:
     """Write a model dict to `$EMS_YOLO_HOME/models/<stem>-<hash>.yaml` (content-addressed, written once)."""
-    d = {k: v for k, v in cfg.items() if k != "yaml_file"}
-    text = yaml.safe_dump(d, sort_keys=False)
-    stem = Path(cfg.get("yaml_file", "model")).stem
-    out = ems_home() / "models" / f"{stem}-{hashlib.sha1(text.encode()).hexdigest()[:10]}.yaml"
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, out)
-    return out
+    text = yaml.safe_dump({k: v for k, v in cfg.items() if k != "yaml_file"}, sort_keys=False)
+    return content_addressed(ems_home() / "models", Path(cfg.get("yaml_file", "model")).stem, text)
 
 
 def set_time_steps(model: nn.Module, time_steps: int) -> None:

@@ -12,7 +12,12 @@ import ultralytics.engine.trainer as ul_trainer
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import LOGGER, RANK
 
-from ems_yolo.data.datasets import is_event_data, load_data, resolve_data, split_event_path
+from ems_yolo.data.datasets import (
+    is_event_data,
+    load_data,
+    resolve_data,
+    split_event_path,
+)
 from ems_yolo.engine.validator import EMSValidator, build_event_dataset
 from ems_yolo.nn.model import EMSDetectionModel
 

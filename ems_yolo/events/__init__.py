@@ -1,5 +1,6 @@
 """Event-camera data: Prophesee `.dat` events, Gen1 `_bbox.npy` boxes, event representations, Gen1 metrics."""
 
+from ems_yolo.events.evaluation import evaluate_gen1
 from ems_yolo.events.io import (
     BBOX_DTYPE,
     BBOX_DTYPE_V1,
@@ -13,8 +14,12 @@ from ems_yolo.events.io import (
     write_bbox,
     write_dat,
 )
-from ems_yolo.events.evaluation import evaluate_gen1
-from ems_yolo.events.representations import EventRepresentation, count_histogram, ems_frames, voxel_grid
+from ems_yolo.events.representations import (
+    EventRepresentation,
+    count_histogram,
+    ems_frames,
+    voxel_grid,
+)
 from ems_yolo.events.simulator import EventSimulator, SimulatorConfig, video_to_events
 from ems_yolo.events.synthetic import make_synthetic_gen1
 

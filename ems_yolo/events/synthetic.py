@@ -23,20 +23,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import secrets
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from pathlib import Path
-
 from datetime import datetime
+from pathlib import Path
 
 import cv2
 import numpy as np
 
 from ems_yolo.events.io import BBOX_DTYPE_V1, write_bbox, write_dat
 from ems_yolo.events.simulator import EventSimulator, SimulatorConfig
+from ems_yolo.utils.files import build_folder_once
 from ems_yolo.utils.offline import ems_home
 
 __all__ = ["CLASS_NAMES", "make_synthetic_gen1"]
@@ -351,18 +348,5 @@ def make_synthetic_gen1(
     if final.exists() and not (final.is_dir() and {p.name for p in final.iterdir()} <= {*_SPLITS, _MARKER}):
         raise FileExistsError(f"{final} exists and is not a synthetic Gen1 dataset; refusing to overwrite it")
 
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"  # unique per writer
-    tmp.mkdir()
-    try:
-        _write_dataset(tmp, params)
-        if final.exists() and not _is_complete(final, params):  # leftover of an interrupted or other generation
-            shutil.rmtree(final)
-        try:
-            tmp.rename(final)
-        except OSError:  # another process renamed its complete copy into place first
-            if not _is_complete(final, params):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    build_folder_once(final, lambda f: _is_complete(f, params), lambda tmp: _write_dataset(tmp, params))
     return final

@@ -6,7 +6,6 @@ from copy import deepcopy
 from pathlib import Path
 
 import torch
-import yaml
 from ultralytics.nn.tasks import BaseModel, DetectionModel
 from ultralytics.utils import LOGGER
 from ultralytics.utils.torch_utils import initialize_weights, intersect_dicts
@@ -14,6 +13,7 @@ from ultralytics.utils.torch_utils import initialize_weights, intersect_dicts
 from ems_yolo.nn.head import EMSDetect
 from ems_yolo.nn.loss import YOLOv5Loss
 from ems_yolo.nn.parser import parse_model
+from ems_yolo.utils.files import read_yaml_mapping
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "cfg" / "models"
 STRIDE_PROBE = 256  # probe input size; 2x the largest stride
@@ -38,15 +38,7 @@ def find_model_yaml(name: str | Path) -> Path:
 def load_model_yaml(name: str | Path) -> dict:
     """Read a model YAML into a dict, recording its path under `yaml_file`."""
     path = find_model_yaml(name)
-    try:
-        d = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: invalid YAML: {e}") from e
-    if not isinstance(d, dict):
-        raise ValueError(f"{path}: expected a mapping with 'nc', 'backbone' and 'head', got {type(d).__name__}")
-    for key in ("nc", "backbone", "head"):
-        if key not in d:
-            raise ValueError(f"{path}: missing required key '{key}'")
+    d = read_yaml_mapping(path, ("nc", "backbone", "head"))
     d["yaml_file"] = str(path)
     return d
 

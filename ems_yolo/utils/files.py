@@ -1,0 +1,64 @@
+"""Crash-safe file writing: atomic text files, content-addressed copies and folders built once."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write `text` through a temporary sibling and `os.replace`: readers see the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def content_addressed(folder: str | Path, stem: str, text: str, suffix: str = ".yaml") -> Path:
+    """Store `text` once as `<folder>/<stem>-<hash><suffix>` and return its path (same text, same file)."""
+    path = Path(folder) / f"{stem}-{hashlib.sha1(text.encode()).hexdigest()[:10]}{suffix}"
+    return path if path.is_file() else atomic_write_text(path, text)
+
+
+def build_folder_once(final: Path, is_complete: Callable[[Path], bool], write: Callable[[Path], None]) -> None:
+    """Fill a temporary sibling with `write(tmp)` and rename it to `final`, so a half-written folder is never used.
+
+    An existing `final` that is not complete (an interrupted earlier run) is replaced; if another process renames
+    its complete copy into place first, that copy is kept.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        write(tmp)
+        if final.exists() and not is_complete(final):
+            shutil.rmtree(final)
+        try:
+            tmp.rename(final)
+        except OSError:
+            if not is_complete(final):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_yaml_mapping(path: Path, required: tuple[str, ...] = ()) -> dict:
+    """Load a YAML file that must be a mapping holding `required` keys; errors name the file and the key."""
+    import yaml
+
+    try:
+        d = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: invalid YAML: {e}") from e
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a mapping with keys {list(required)}, got {type(d).__name__}")
+    for key in required:
+        if key not in d or d[key] is None:
+            raise ValueError(f"{path}: missing required key '{key}'")
+    return d
