@@ -83,6 +83,7 @@ ENGINE_KEYS = {
     "time_steps": "simulation time steps T; overrides the model YAML or checkpoint (PyTorch models only)",
     "ann": "build the ANN twin of the model YAML: LIF replaced by ReLU, T=1 (default False)",
     "events": "predict: simulate events from a video source first, then detect on them (default False)",
+    "energy": "val: also measure firing rates and the energy estimate on the validation data (default False)",
     "stride_ms": "predict on events: step of the sliding window along a .dat recording (default 50)",
 }
 EVENT_SUFFIXES = (".dat", ".h5", ".hdf5")
@@ -122,6 +123,8 @@ def run_mode(mode: str, tokens: list[str]):
     if mode == "predict" and (ours.get("events") or str(kv["source"]).endswith(EVENT_SUFFIXES)):
         return predict_on_events(ours, kv)
     model = EMSYOLO(ours.get("model", "ems-res10.yaml"), time_steps=ours.get("time_steps"), ann=bool(ours.get("ann")))
+    if mode == "val" and ours.get("energy"):
+        model.add_callback("on_val_end", _energy_after_val(model))
     if mode == "predict":
         kv.setdefault("save", True)
         results = model.predict(stream=True, **kv)  # Ultralytics consumes the stream itself for CLI callers
@@ -129,6 +132,18 @@ def run_mode(mode: str, tokens: list[str]):
             pass
         return None
     return getattr(model, mode)(**kv)
+
+
+def _energy_after_val(model):
+    """Callback: energy report on the validator's own data loader, saved into the validation run folder."""
+
+    def callback(validator) -> None:
+        from ems_yolo.engine.energy import run_energy
+
+        imgsz = validator.args.imgsz if isinstance(validator.args.imgsz, int) else max(validator.args.imgsz)
+        run_energy(model.model, validator.dataloader, imgsz, validator.save_dir)
+
+    return callback
 
 
 def predict_on_events(ours: dict[str, Any], kv: dict[str, Any]) -> None:
@@ -190,6 +205,22 @@ def export(ctx: typer.Context) -> None:
     run_mode("export", ctx.args)
 
 
+ENERGY_KEYS = {
+    "model": "model YAML or .pt (default ems-res10.yaml)",
+    "data": "dataset whose validation images drive the firing rates (default: the checkpoint's, else shapes)",
+    "imgsz": "input size (default: the training size of a .pt, else 640)",
+    "time_steps": "override T",
+    "ann": "report the ANN twin itself (ReLU, T=1): every conv is a MAC layer",
+    "batch": "images per batch (default 8)",
+    "max_batches": "stop after this many batches (default: the whole split)",
+    "split": "dataset split (default val)",
+    "e_ac": "energy of one accumulate in pJ (default 0.9, 45 nm FP32)",
+    "e_mac": "energy of one multiply-accumulate in pJ (default 4.6)",
+    "preset": "fp32, fp16 or int8 constants (Horowitz 2014) instead of e_ac/e_mac",
+    "project": "output folder parent (default runs/detect)",
+    "name": "run folder name (default energy)",
+    "device": "cpu or a CUDA device",
+}
 GEN1_KEYS = {
     "src": "Gen1 root folder holding train/ val/ test/ with <name>_td.dat + <name>_bbox.npy",
     "dst": "output HDF5 cache file (resumed when it exists)",
@@ -214,6 +245,18 @@ EVENTS_KEYS = {
     "seed": "random seed (default 0)",
     "max_frames": "stop after this many frames",
 }
+
+
+@app.command(context_settings=KEY_VALUE, help="Per-layer firing rates, synaptic operations and energy vs the ANN "
+             "twin (E = T x (SOPs x E_AC + MACs x E_MAC)); writes energy.csv, energy.json and firing_rates.png.\n\n"
+             + _keys_help(ENERGY_KEYS))
+def energy(ctx: typer.Context) -> None:
+    """Energy report of a spiking model on real data."""
+    from ems_yolo.engine.model import EMSYOLO
+
+    kv = parse_key_values(ctx.args, ENERGY_KEYS, "energy")
+    model = EMSYOLO(kv.pop("model", "ems-res10.yaml"), time_steps=kv.pop("time_steps", None), ann=bool(kv.pop("ann", False)))
+    model.energy(**kv)
 
 
 @app.command(context_settings=KEY_VALUE, help="Gen1 tools. 'ems-yolo gen1 preprocess src=... dst=...' builds the "

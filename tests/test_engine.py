@@ -230,3 +230,24 @@ def test_ann_twin_trains_and_exports(tmp_path):
     assert Path(EMSYOLO(best).export(format="torchscript", imgsz=64)).is_file()
     with pytest.raises(ValueError, match="ANN twin from a model YAML"):
         EMSYOLO(best, ann=True)
+
+
+def test_energy_cli_and_val_energy(shapes_run, tmp_path):
+    run, _, data = shapes_run
+    best = run / "weights" / "best.pt"
+    r = CliRunner().invoke(app, ["val", f"model={best}", f"data={data}", "imgsz=96", "batch=4", "workers=0",
+                                 "energy=True", f"project={tmp_path}", "name=v", "plots=False"])
+    assert r.exit_code == 0, r.output
+    for f in ("energy.csv", "energy.json", "firing_rates.png"):
+        assert (tmp_path / "v" / f).is_file(), f
+    r = CliRunner().invoke(app, ["energy", "model=ems-res10.yaml", f"data={data}", "imgsz=64", "max_batches=1",
+                                 "batch=2", "preset=fp16", f"project={tmp_path}", "name=e"])
+    assert r.exit_code == 0, r.output
+    import json
+
+    report = json.loads((tmp_path / "e" / "energy.json").read_text())
+    flat = json.dumps(report)
+    assert '"e_mac": 1.5' in flat and '"e_ac": 0.4' in flat
+    with (tmp_path / "e" / "energy.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert any(r.get("kind") == "AC" for r in rows) and any(r.get("kind") == "MAC" for r in rows)

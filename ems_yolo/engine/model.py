@@ -21,8 +21,8 @@ from ultralytics.engine.model import Model
 from ultralytics.models.yolo.detect import DetectionPredictor
 from ultralytics.utils import DEFAULT_CFG_DICT
 
-from ems_yolo.data.datasets import resolve_data
-from ems_yolo.engine.trainer import EMSTrainer
+from ems_yolo.data.datasets import load_data, resolve_data
+from ems_yolo.engine.trainer import EMSTrainer, model_for_data
 from ems_yolo.engine.validator import EMSValidator
 from ems_yolo.nn.model import (
     EMSDetectionModel,
@@ -128,6 +128,37 @@ class EMSYOLO(Model):
         if not kwargs.get("resume"):
             kwargs["data"] = resolve_data(kwargs.get("data") or self.overrides.get("data"))
         return super().train(trainer=trainer, **kwargs)
+
+    def energy(
+        self,
+        data: str | None = None,
+        imgsz: int | None = None,
+        batch: int = 8,
+        split: str = "val",
+        max_batches: int | None = None,
+        project: str | None = None,
+        name: str = "energy",
+        **energy_kwargs,
+    ):
+        """Firing rates on `data`, synaptic operations and energy vs the ANN twin; files go to a run folder.
+
+        A model YAML is built for the dataset (its classes, channels and, for events, T = bins), as training would;
+        a checkpoint is measured as it is.
+
+        `energy_kwargs`: e_ac, e_mac (pJ) or preset ("fp32", "fp16", "int8"), device.
+        """
+        from ultralytics.utils.files import increment_path
+
+        from ems_yolo.engine.energy import energy_dataloader, run_energy
+
+        if not isinstance(self.model, nn.Module):
+            raise ValueError("energy needs a PyTorch model (a YAML or .pt), not an exported one")
+        imgsz = int(imgsz or self.overrides.get("imgsz") or 640)
+        data = resolve_data(data or self.overrides.get("data"))
+        model = self.model if self.ckpt else model_for_data(self.model.yaml, load_data(data, split=split))
+        loader = energy_dataloader(data, imgsz, batch, split)
+        folder = increment_path(Path(project or Path.cwd() / "runs" / "detect") / name)
+        return run_energy(model, loader, imgsz, folder, max_batches=max_batches, **energy_kwargs)
 
     def val(self, validator=None, **kwargs):
         """Validate on `data` (default: the checkpoint's dataset, else the built-in one)."""

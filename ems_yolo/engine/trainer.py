@@ -54,6 +54,14 @@ def check_amp_offline(model: torch.nn.Module) -> bool:
     return ok
 
 
+def model_for_data(cfg, data: dict, verbose: bool = False) -> EMSDetectionModel:
+    """Build a model for a dataset: its classes and channels; on event data `events` input with T = time bins
+    of the cached representation (step t reads bin t)."""
+    events = data.get("events")
+    kw = {"input_kind": "events", "time_steps": events["bins"]} if events else {}
+    return EMSDetectionModel(cfg, nc=data["nc"], ch=data["channels"], verbose=verbose, **kw)
+
+
 class EMSTrainer(DetectionTrainer):
     """Detection trainer for spiking EMS models; everything else (loop, EMA, augmentation, DDP) is Ultralytics'."""
 
@@ -73,16 +81,8 @@ class EMSTrainer(DetectionTrainer):
         return super().build_dataset(img_path, mode, batch)
 
     def get_model(self, cfg=None, weights=None, verbose: bool = True) -> EMSDetectionModel:
-        """Build the EMS model for this dataset's classes and channels, loading `weights` when given.
-
-        On event data the input is `events` and T equals the number of time bins of the cached representation
-        (step t reads bin t).
-        """
-        events = self.data.get("events")
-        kw = {"input_kind": "events", "time_steps": events["bins"]} if events else {}
-        model = EMSDetectionModel(
-            cfg, nc=self.data["nc"], ch=self.data["channels"], verbose=verbose and RANK == -1, **kw
-        )
+        """Build the EMS model for this dataset (`model_for_data`), loading `weights` when given."""
+        model = model_for_data(cfg, self.data, verbose and RANK == -1)
         if weights:
             model.load(weights)
         return model

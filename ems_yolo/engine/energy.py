@@ -1,0 +1,52 @@
+"""Energy reports through the engine: the dataset's validation images, the model's input size, files in a run folder.
+
+`EMSYOLO.energy(...)`, `ems-yolo energy ...` and `ems-yolo val ... energy=True` all end here: firing rates are
+measured on real data with `SpikeMonitor` hooks, and the per-layer table, `energy.csv`, `energy.json` and the
+firing-rate bar chart `firing_rates.png` are written to the run folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from ultralytics.cfg import get_cfg
+from ultralytics.utils import DEFAULT_CFG, LOGGER
+
+from ems_yolo.data.datasets import load_data, resolve_data, split_event_path
+from ems_yolo.utils.energy import EnergyReport, energy_report
+
+
+def energy_dataloader(data: str | None, imgsz: int, batch: int = 8, split: str = "val", workers: int = 0):
+    """Square, unaugmented batches of a dataset split (images letterboxed to imgsz; event samples stretched)."""
+    from ultralytics.data.build import build_dataloader, build_yolo_dataset
+
+    from ems_yolo.engine.validator import build_event_dataset
+
+    data = resolve_data(data)
+    d = load_data(data, split=split)
+    cfg = get_cfg(DEFAULT_CFG, {"imgsz": imgsz, "data": data, "rect": False})
+    if split_event_path(d[split]):
+        dataset = build_event_dataset(d[split], cfg, mode="val")
+    else:
+        dataset = build_yolo_dataset(cfg, d[split], batch, d, mode="val", rect=False)
+    return build_dataloader(dataset, batch, workers, shuffle=False, pin_memory=False, device="cpu")
+
+
+def save_report(report: EnergyReport, folder: str | Path) -> Path:
+    """Log the per-layer table and write energy.csv, energy.json and firing_rates.png into `folder`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    LOGGER.info(report.table())
+    report.to_csv(folder / "energy.csv")
+    report.to_json(folder / "energy.json")
+    report.plot_firing_rates(folder / "firing_rates.png")
+    LOGGER.info(f"Energy report saved to {folder} (energy.csv, energy.json, firing_rates.png)")
+    return folder
+
+
+def run_energy(model: torch.nn.Module, loader, imgsz: int, folder: str | Path, **kwargs) -> EnergyReport:
+    """Measure, report and save; `kwargs` go to `energy_report` (e_ac, e_mac, preset, max_batches, device)."""
+    report = energy_report(model, loader, imgsz, **kwargs)
+    save_report(report, folder)
+    return report
