@@ -24,6 +24,7 @@ demo: install
 bench: install
 	$(PY) tools/bench_learning.py
 	$(PY) tools/bench_events.py
+	$(PY) tools/bench_speed.py
 
 clean:
 	rm -rf $(VENV) runs *.egg-info .pytest_cache

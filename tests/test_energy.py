@@ -188,15 +188,25 @@ def test_silu_pseudo_neuron_never_reported(tiny_cfg):
 
 
 def test_nonbinary_input_is_caught(tiny_cfg):
-    twin = EMSDetectionModel(ann_twin(tiny_cfg("ems-res10.yaml", width=0.25, nc=2)), verbose=False).eval()
+    """A conv tagged as spike-fed that receives real values (its LIF removed) is reported, not counted."""
+    model = tiny(tiny_cfg).eval()
+    model.model[1].residual[0].lif = nn.Identity()
     x = torch.rand(1, 3, 64, 64)
-    with pytest.raises(ValueError, match="non-binary"), torch.no_grad(), SpikeMonitor(twin):
-        twin(x)
-    with SpikeMonitor(twin, strict=False) as mon, torch.no_grad():
-        twin(x)
-    assert mon.nonbinary and mon.nonbinary <= set(mon.conv_counts) and not mon.neuron_counts
+    with pytest.raises(ValueError, match="non-binary"), torch.no_grad(), SpikeMonitor(model):
+        model(x)
+    with SpikeMonitor(model, strict=False) as mon, torch.no_grad():
+        model(x)
+    assert mon.nonbinary == {"model.1.residual.0.conv"}
     with pytest.raises(ValueError, match="non-binary"):
-        energy_report(twin, [x], 64)
+        energy_report(model, [x], 64)
+
+
+def test_ann_twin_is_all_mac(tiny_cfg):
+    """Every conv of the ANN twin reads real values: E_SNN of the twin is E_ANN (ratio 1)."""
+    twin = EMSDetectionModel(ann_twin(tiny_cfg("ems-res10.yaml", width=0.25, nc=2)), verbose=False)
+    assert not any(getattr(m, "spike_input", False) for m in twin.modules())
+    rep = energy_report(twin, [torch.rand(1, 3, 64, 64)], 64)
+    assert rep.op_ac == 0 and rep.e_snn_mj == pytest.approx(rep.e_ann_mj) and rep.ratio == pytest.approx(1.0)
 
 
 def test_hooks_off_leave_training_unchanged(tiny_cfg):

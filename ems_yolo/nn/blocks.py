@@ -47,7 +47,10 @@ class EMSBlock1(nn.Module):
             self.shortcut = nn.Identity()
         else:
             self.shortcut = nn.Sequential(
-                max_pool(s), make_neuron(neuron, time_steps), spike_conv(c1, c2), TDBatchNorm2d(c2, 1.0, neuron.vth)
+                max_pool(s),
+                make_neuron(neuron, time_steps),
+                spike_conv(c1, c2, spike_input=neuron.kind == "lif"),
+                TDBatchNorm2d(c2, 1.0, neuron.vth),
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
@@ -137,7 +140,7 @@ class MSBlock(nn.Module):
         else:
             lif = [make_neuron(neuron, time_steps)] if shortcut_lif else []
             self.shortcut = nn.Sequential(
-                max_pool(s), *lif, spike_conv(c1, c2, spike_input=shortcut_lif), TDBatchNorm2d(c2, 1.0, neuron.vth)
+                max_pool(s), *lif, spike_conv(c1, c2, spike_input=shortcut_lif and neuron.kind == "lif"), TDBatchNorm2d(c2, 1.0, neuron.vth)
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102

@@ -1,0 +1,458 @@
+"""Speed and memory of our time-folded EMS-YOLO against the naive per-step reference of the original code.
+
+Our model runs every stateless layer once on `[T*B, C, H, W]` and loops over T only inside the LIF; the reference
+(tools/naive_reference.py, same parameters, same outputs) loops over T around every layer with zero-filled buffers,
+as the original EMS-YOLO code does. Measurements alternate ours / naive within one run after warm-up and report
+medians (with min..max), for EMS-ResNet10 at 320 px:
+
+* training throughput (forward + backward + SGD step, images/s) for each T,
+* peak training memory,
+* inference latency per frame at T=4 (eager ours / naive, and ONNX Runtime for ours),
+* the LIF alone (forward + backward) on a large tensor, ours against a per-step LIF,
+* our training FLOP/s as a fraction of the machine's measured dense matmul FLOP/s.
+
+With CUDA available the same benchmarks run again on the GPU under AMP autocast (float16). CPU memory is read
+from /proc/self/status (Linux).
+
+    python tools/bench_speed.py            # full run (about 2-3 minutes on 2 CPU cores)
+    python tools/bench_speed.py --quick    # smoke run (about 30 s on 2 CPU cores)
+"""
+
+from __future__ import annotations
+
+import torch  # first: Ultralytics sets OMP_NUM_THREADS=1 on import when it is unset
+
+DEFAULT_THREADS = torch.get_num_threads()
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from ems_yolo.nn.model import EMSDetectionModel, load_model_yaml
+from ems_yolo.nn.neuron import LIF
+from ems_yolo.utils.flops import conv_ops
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from naive_reference import NaiveEMS, naive_lif
+
+MODEL = "ems-res10.yaml"
+IMPLS = ("ours", "naive")
+
+
+@dataclass
+class Settings:
+    """Sizes and repetition counts of one run."""
+
+    time_steps: list[int]
+    memory_time_steps: list[int]
+    width: float
+    batch: int
+    imgsz: int
+    infer_time_steps: int
+    warmup: int
+    train_iters: int
+    infer_warmup: int
+    infer_iters: int
+    lif_iters: int
+    lif_batch: int
+    matmul_size: int
+
+
+@dataclass
+class Result:
+    """One line of the final summary: a measured ratio and, for the stated targets, its limit."""
+
+    measure: str
+    value: float
+    limit: float | None = None
+    at_least: bool = False  # the target is value >= limit (else value <= limit)
+    percent: bool = False
+
+    def status(self) -> str:
+        """'met', 'NOT met' or '-' when there is no target."""
+        if self.limit is None:
+            return "-"
+        return "met" if (self.value >= self.limit if self.at_least else self.value <= self.limit) else "NOT met"
+
+
+# ----------------------------------------------------------------------------------------------------- helpers
+
+
+def cpu_model() -> str:
+    """CPU model name from /proc/cpuinfo (falls back to platform.processor())."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work so that wall-clock timings cover it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def alternate(
+    fns: dict[str, Callable[[], object]], warmup: int, iters: int, device: torch.device
+) -> dict[str, list[float]]:
+    """Time each function `iters` times in alternation (a, b, a, b, ...) after `warmup` calls of each."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    sync(device)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(iters):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            times[k].append(time.perf_counter() - t)
+    return times
+
+
+def med(ts: list[float]) -> float:
+    """Median of a list of timings."""
+    return statistics.median(ts)
+
+
+def spread(ts: list[float], scale: float = 1.0, unit: str = "s") -> str:
+    """`median (min..max)` of timings, multiplied by `scale`."""
+    return f"{med(ts) * scale:.3f} {unit} ({min(ts) * scale:.3f}..{max(ts) * scale:.3f})"
+
+
+def model_cfg(time_steps: int, width: float) -> dict:
+    """EMS-ResNet10 config at the given T and width."""
+    cfg = load_model_yaml(MODEL)
+    cfg.update(time_steps=time_steps, width_multiple=width)
+    return cfg
+
+
+def build(impl: str, time_steps: int, width: float, device: torch.device) -> nn.Module:
+    """Our model or the naive reference around a fresh copy of it (same initialisation for a given seed)."""
+    torch.manual_seed(0)
+    model = EMSDetectionModel(model_cfg(time_steps, width), verbose=False).to(device)
+    return model if impl == "ours" else NaiveEMS(model)
+
+
+def make_train_step(model: nn.Module, x: torch.Tensor, amp: bool) -> Callable[[], None]:
+    """One SGD training step (forward, synthetic loss on the raw outputs, backward, step) as a closure."""
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.937, nesterov=True)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    autocast = torch.autocast("cuda", dtype=torch.float16) if amp else nullcontext()
+
+    def step() -> None:
+        with autocast:
+            loss = sum(r.float().square().mean() for r in model(x))
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    return step
+
+
+def print_table(header: list[str], rows: list[list[str]]) -> None:
+    """Print a left-aligned first column and right-aligned value columns."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, *rows]:
+        cells = (str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        print("  " + "  ".join(cells))
+
+
+# -------------------------------------------------------------------------------------------------- benchmarks
+
+
+def bench_training(s: Settings, device: torch.device, amp: bool) -> dict[int, dict[str, list[float]]]:
+    """Step times per T for ours and naive, and a dense matmul, measured in alternation (same machine state)."""
+    dtype = torch.float16 if amp else torch.float32
+    n = s.matmul_size
+    print(f"\nTraining throughput: EMS-ResNet10 width {s.width}, batch {s.batch}, {s.imgsz} px, SGD step, "
+          f"synthetic loss; {s.warmup} warm-up + {s.train_iters} alternating steps each, with a {n}^3 "
+          f"{str(dtype).split('.')[-1]} torch.mm in every round for the FLOP/s reference", flush=True)
+    x = torch.rand(s.batch, 3, s.imgsz, s.imgsz, device=device)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    results, rows = {}, []
+    for T in s.time_steps:
+        fns = {impl: make_train_step(build(impl, T, s.width, device), x, amp) for impl in IMPLS}
+        fns["matmul"] = lambda: torch.mm(a, b)
+        results[T] = times = alternate(fns, s.warmup, s.train_iters, device)
+        ours, naive = (s.batch / med(times[k]) for k in IMPLS)
+        rows.append([f"T={T}", f"{ours:.2f}", f"{naive:.2f}", f"{ours / naive:.2f}x",
+                     spread(times["ours"]), spread(times["naive"])])
+        del fns
+    print_table(["", "ours img/s", "naive img/s", "ours/naive", "ours step", "naive step"], rows)
+    return results
+
+
+def rss_mib(key: str) -> float:
+    """`VmRSS` (current) or `VmHWM` (peak) resident set size of this process from /proc/self/status, in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 2**10
+    raise KeyError(key)
+
+
+def memory_probe(impl: str, time_steps: int, s: Settings) -> None:
+    """Child process: print the peak RSS growth (MiB) of building a model and running two training steps."""
+    x = torch.rand(s.batch, 3, s.imgsz, s.imgsz)
+    before = rss_mib("VmRSS")
+    step = make_train_step(build(impl, time_steps, s.width, torch.device("cpu")), x, amp=False)
+    step()
+    step()
+    print(json.dumps({"peak_mib": rss_mib("VmHWM") - before}))
+
+
+def bench_memory_cpu(s: Settings, argv: list[str]) -> dict[int, dict[str, float]]:
+    """Peak training memory per T, one fresh subprocess per configuration (ours and naive in alternation)."""
+    print("\nPeak training memory (CPU): peak resident set size (VmHWM) of a fresh subprocess per configuration "
+          "minus its resident size before the model is built, over model build + 2 training steps (weights, "
+          "grads, SGD momentum, activations, allocator slack)", flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(DEFAULT_THREADS)}
+    results, rows = {}, []
+    for i, T in enumerate(s.memory_time_steps):
+        results[T] = {}
+        for impl in IMPLS if i % 2 == 0 else IMPLS[::-1]:
+            cmd = [sys.executable, __file__, *argv, "--memory-probe", impl, str(T)]
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+            results[T][impl] = json.loads(out.strip().splitlines()[-1])["peak_mib"]
+        ours, naive = results[T]["ours"], results[T]["naive"]
+        rows.append([f"T={T}", f"{ours:.0f}", f"{naive:.0f}", f"{ours / naive:.2f}x"])
+    print_table(["", "ours MiB", "naive MiB", "ours/naive"], rows)
+    return results
+
+
+def bench_memory_cuda(s: Settings, device: torch.device) -> dict[int, dict[str, float]]:
+    """Peak allocated GPU memory (torch.cuda.max_memory_allocated) over build + 2 AMP training steps, per T."""
+    print("\nPeak training memory (CUDA, AMP): torch.cuda.max_memory_allocated growth over model build + 2 "
+          "training steps", flush=True)
+    x = torch.rand(s.batch, 3, s.imgsz, s.imgsz, device=device)
+    results, rows = {}, []
+    for T in s.memory_time_steps:
+        results[T] = {}
+        for impl in IMPLS:
+            torch.cuda.empty_cache()
+            before = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            step = make_train_step(build(impl, T, s.width, device), x, amp=True)
+            step()
+            step()
+            sync(device)
+            results[T][impl] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+            del step
+        ours, naive = results[T]["ours"], results[T]["naive"]
+        rows.append([f"T={T}", f"{ours:.0f}", f"{naive:.0f}", f"{ours / naive:.2f}x"])
+    print_table(["", "ours MiB", "naive MiB", "ours/naive"], rows)
+    return results
+
+
+def export_onnx(model: EMSDetectionModel, x: torch.Tensor, path: str) -> None:
+    """Export the eval model (decoded output only) with the TorchScript-based exporter, opset 18."""
+    m = copy.deepcopy(model).cpu().eval()
+    m.model[-1].export = True
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(m, (x.cpu(),), path, dynamo=False, opset_version=18, input_names=["images"],
+                          output_names=["output0"])
+
+
+def onnx_runner(model: EMSDetectionModel, x: torch.Tensor, device: torch.device) -> Callable[[], object] | None:
+    """An ONNX Runtime session of `model` as a closure on `x`, or None when no provider fits the device.
+
+    Intra-op spinning is disabled: spinning ORT threads would otherwise steal the cores from the eager runs that
+    follow in the alternation.
+    """
+    import onnxruntime as ort
+
+    provider = "CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider"
+    if provider not in ort.get_available_providers():
+        print(f"  ONNX Runtime: {provider} not available, skipped")
+        return None
+    opts = ort.SessionOptions()
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if device.type == "cpu":
+        opts.intra_op_num_threads = DEFAULT_THREADS
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(Path(tmp) / "ems-res10.onnx")
+        export_onnx(model, x, path)
+        session = ort.InferenceSession(path, opts, providers=[provider])
+    feed = {"images": x.cpu().numpy()}
+    with torch.inference_mode():
+        eager = model(x)[0].float().cpu()
+    diff = (torch.from_numpy(session.run(None, feed)[0]) - eager).abs().max().item()
+    print(f"  ONNX Runtime {ort.__version__} ({provider}, no spinning): max |ORT - eager| on the decoded output "
+          f"= {diff:.2e}")
+    return lambda: session.run(None, feed)
+
+
+def bench_inference(s: Settings, device: torch.device, amp: bool) -> dict[str, list[float]]:
+    """Per-frame latency (batch 1) of ours, naive and, when possible, ONNX Runtime running ours."""
+    T = s.infer_time_steps
+    print(f"\nInference latency per frame: batch 1, {s.imgsz} px, T={T}, eval mode"
+          f"{', AMP autocast' if amp else ''}; {s.infer_warmup} warm-up + {s.infer_iters} alternating runs each",
+          flush=True)
+    x = torch.rand(1, 3, s.imgsz, s.imgsz, device=device)
+    models = {impl: build(impl, T, s.width, device).eval() for impl in IMPLS}
+    autocast = torch.autocast("cuda", dtype=torch.float16) if amp else nullcontext()
+
+    def eager(m: nn.Module) -> Callable[[], object]:
+        def run() -> object:
+            with torch.inference_mode(), autocast:
+                return m(x)
+
+        return run
+
+    fns = {impl: eager(m) for impl, m in models.items()}
+    ort_run = onnx_runner(models["ours"], x, device)
+    if ort_run is not None:
+        fns["onnxruntime"] = ort_run
+    times = alternate(fns, s.infer_warmup, s.infer_iters, device)
+    print_table(["", "latency per frame"], [[k, spread(v, 1e3, "ms")] for k, v in times.items()])
+    print(f"  naive/ours: {med(times['naive']) / med(times['ours']):.2f}x"
+          + (f", ours eager/ONNX Runtime: {med(times['ours']) / med(times['onnxruntime']):.2f}x"
+             if "onnxruntime" in times else ""))
+    return times
+
+
+def bench_lif(s: Settings, device: torch.device) -> dict[str, list[float]]:
+    """LIF forward + backward on `[T*B, 64, 80, 80]`: ours (time-folded views, one stack) vs the per-step original."""
+    T = 4
+    shape = (T * s.lif_batch, 64, 80, 80)
+    print(f"\nLIF alone: forward + backward (surrogate), T={T}, input {list(shape)} float32; {s.warmup} warm-up + "
+          f"{s.lif_iters} alternating runs each", flush=True)
+    lif = LIF(T).train()
+    x = (torch.randn(shape, device=device) * 0.5 + 0.3).requires_grad_()
+    g = torch.randn(shape, device=device)
+
+    def ours() -> None:
+        torch.autograd.grad(lif(x), x, g)
+
+    def naive() -> None:
+        torch.autograd.grad(naive_lif(lif, x.view(T, -1, *shape[1:])), x, g.view(T, -1, *shape[1:]))
+
+    times = alternate({"ours": ours, "naive": naive}, s.warmup, s.lif_iters, device)
+    print_table(["", "fwd+bwd"], [[k, spread(v, 1e3, "ms")] for k, v in times.items()])
+    print(f"  naive/ours: {med(times['naive']) / med(times['ours']):.2f}x")
+    return times
+
+
+def report_flops(s: Settings, train: dict[int, dict[str, list[float]]], amp: bool) -> float:
+    """Training FLOP/s (3 x forward, forward = 2 x conv MACs x T per image) over the matmul FLOP/s of the same
+    rounds; returns our fraction at the largest T."""
+    macs_step = sum(op.macs for op in conv_ops(build("ours", 1, s.width, torch.device("cpu")), s.imgsz))
+    print(f"\nAchieved FLOP/s: model {2 * macs_step / 1e9:.3f} GFLOPs per image per step (2 x conv MACs from "
+          f"layer shapes), training = 3 x forward x T; reference: {s.matmul_size}^3 "
+          f"{'float16' if amp else 'float32'} torch.mm timed in the same rounds", flush=True)
+    rows, fraction = [], 0.0
+    for T, times in train.items():
+        peak = 2 * s.matmul_size**3 / med(times["matmul"])
+        flops_step = 3 * 2 * macs_step * T * s.batch
+        ours, naive = (flops_step / med(times[k]) for k in IMPLS)
+        fraction = ours / peak
+        rows.append([f"T={T}", f"{peak / 1e9:.1f}", f"{ours / 1e9:.1f}", f"{fraction:.1%}", f"{naive / 1e9:.1f}",
+                     f"{naive / peak:.1%}"])
+    print_table(["", "matmul GFLOP/s", "ours GFLOP/s", "ours/matmul", "naive GFLOP/s", "naive/matmul"], rows)
+    return fraction
+
+
+def run_section(s: Settings, device: torch.device, amp: bool, argv: list[str]) -> list[Result]:
+    """All benchmarks on one device; returns the summary lines."""
+    train = bench_training(s, device, amp)
+    memory = bench_memory_cuda(s, device) if device.type == "cuda" else bench_memory_cpu(s, argv)
+    infer = bench_inference(s, device, amp)
+    lif = bench_lif(s, device)
+    fraction = report_flops(s, train, amp)
+    tt, tm = s.time_steps[-1], s.memory_time_steps[-1]
+    results = [
+        Result(f"training throughput ours/naive, T={tt}", med(train[tt]["naive"]) / med(train[tt]["ours"]), 2.5, True),
+        Result(f"peak training memory ours/naive, T={tm}", memory[tm]["ours"] / memory[tm]["naive"], 0.5),
+        Result(f"inference latency ours/naive, T={s.infer_time_steps}", med(infer["ours"]) / med(infer["naive"]),
+               0.33),
+    ]
+    if "onnxruntime" in infer:
+        results.append(Result("inference latency ONNX Runtime/eager (ours)",
+                              med(infer["onnxruntime"]) / med(infer["ours"]), 1.0))
+    results += [
+        Result("LIF alone fwd+bwd time ours/naive", med(lif["ours"]) / med(lif["naive"])),
+        Result(f"training FLOP/s / matmul FLOP/s (ours, T={tt})", fraction, percent=True),
+    ]
+    return results
+
+
+def print_summary(sections: dict[str, list[Result]]) -> None:
+    """Final table: every measured ratio with its target and whether it is met, per device section."""
+    print("\n=== Summary ===")
+    rows = [
+        [name, r.measure, f"{r.value:.1%}" if r.percent else f"{r.value:.2f}",
+         "-" if r.limit is None else f"{'>=' if r.at_least else '<='} {r.limit}", r.status()]
+        for name, results in sections.items()
+        for r in results
+    ]
+    print_table(["device", "measure", "value", "target", "status"], rows)
+
+
+def settings(args: argparse.Namespace, cuda: bool = False) -> Settings:
+    """Full or quick sizes; --time-steps overrides the T list."""
+    ts = args.time_steps or ([1, 5] if args.quick else [1, 2, 3, 4, 5])
+    common = {"width": args.width, "batch": args.batch, "imgsz": args.imgsz, "infer_time_steps": 4, "lif_batch": 8,
+              "matmul_size": 8192 if cuda else 2048}
+    if args.quick:
+        return Settings(time_steps=ts, memory_time_steps=ts[-1:], warmup=1, train_iters=3, infer_warmup=2,
+                        infer_iters=5, lif_iters=3, **common)
+    return Settings(time_steps=ts, memory_time_steps=ts, warmup=2, train_iters=10, infer_warmup=3, infer_iters=30,
+                    lif_iters=20, **common)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smoke run: T in {1, 5}, memory at the largest T only, "
+                   "fewer iterations")
+    p.add_argument("--width", type=float, default=1.0, help="width_multiple of EMS-ResNet10 (default full width)")
+    p.add_argument("--batch", type=int, default=2, help="training batch size")
+    p.add_argument("--imgsz", type=int, default=320, help="input size (pixels)")
+    p.add_argument("--time-steps", type=int, nargs="+", help="T values for training (default 1..5, quick 1 5)")
+    p.add_argument("--no-cuda", action="store_true", help="skip the CUDA section even when a GPU is present")
+    p.add_argument("--memory-probe", nargs=2, metavar=("IMPL", "T"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    torch.set_num_threads(DEFAULT_THREADS)
+    if args.memory_probe:
+        memory_probe(args.memory_probe[0], int(args.memory_probe[1]), settings(args))
+        return
+    argv = [f"--width={args.width}", f"--batch={args.batch}", f"--imgsz={args.imgsz}"]
+
+    import onnxruntime as ort
+
+    t0 = time.time()
+    print(f"Machine: {cpu_model()}, {os.cpu_count()} logical CPUs, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads), onnxruntime {ort.__version__}, Python {platform.python_version()}")
+    cuda = torch.cuda.is_available() and not args.no_cuda
+    if cuda:
+        print(f"CUDA: {torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda}")
+    print("\n=== CPU, float32 ===")
+    sections = {"CPU fp32": run_section(settings(args), torch.device("cpu"), False, argv)}
+    if cuda:
+        print("\n=== CUDA, AMP autocast float16 ===")
+        sections["CUDA AMP"] = run_section(settings(args, cuda=True), torch.device("cuda"), True, argv)
+    print_summary(sections)
+    print(f"\nTotal time {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
