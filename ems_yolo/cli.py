@@ -82,6 +82,7 @@ ENGINE_KEYS = {
     "model": "model YAML (built-in name or path) or weights (.pt, .onnx, .torchscript); default ems-res10.yaml",
     "time_steps": "simulation time steps T; overrides the model YAML or checkpoint (PyTorch models only)",
     "ann": "build the ANN twin of the model YAML: LIF replaced by ReLU, T=1 (default False)",
+    "checkpoint": "train: activation checkpointing, recompute each layer in backward to save memory (default False)",
     "events": "predict: simulate events from a video source first, then detect on them (default False)",
     "energy": "val: also measure firing rates and the energy estimate on the validation data (default False)",
     "stride_ms": "predict on events: step of the sliding window along a .dat recording (default 50)",
@@ -122,7 +123,12 @@ def run_mode(mode: str, tokens: list[str]):
         raise typer.BadParameter("predict needs source=<image, folder, glob, video, URL or webcam index>")
     if mode == "predict" and (ours.get("events") or str(kv["source"]).endswith(EVENT_SUFFIXES)):
         return predict_on_events(ours, kv)
-    model = EMSYOLO(ours.get("model", "ems-res10.yaml"), time_steps=ours.get("time_steps"), ann=bool(ours.get("ann")))
+    model = EMSYOLO(
+        ours.get("model", "ems-res10.yaml"),
+        time_steps=ours.get("time_steps"),
+        ann=bool(ours.get("ann")),
+        checkpoint=bool(ours.get("checkpoint")),
+    )
     if mode == "val" and ours.get("energy"):
         model.add_callback("on_val_end", _energy_after_val(model))
     if mode == "predict":

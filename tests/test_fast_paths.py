@@ -43,3 +43,26 @@ def test_inference_max_pool_is_exact(shape):
         assert torch.equal(MaxPool(2)(x), F.max_pool2d(x, 2, 2))
     x.requires_grad_()
     assert torch.equal(MaxPool(2)(x), F.max_pool2d(x, 2, 2))  # training path is max_pool2d itself
+
+
+def test_activation_checkpointing_is_exact(tiny_cfg):
+    """checkpoint: true recomputes activations in backward: same loss, gradients and BN running statistics."""
+    from copy import deepcopy
+
+    from ems_yolo.nn import EMSDetectionModel
+
+    base = EMSDetectionModel(tiny_cfg("ems-res10.yaml", width=0.25, nc=2, time_steps=3), verbose=False).train()
+    ckpt = deepcopy(base)
+    ckpt.yaml["checkpoint"] = True
+    batch = {"img": torch.rand(2, 3, 64, 64), "batch_idx": torch.tensor([0.0, 1.0]),
+             "cls": torch.tensor([[0.0], [1.0]]), "bboxes": torch.tensor([[0.5, 0.5, 0.4, 0.4], [0.3, 0.6, 0.3, 0.5]])}
+    losses = []
+    for m in (base, ckpt):
+        loss, _ = m.loss(batch)
+        loss.sum().backward()
+        losses.append(loss.detach())
+    assert torch.allclose(losses[0], losses[1], atol=1e-6)
+    for (n, a), b in zip(base.named_parameters(), ckpt.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5), n
+    for (n, a), b in zip(base.named_buffers(), ckpt.buffers()):
+        assert torch.equal(a, b), n  # running statistics updated once, not twice

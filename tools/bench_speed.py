@@ -145,10 +145,13 @@ def model_cfg(time_steps: int, width: float) -> dict:
 
 
 def build(impl: str, time_steps: int, width: float, device: torch.device) -> nn.Module:
-    """Our model or the naive reference around a fresh copy of it (same initialisation for a given seed)."""
+    """Our model ("ours", or "ckpt" with activation checkpointing) or the naive reference around a fresh copy of it
+    (same initialisation for a given seed)."""
     torch.manual_seed(0)
-    model = EMSDetectionModel(model_cfg(time_steps, width), verbose=False).to(device)
-    return model if impl == "ours" else NaiveEMS(model)
+    cfg = model_cfg(time_steps, width)
+    cfg["checkpoint"] = impl == "ckpt"
+    model = EMSDetectionModel(cfg, verbose=False).to(device)
+    return NaiveEMS(model) if impl == "naive" else model
 
 
 def make_train_step(model: nn.Module, x: torch.Tensor, amp: bool) -> Callable[[], None]:
@@ -227,15 +230,16 @@ def bench_memory_cpu(s: Settings, argv: list[str]) -> dict[int, dict[str, float]
           "grads, SGD momentum, activations, allocator slack)", flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(DEFAULT_THREADS)}
     results, rows = {}, []
+    impls = (*IMPLS, "ckpt")
     for i, T in enumerate(s.memory_time_steps):
         results[T] = {}
-        for impl in IMPLS if i % 2 == 0 else IMPLS[::-1]:
+        for impl in impls if i % 2 == 0 else impls[::-1]:
             cmd = [sys.executable, __file__, *argv, "--memory-probe", impl, str(T)]
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
             results[T][impl] = json.loads(out.strip().splitlines()[-1])["peak_mib"]
-        ours, naive = results[T]["ours"], results[T]["naive"]
-        rows.append([f"T={T}", f"{ours:.0f}", f"{naive:.0f}", f"{ours / naive:.2f}x"])
-    print_table(["", "ours MiB", "naive MiB", "ours/naive"], rows)
+        ours, naive, ckpt = results[T]["ours"], results[T]["naive"], results[T]["ckpt"]
+        rows.append([f"T={T}", f"{ours:.0f}", f"{naive:.0f}", f"{ours / naive:.2f}x", f"{ckpt:.0f}", f"{ckpt / naive:.2f}x"])
+    print_table(["", "ours MiB", "naive MiB", "ours/naive", "ours+checkpoint MiB", "ckpt/naive"], rows)
     return results
 
 
@@ -383,6 +387,8 @@ def run_section(s: Settings, device: torch.device, amp: bool, argv: list[str]) -
     results = [
         Result(f"training throughput ours/naive, T={tt}", med(train[tt]["naive"]) / med(train[tt]["ours"]), 2.5, True),
         Result(f"peak training memory ours/naive, T={tm}", memory[tm]["ours"] / memory[tm]["naive"], 0.5),
+        *([Result(f"peak training memory ours+checkpoint/naive, T={tm}", memory[tm]["ckpt"] / memory[tm]["naive"], 0.5)]
+          if "ckpt" in memory[tm] else []),
         Result(f"inference latency ours/naive, T={s.infer_time_steps}", med(infer["ours"]) / med(infer["naive"]),
                0.33),
     ]

@@ -4,7 +4,8 @@
     EMSYOLO("runs/detect/train/weights/best.pt").val()
     EMSYOLO("best.pt").predict("video.mp4"); EMSYOLO("best.pt").export(format="onnx")
 
-`ann=True` builds the ANN twin of a YAML (LIF replaced by ReLU, T = 1), trained and used the same way.
+`ann=True` builds the ANN twin of a YAML (LIF replaced by ReLU, T = 1), trained and used the same way;
+`checkpoint=True` recomputes activations in backward (less training memory, more compute).
 Time steps come from the model YAML or checkpoint and can be overridden with `time_steps=`; an override of a YAML
 is written to a derived YAML file (the trainer rebuilds models from the file named in its arguments, also in DDP
 workers), so the new T is what checkpoints record.
@@ -54,23 +55,28 @@ def set_time_steps(model: nn.Module, time_steps: int) -> None:
     model.yaml["time_steps"] = time_steps
 
 
-def resolve_model_source(model: str | Path, time_steps: int | None = None, ann: bool = False) -> str:
+def resolve_model_source(
+    model: str | Path, time_steps: int | None = None, ann: bool = False, checkpoint: bool = False
+) -> str:
     """Map a model argument to a YAML path or an existing weights file; errors early for missing files.
 
-    `time_steps` and `ann` (the ANN twin: ReLU, T=1) on a YAML are written to a derived YAML.
+    `time_steps`, `ann` (the ANN twin: ReLU, T=1) and `checkpoint` (activation checkpointing) on a YAML are
+    written to a derived YAML.
     """
     text = str(model).strip()
     p = Path(text).expanduser()
     if p.suffix in (".yaml", ".yml") or (not p.suffix and not p.exists()):
         path = find_model_yaml(text)
-        if time_steps or ann:
+        if time_steps or ann or checkpoint:
             cfg = load_model_yaml(path)
             if time_steps:
                 cfg["time_steps"] = int(time_steps)
+            if checkpoint:
+                cfg["checkpoint"] = True
             path = derive_model_yaml(ann_twin(cfg) if ann else cfg)
         return str(path)
-    if ann:
-        raise ValueError(f"ann=True builds the ANN twin from a model YAML, not from weights '{text}'")
+    if ann or checkpoint:
+        raise ValueError(f"ann and checkpoint are model YAML settings; '{text}' is a weights file")
     if not p.exists():
         raise FileNotFoundError(f"model weights '{text}' not found (ems-yolo does not download weights)")
     return str(p)
@@ -86,8 +92,9 @@ class EMSYOLO(Model):
         verbose: bool = False,
         time_steps: int | None = None,
         ann: bool = False,
+        checkpoint: bool = False,
     ):
-        source = resolve_model_source(model, time_steps, ann)
+        source = resolve_model_source(model, time_steps, ann, checkpoint)
         super().__init__(source, task=task, verbose=verbose)
         if time_steps and isinstance(self.model, nn.Module) and self.model.yaml.get("time_steps") != time_steps:
             set_time_steps(self.model, int(time_steps))

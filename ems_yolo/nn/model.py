@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from copy import deepcopy
 from pathlib import Path
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from ultralytics.nn.tasks import BaseModel, DetectionModel
 from ultralytics.utils import LOGGER
 from ultralytics.utils.torch_utils import initialize_weights, intersect_dicts
@@ -41,6 +43,21 @@ def load_model_yaml(name: str | Path) -> dict:
     d = read_yaml_mapping(path, ("nc", "backbone", "head"))
     d["yaml_file"] = str(path)
     return d
+
+
+@contextmanager
+def frozen_bn_stats(module: torch.nn.Module):
+    """Keep BatchNorm running statistics unchanged (for the recomputation pass of activation checkpointing)."""
+    bns = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in bns]
+    for m in bns:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, n) in zip(bns, saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(n)
 
 
 def ann_twin(cfg: dict) -> dict:
@@ -116,6 +133,22 @@ class EMSDetectionModel(DetectionModel):
         LOGGER.info(f"\n{'':>3}{'from':>20}{'n':>3}{'params':>11}  {'module':<16}arguments")
         for m in self.model:
             LOGGER.info(f"{m.i:>3}{m.f!s:>20}{m.n:>3}{m.np:>11,}  {m.type:<16}{m.args}")
+
+    def _predict_once(self, x, profile: bool = False, embed=None):
+        """Ultralytics' layer loop; with `checkpoint: true` in the YAML, training recomputes each layer's
+        activations (all T steps of the folded tensor) in backward instead of storing them."""
+        if not (self.yaml.get("checkpoint") and self.training and torch.is_grad_enabled()) or profile or embed:
+            return super()._predict_once(x, profile, embed)
+        y = []
+        for m in self.model:
+            if m.f != -1:
+                x = y[m.f] if isinstance(m.f, int) else [x if j == -1 else y[j] for j in m.f]
+            if isinstance(x, torch.Tensor) and m is not self.model[-1]:
+                x = checkpoint(m, x, use_reentrant=False, context_fn=lambda m=m: (nullcontext(), frozen_bn_stats(m)))
+            else:
+                x = m(x)
+            y.append(x if m.i in self.save else None)
+        return x
 
     def init_criterion(self) -> YOLOv5Loss:
         """YOLOv5-style loss with the gains of the YAML's `loss:` section."""
