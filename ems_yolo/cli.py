@@ -158,11 +158,12 @@ def predict_on_events(ours: dict[str, Any], kv: dict[str, Any]) -> None:
     from ultralytics.utils import DEFAULT_CFG_DICT
     from ultralytics.utils.files import increment_path
 
+    from ems_yolo.engine.model import default_project
     from ems_yolo.events.predict import predict_events
     from ems_yolo.events.simulator import video_to_events
 
     args = get_cfg(DEFAULT_CFG_DICT, {**kv, "mode": "predict"})
-    project = Path(args.project or Path.cwd() / "runs" / "detect")
+    project = Path(args.project or default_project())
     out_dir = increment_path(project / (args.name or "predict"), exist_ok=args.exist_ok)
     source = Path(str(args.source))
     if ours.get("events") and not str(source).endswith(EVENT_SUFFIXES):

@@ -39,6 +39,11 @@ EMS_TRAIN_DEFAULTS: dict[str, Any] = {"optimizer": "SGD", "lrf": 0.1, "cos_lr": 
 EXPORT_SUFFIXES = (".onnx", ".torchscript", ".engine", ".mlpackage", ".tflite", ".pb")
 
 
+def default_project() -> str:
+    """Run folders go to ./runs/detect, as Ultralytics users expect (not to a folder frozen in its settings)."""
+    return str(Path.cwd() / "runs" / "detect")
+
+
 def derive_model_yaml(cfg: dict) -> Path:
     """Write a model dict to `$EMS_YOLO_HOME/models/<stem>-<hash>.yaml` (content-addressed, written once)."""
     text = yaml.safe_dump({k: v for k, v in cfg.items() if k != "yaml_file"}, sort_keys=False)
@@ -131,7 +136,7 @@ class EMSYOLO(Model):
 
     def train(self, trainer=None, **kwargs):
         """Train with the EMS-YOLO recipe defaults (overridable); `data` defaults to the built-in dataset."""
-        kwargs = {**EMS_TRAIN_DEFAULTS, **kwargs}
+        kwargs = {**EMS_TRAIN_DEFAULTS, "project": default_project(), **kwargs}
         if not kwargs.get("resume"):
             kwargs["data"] = resolve_data(kwargs.get("data") or self.overrides.get("data"))
         return super().train(trainer=trainer, **kwargs)
@@ -164,10 +169,16 @@ class EMSYOLO(Model):
         data = resolve_data(data or self.overrides.get("data"))
         model = self.model if self.ckpt else model_for_data(self.model.yaml, load_data(data, split=split))
         loader = energy_dataloader(data, imgsz, batch, split)
-        folder = increment_path(Path(project or Path.cwd() / "runs" / "detect") / name)
+        folder = increment_path(Path(project or default_project()) / name)
         return run_energy(model, loader, imgsz, folder, max_batches=max_batches, **energy_kwargs)
 
     def val(self, validator=None, **kwargs):
         """Validate on `data` (default: the checkpoint's dataset, else the built-in one)."""
         kwargs["data"] = resolve_data(kwargs.get("data") or self.overrides.get("data"))
+        kwargs.setdefault("project", default_project())
         return super().val(validator=validator, **kwargs)
+
+    def predict(self, source=None, stream: bool = False, predictor=None, **kwargs):
+        """Ultralytics prediction; saved results go to ./runs/detect/<name> unless `project` is given."""
+        kwargs.setdefault("project", default_project())
+        return super().predict(source, stream, predictor, **kwargs)
