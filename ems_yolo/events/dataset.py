@@ -19,6 +19,12 @@ from ultralytics.data.dataset import YOLODataset
 from ems_yolo.events.gen1 import Gen1Cache
 
 
+def resize_channels(x: np.ndarray, size: int) -> np.ndarray:
+    """Stretch a `[C, H, W]` uint8 stack to `[C, size, size]` (bilinear, any number of channels)."""
+    hwc = cv2.resize(np.ascontiguousarray(x.transpose(1, 2, 0)), (size, size), interpolation=cv2.INTER_LINEAR)
+    return hwc.reshape(size, size, -1).transpose(2, 0, 1)
+
+
 class EventDetectionDataset(torch.utils.data.Dataset):
     """Detection samples from one split of an event cache; optional horizontal flips as augmentation."""
 
@@ -46,9 +52,7 @@ class EventDetectionDataset(torch.utils.data.Dataset):
 
     def image(self, i: int) -> np.ndarray:
         """Model input of sample i: uint8 [T*C, imgsz, imgsz]."""
-        x = self.rep.to_model(self.cache.stored(i))
-        hwc = cv2.resize(np.ascontiguousarray(x.transpose(1, 2, 0)), (self.imgsz, self.imgsz), interpolation=cv2.INTER_LINEAR)
-        return hwc.reshape(self.imgsz, self.imgsz, -1).transpose(2, 0, 1)
+        return resize_channels(self.rep.to_model(self.cache.stored(i)), self.imgsz)
 
     def __getitem__(self, i: int) -> dict:
         label = self.labels[i]

@@ -177,6 +177,14 @@ def _flush(g, samples, times, counts, rows, index: int) -> None:
     _append(g["labels"], np.concatenate(rows))
 
 
+def read_representation(cache: str | Path) -> EventRepresentation:
+    """The representation an event cache was built with."""
+    import h5py
+
+    with h5py.File(cache, "r") as f:
+        return EventRepresentation(**json.loads(f.attrs["representation"]))
+
+
 class Gen1Cache:
     """Read-only view of one split of a cache file; opens the HDF5 file lazily (safe with DataLoader workers)."""
 
@@ -197,8 +205,8 @@ class Gen1Cache:
             self.offsets = np.concatenate(([0], np.cumsum(counts)))
             self.labels = g["labels"][: self.offsets[-1]]
             self.recordings = [s.decode() if isinstance(s, bytes) else s for s in g["recordings"][:]]
-            self.representation = EventRepresentation(**json.loads(f.attrs["representation"]))
             self.names = {int(k): v for k, v in json.loads(f.attrs["names"]).items()}
+        self.representation = read_representation(self.path)
         self._file = None
 
     def __len__(self) -> int:

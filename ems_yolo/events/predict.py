@@ -7,14 +7,16 @@ sensor pixels and collected as a Gen1 v2 `_bbox.npy` (t = window end, `class_con
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
+import yaml
 
+from ems_yolo.events.dataset import resize_channels
 from ems_yolo.events.io import BBOX_DTYPE, read_dat, read_dat_header, write_bbox
 from ems_yolo.events.representations import EventRepresentation, ems_frames
 
@@ -22,16 +24,13 @@ from ems_yolo.events.representations import EventRepresentation, ems_frames
 def representation_for(model, default_bins: int) -> EventRepresentation:
     """The representation a model was trained on (its event cache), else EMS frames with T bins over 250 ms."""
     from ems_yolo.data.datasets import is_event_data
+    from ems_yolo.events.gen1 import read_representation
 
     data = (getattr(model, "args", None) or {}).get("data")
     if data and Path(str(data)).is_file() and is_event_data(data):
-        import h5py
-        import yaml
-
-        cache = yaml.safe_load(Path(data).read_text())["cache"]
-        if Path(cache).is_file():
-            with h5py.File(cache, "r") as f:
-                return EventRepresentation(**json.loads(f.attrs["representation"]))
+        cache = Path(yaml.safe_load(Path(data).read_text())["cache"])
+        if cache.is_file():
+            return read_representation(cache)
     return EventRepresentation(bins=default_bins)
 
 
@@ -108,7 +107,7 @@ def predict_events(
     else:
         rep = representation_for(torch_model if torch_model is not None else wrapper, bins)
         header = read_dat_header(source)
-        rep = EventRepresentation(**{**rep.__dict__, "height": header.height or rep.height, "width": header.width or rep.width})
+        rep = replace(rep, height=header.height or rep.height, width=header.width or rep.width)
         windows = stream_windows(source, rep, int(stride_ms * 1000))
         stem = source.name.removesuffix(".dat").removesuffix("_td")
     size = imgsz or int((getattr(wrapper, "overrides", {}) or {}).get("imgsz") or 320)
@@ -117,8 +116,7 @@ def predict_events(
     rows = []
     fps = max(1.0, 1000.0 / stride_ms)
     for t, x, newest in windows:
-        inp = cv2.resize(np.ascontiguousarray(x.transpose(1, 2, 0)), (size, size), interpolation=cv2.INTER_LINEAR)
-        inp = torch.from_numpy(inp.reshape(size, size, -1).transpose(2, 0, 1).copy())[None].float().div(255)
+        inp = torch.from_numpy(resize_channels(x, size).copy())[None].float().div(255)
         with torch.no_grad():
             det = non_max_suppression(backend(inp.to(backend.device)), conf, iou, max_det=max_det)[0].cpu().numpy()
         det[:, [0, 2]] = (det[:, [0, 2]] * (rep.width / size)).clip(0, rep.width)  # to sensor pixels, clipped
