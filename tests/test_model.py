@@ -172,3 +172,21 @@ def test_bf16_autocast_training_step(tiny_cfg):
     assert torch.isfinite(loss).all()
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
     assert set(seen[0].unique().tolist()) <= {0.0, 1.0}
+
+
+def test_wide_head_block_and_pool_orders():
+    """Wide head block (1024-wide bottleneck, about 7.2 M parameters at 512 -> 256); EMS-Block2 pooling orders give
+    the same shapes and parameters, and the identity half of the shortcut is MaxPool(x) in both."""
+    from ems_yolo.nn import WideBlock
+
+    wide = WideBlock(512, 256, 3, 1)
+    assert sum(p.numel() for p in wide.parameters()) == 512 * 1024 * 9 + 2048 + 1024 * 256 * 9 + 512 + 512 * 256 + 512
+    x = torch.randn(2, 8, 16, 16)
+    last, first = EMSBlock2(8, 16, 3, 2, pool_order="last").eval(), EMSBlock2(8, 16, 3, 2, pool_order="first").eval()
+    first.load_state_dict(last.state_dict())
+    assert sum(p.numel() for p in last.parameters()) == sum(p.numel() for p in first.parameters())
+    a, b = last.shortcut(x), first.shortcut(x)
+    assert a.shape == b.shape == (2, 16, 8, 8)
+    assert torch.equal(a[:, 8:], torch.nn.functional.max_pool2d(x, 2)) and torch.equal(b[:, 8:], a[:, 8:])
+    with pytest.raises(ValueError, match="c1 <= c2"):
+        EMSBlock2(16, 8)
