@@ -251,3 +251,16 @@ def test_energy_cli_and_val_energy(shapes_run, tmp_path):
     with (tmp_path / "e" / "energy.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert any(r.get("kind") == "AC" for r in rows) and any(r.get("kind") == "MAC" for r in rows)
+
+
+def test_autoanchor_runs_in_training_and_can_be_disabled(tmp_path, tiny_yaml, caplog):
+    data = make_shapes_dataset(n_train=8, n_val=4, imgsz=64)
+    with caplog.at_level("INFO"):
+        EMSYOLO(tiny_yaml).train(data=str(data), epochs=1, imgsz=64, project=str(tmp_path), name="a", **FAST)
+    assert "AutoAnchor: best possible recall" in caplog.text
+    caplog.clear()
+    d = load_model_yaml(tiny_yaml)
+    d["autoanchor"] = False
+    with caplog.at_level("INFO"):
+        EMSYOLO(derive_model_yaml(d)).train(data=str(data), epochs=1, imgsz=64, project=str(tmp_path), name="b", **FAST)
+    assert "AutoAnchor" not in caplog.text

@@ -11,6 +11,7 @@ import torch
 import ultralytics.engine.trainer as ul_trainer
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import LOGGER, RANK
+from ultralytics.utils.torch_utils import unwrap_model
 
 from ems_yolo.data.datasets import (
     is_event_data,
@@ -18,6 +19,7 @@ from ems_yolo.data.datasets import (
     resolve_data,
     split_event_path,
 )
+from ems_yolo.engine.autoanchor import check_anchors
 from ems_yolo.engine.validator import EMSValidator, build_event_dataset
 from ems_yolo.nn.model import EMSDetectionModel
 
@@ -92,6 +94,13 @@ class EMSTrainer(DetectionTrainer):
         return EMSValidator(self.test_loader, save_dir=self.save_dir, args=copy(self.args), _callbacks=self.callbacks)
 
     def _setup_train(self) -> None:
-        """Ultralytics' set-up with its AMP check (which downloads yolo26n.pt) replaced by an offline one."""
+        """Ultralytics' set-up with its AMP check (which downloads yolo26n.pt) replaced by an offline one, then
+        AutoAnchor on the training labels (unless `autoanchor: false` in the model YAML or when resuming)."""
         with mock.patch.object(ul_trainer, "check_amp", check_amp_offline):
             super()._setup_train()
+        model = unwrap_model(self.model)
+        if model.yaml.get("autoanchor", True) and not self.resume:  # every rank fits the same (seeded) anchors
+            thr = float((model.yaml.get("loss") or {}).get("anchor_t", 4.0))
+            imgsz = self.args.imgsz if isinstance(self.args.imgsz, int) else max(self.args.imgsz)
+            if check_anchors(model, self.train_loader.dataset, imgsz, thr):
+                self.ema.ema.model[-1].anchor_grid.copy_(model.model[-1].anchor_grid)
