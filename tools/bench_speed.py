@@ -70,6 +70,7 @@ class Settings:
     lif_iters: int
     lif_batch: int
     matmul_size: int
+    compile: bool = False
 
 
 @dataclass
@@ -324,6 +325,11 @@ def bench_inference(s: Settings, device: torch.device, amp: bool) -> dict[str, l
         return run
 
     fns = {impl: eager(m) for impl, m in models.items()}
+    if s.compile:  # torch.compile of our eval model; compiled once here, outside the timed runs
+        t0 = time.perf_counter()
+        fns["ours+compile"] = eager(torch.compile(models["ours"]))
+        fns["ours+compile"]()
+        print(f"  torch.compile: first call (compilation) took {time.perf_counter() - t0:.0f} s", flush=True)
     ort_run = onnx_runner(models["ours"], x, device)
     if ort_run is not None:
         fns["onnxruntime"] = ort_run
@@ -395,6 +401,9 @@ def run_section(s: Settings, device: torch.device, amp: bool, argv: list[str]) -
     if "onnxruntime" in infer:
         results.append(Result("inference latency ONNX Runtime/eager (ours)",
                               med(infer["onnxruntime"]) / med(infer["ours"]), 1.0))
+    if "ours+compile" in infer:
+        results.append(Result("inference latency torch.compile/eager (ours)",
+                              med(infer["ours+compile"]) / med(infer["ours"])))
     results += [
         Result("LIF alone fwd+bwd time ours/naive", med(lif["ours"]) / med(lif["naive"])),
         Result(f"training FLOP/s / matmul FLOP/s (ours, T={tt})", fraction, percent=True),
@@ -423,7 +432,7 @@ def settings(args: argparse.Namespace, cuda: bool = False) -> Settings:
         return Settings(time_steps=ts, memory_time_steps=ts[-1:], warmup=1, train_iters=3, infer_warmup=2,
                         infer_iters=5, lif_iters=3, **common)
     return Settings(time_steps=ts, memory_time_steps=ts, warmup=2, train_iters=10, infer_warmup=3, infer_iters=30,
-                    lif_iters=20, **common)
+                    lif_iters=20, compile=True, **common)
 
 
 def main() -> None:
