@@ -62,7 +62,7 @@ class YOLOv5Loss:
             raise ValueError(f"balance has {len(self.balance)} entries but the head has {self.nl} levels")
 
     @classmethod
-    def from_model(cls, model) -> "YOLOv5Loss":
+    def from_model(cls, model) -> YOLOv5Loss:
         """Build the loss from a model whose last module is the anchor head; `model.yaml['loss']` overrides hyp."""
         head = model.model[-1]
         cfg = getattr(model, "yaml", None) or {}

@@ -21,14 +21,13 @@ import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Self
 
 import torch
 from torch import nn
 
 from ems_yolo.nn.blocks import EMSBlock2
 from ems_yolo.nn.neuron import LIF
-from ems_yolo.utils.flops import _hw, conv_ops
+from ems_yolo.utils.flops import conv_ops, image_hw
 
 PJ_TO_MJ = 1e-9
 ENERGY_PRESETS: dict[str, tuple[float, float]] = {"fp32": (4.6, 0.9), "fp16": (1.5, 0.4), "int8": (0.23, 0.03)}
@@ -112,7 +111,7 @@ class SpikeMonitor:
             model.register_forward_hook(lambda *_: self._check()),
         ]
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> SpikeMonitor:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -416,7 +415,7 @@ def energy_report(
                 samples += x.shape[0]
         if not samples:
             raise ValueError("energy_report: no batches to measure firing rates on")
-        hw = _hw(size)
+        hw = image_hw(size)
         ops = conv_ops(model, hw)
     finally:
         model.train(was_training)

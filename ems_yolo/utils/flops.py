@@ -20,13 +20,14 @@ class ConvOps:
     spike_input: bool
 
 
-def _hw(imgsz: int | list | tuple) -> tuple[int, int]:
+def image_hw(imgsz: int | list | tuple) -> tuple[int, int]:
+    """(h, w) of an image size given as an int or an [h, w] pair."""
     return (imgsz, imgsz) if isinstance(imgsz, int) else (int(imgsz[0]), int(imgsz[-1]))
 
 
 def conv_ops(model: nn.Module, imgsz: int | list | tuple = 640) -> list[ConvOps]:
     """MACs of every conv for one sample and one time step: C_out * C_in/groups * k_h * k_w * H_out * W_out."""
-    h, w = _hw(imgsz)
+    h, w = image_hw(imgsz)
     ch = int(getattr(model, "yaml", {}).get("channels", 3))
     shapes: dict[nn.Conv2d, tuple[int, int]] = {}
     hooks = [
@@ -69,7 +70,7 @@ def model_summary(model: nn.Module, imgsz: int | list | tuple = 640, detailed: b
         for i, (name, m) in enumerate(leaves):
             for pn, p in m.named_parameters():
                 LOGGER.info(f"{i:>5}{f'{name}.{pn}':>45}{type(m).__name__:>16}{p.numel():>12,}{str(list(p.shape)):>22}")
-    h, w = _hw(imgsz)
+    h, w = image_hw(imgsz)
     T = int(getattr(model, "yaml", {}).get("time_steps", 1))
     gflops_step = 2 * sum(op.macs for op in conv_ops(model, (h, w))) / 1e9
     yaml_file = getattr(model, "yaml", {}).get("yaml_file", "")
