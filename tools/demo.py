@@ -47,8 +47,8 @@ def main() -> None:
     model = EMSYOLO(derive_model_yaml(cfg), time_steps=args.time_steps)
     print(f"\n== train: EMS-ResNet10 (width {args.width}, T={args.time_steps}) on the built-in data {data}")
     model.train(
-        data=str(data), epochs=args.epochs, imgsz=args.imgsz, batch=16, nbs=16, optimizer="AdamW", lr0=0.002,
-        warmup_epochs=1, warmup_bias_lr=0.0, mosaic=0.0, workers=2, seed=0,
+        data=str(data), epochs=args.epochs, imgsz=args.imgsz, batch=16, nbs=16, optimizer="AdamW", lr0=0.005,
+        warmup_epochs=1, warmup_bias_lr=0.0, mosaic=0.0, scale=0.2, workers=2, seed=0,
         project=args.project, name="train", exist_ok=True,
     )
     best = Path(model.trainer.best)
