@@ -11,13 +11,15 @@ import numpy as np
 import torch
 from ultralytics.utils import LOGGER
 
+from ems_yolo.events.dataset import EventDetectionDataset
+
 BPR_THRESHOLD = 0.98
 
 
 def label_sizes(dataset, imgsz: int) -> np.ndarray:
     """Box sizes (w, h) in network-input pixels of every training label: images letterboxed to `imgsz` (long side),
     event samples stretched to `imgsz` x `imgsz`."""
-    stretch = hasattr(dataset, "rep")
+    stretch = isinstance(dataset, EventDetectionDataset)
     sizes = []
     for label in dataset.labels:
         h, w = label["shape"]

@@ -21,6 +21,7 @@ from ultralytics.models.yolo.detect import DetectionValidator
 from ultralytics.utils import LOGGER
 
 from ems_yolo.data.datasets import load_data, split_event_path
+from ems_yolo.events.dataset import EventDetectionDataset
 
 
 def _gen1_rows(xyxy, cls, conf, t: int, scale: np.ndarray) -> np.ndarray:
@@ -61,8 +62,6 @@ def cocoeval_bbox(anno: dict | str | Path, preds: list[dict] | str | Path, img_i
 
 def build_event_dataset(img_path: str, args, mode: str = "val"):
     """EventDetectionDataset for an `<cache.h5>#<split>` path; horizontal flips only when training."""
-    from ems_yolo.events.dataset import EventDetectionDataset
-
     cache, split = split_event_path(img_path)
     imgsz = args.imgsz if isinstance(args.imgsz, int) else max(args.imgsz)
     return EventDetectionDataset(cache, split, imgsz, fliplr=args.fliplr if mode == "train" else 0.0, seed=args.seed)
@@ -92,7 +91,7 @@ class EMSValidator(DetectionValidator):
     @property
     def events(self) -> bool:
         """Whether the data being validated is an event cache."""
-        return hasattr(getattr(self.dataloader, "dataset", None), "rep")
+        return isinstance(getattr(self.dataloader, "dataset", None), EventDetectionDataset)
 
     def init_metrics(self, model) -> None:  # noqa: D102
         super().init_metrics(model)
