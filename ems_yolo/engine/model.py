@@ -36,7 +36,6 @@ from ems_yolo.utils.offline import ems_home
 
 # Training defaults that differ from Ultralytics' to follow the EMS-YOLO recipe (model-spec §9).
 EMS_TRAIN_DEFAULTS: dict[str, Any] = {"optimizer": "SGD", "lrf": 0.1, "cos_lr": True, "close_mosaic": 0}
-EXPORT_SUFFIXES = (".onnx", ".torchscript", ".engine", ".mlpackage", ".tflite", ".pb")
 
 
 def default_project() -> str:
