@@ -188,28 +188,17 @@ def _mode_help(mode: str) -> str:
     )
 
 
-@app.command(context_settings=KEY_VALUE, help=_mode_help("train"))
-def train(ctx: typer.Context) -> None:
-    """Train through EMSTrainer (Ultralytics' loop, EMA, augmentation, checkpoints; resume=True resumes)."""
-    run_mode("train", ctx.args)
+def _engine_command(mode: str) -> None:
+    """Register `ems-yolo <mode>`: Ultralytics' engine for that mode (trainer, validator, predictor, exporter)."""
+
+    def command(ctx: typer.Context) -> None:
+        run_mode(mode, ctx.args)
+
+    app.command(name=mode, context_settings=KEY_VALUE, help=_mode_help(mode))(command)
 
 
-@app.command(context_settings=KEY_VALUE, help=_mode_help("val"))
-def val(ctx: typer.Context) -> None:
-    """Validate through EMSValidator."""
-    run_mode("val", ctx.args)
-
-
-@app.command(context_settings=KEY_VALUE, help=_mode_help("predict"))
-def predict(ctx: typer.Context) -> None:
-    """Predict through Ultralytics' DetectionPredictor, streaming results."""
-    run_mode("predict", ctx.args)
-
-
-@app.command(context_settings=KEY_VALUE, help=_mode_help("export"))
-def export(ctx: typer.Context) -> None:
-    """Export through Ultralytics' Exporter."""
-    run_mode("export", ctx.args)
+for _mode in MODE_HELP:
+    _engine_command(_mode)
 
 
 ENERGY_KEYS = {

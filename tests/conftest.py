@@ -2,15 +2,11 @@
 
 import os
 import tempfile
-from pathlib import Path
 
 os.environ.setdefault("EMS_YOLO_HOME", tempfile.mkdtemp(prefix="ems-yolo-tests-"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-SHARED_DATA = SHARED / "data"
 
 
 @pytest.fixture(autouse=True)

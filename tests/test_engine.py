@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from shared_data import SHARED_DATA
 from typer.testing import CliRunner
 
 from ems_yolo import EMSYOLO
@@ -17,8 +18,8 @@ from ems_yolo.engine.model import derive_model_yaml
 from ems_yolo.engine.trainer import EMSTrainer
 from ems_yolo.nn import load_model_yaml
 
-COCO8 = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco8"
-VIDEO = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos" / "pedestrians.avi"
+COCO8 = SHARED_DATA / "coco8"
+VIDEO = SHARED_DATA / "videos" / "pedestrians.avi"
 needs_coco8 = pytest.mark.skipif(not COCO8.is_dir(), reason="../shared/data/coco8 not present")
 FAST = dict(workers=0, plots=False, batch=4, verbose=False)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from shared_data import SHARED_DATA
 from typer.testing import CliRunner
 
 from ems_yolo import EMSYOLO
@@ -27,7 +28,7 @@ from ems_yolo.events.synthetic import make_synthetic_gen1
 from ems_yolo.nn import load_model_yaml
 
 REP = EventRepresentation(bins=3, window_us=150_000)
-ESIM_VIDEO = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos" / "esim_test_frames.avi"
+ESIM_VIDEO = SHARED_DATA / "videos" / "esim_test_frames.avi"
 
 
 @pytest.fixture(scope="module")

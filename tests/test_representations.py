@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
+from shared_data import SHARED_DATA
 
 from ems_yolo.events import (
     EVENT_DTYPE,
@@ -16,7 +15,7 @@ from ems_yolo.events import (
     voxel_grid,
 )
 
-SAMPLE = Path("/work/shared/data/events/sample_ncars.dat")
+SAMPLE = SHARED_DATA / "events" / "sample_ncars.dat"
 needs_sample = pytest.mark.skipif(not SAMPLE.exists(), reason="shared N-CARS sample not available")
 
 H, W = 6, 8

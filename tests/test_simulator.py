@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
+from shared_data import SHARED_DATA
 
 from ems_yolo.events import EVENT_DTYPE, read_dat, read_dat_header
 from ems_yolo.events.simulator import EventSimulator, SimulatorConfig, video_to_events
 
-VIDEO = Path("/work/shared/data/videos/esim_test_frames.avi")
+VIDEO = SHARED_DATA / "videos" / "esim_test_frames.avi"
 needs_video = pytest.mark.skipif(not VIDEO.exists(), reason="shared test video not available")
 
 EPS = 1e-3

@@ -71,10 +71,9 @@ def resolve_data(data: str | Path | None) -> str:
     d = read_yaml_mapping(src, ("train", "val", "names"))
     root = _dataset_root(d, src)
     if "cache" in d:  # event dataset: splits are groups of one HDF5 cache
-        missing = _split_paths(root, d["cache"])
-        missing = [p for p in missing if not p.is_file()]
-        if not missing:
-            d["cache"] = str(_split_paths(root, d["cache"])[0].resolve())
+        cache = _split_paths(root, d["cache"])[0]
+        missing = [] if cache.is_file() else [cache]
+        d["cache"] = str(cache.resolve())
     else:
         missing = [p for key in ("train", "val") for p in _split_paths(root, d[key]) if not p.exists()]
     if missing:

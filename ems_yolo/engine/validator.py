@@ -8,8 +8,6 @@ Ultralytics metrics.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from ultralytics.utils import LOGGER
 
 from ems_yolo.data.datasets import load_data, split_event_path
 from ems_yolo.events.dataset import EventDetectionDataset
+from ems_yolo.utils.coco import coco_bbox_eval
 
 
 def _gen1_rows(xyxy, cls, conf, t: int, scale: np.ndarray) -> np.ndarray:
@@ -42,22 +41,6 @@ def _sorted_boxes(parts: list[np.ndarray]) -> np.ndarray:
 
     boxes = np.concatenate(parts) if parts else np.zeros(0, BBOX_DTYPE)
     return boxes[np.argsort(boxes["t"], kind="stable")]
-
-
-def cocoeval_bbox(anno: dict | str | Path, preds: list[dict] | str | Path, img_ids: list[int] | None = None):
-    """Run pycocotools' bbox evaluation; return the COCOeval object (stats[0] = AP50-95, stats[1] = AP50)."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO()
-        gt.dataset = anno if isinstance(anno, dict) else json.loads(Path(anno).read_text())
-        gt.createIndex()
-        dt = gt.loadRes(preds if isinstance(preds, list) else json.loads(Path(preds).read_text()))
-    ev = COCOeval(gt, dt, "bbox")
-    if img_ids is not None:
-        ev.params.imgIds = img_ids
-    return ev
 
 
 def build_event_dataset(img_path: str, args, mode: str = "val"):
@@ -146,18 +129,15 @@ class EMSValidator(DetectionValidator):
             LOGGER.warning(f"pycocotools evaluation skipped: {anno_json} not found")
             return stats
         img_ids = None if self.gdict else [int(Path(x).stem) for x in self.dataloader.dataset.im_files]
-        ev = cocoeval_bbox(anno_json, pred_json, img_ids)
+        gt = anno_json if isinstance(anno_json, dict) else json.loads(Path(anno_json).read_text())
+        preds = pred_json if isinstance(pred_json, list) else json.loads(Path(pred_json).read_text())
         LOGGER.info("\nEvaluating pycocotools mAP...")
-        buf = io.StringIO()
-        with contextlib.redirect_stdout(buf):
-            ev.evaluate()
-            ev.accumulate()
-            ev.summarize()
-        LOGGER.info(buf.getvalue().rstrip())
-        self.coco_stats = {"coco/mAP50-95": float(ev.stats[0]), "coco/mAP50": float(ev.stats[1])}
+        ap, summary = coco_bbox_eval(gt, preds, img_ids)
+        LOGGER.info(summary.rstrip())
+        self.coco_stats = {"coco/mAP50-95": float(ap[0]), "coco/mAP50": float(ap[1])}
         self.metrics.coco = self.coco_stats
         if self.is_coco and not self.training:  # the official protocol replaces the approximation for COCO itself
-            stats["metrics/mAP50(B)"], stats["metrics/mAP50-95(B)"] = ev.stats[1], ev.stats[0]
-            stats["fitness"] = 0.9 * ev.stats[0] + 0.1 * ev.stats[1]
-        LOGGER.info(f"pycocotools: mAP50-95 {ev.stats[0]:.4f}, mAP50 {ev.stats[1]:.4f}")
+            stats["metrics/mAP50(B)"], stats["metrics/mAP50-95(B)"] = ap[1], ap[0]
+            stats["fitness"] = 0.9 * ap[0] + 0.1 * ap[1]
+        LOGGER.info(f"pycocotools: mAP50-95 {ap[0]:.4f}, mAP50 {ap[1]:.4f}")
         return stats

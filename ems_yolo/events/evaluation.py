@@ -8,15 +8,12 @@ predictions. pycocotools' ``COCOeval`` then computes the usual AP numbers.
 
 from __future__ import annotations
 
-import contextlib
-import io
 from typing import Any
 
 import numpy as np
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
 from ems_yolo.events.io import BBOX_DTYPE, _convert_boxes
+from ems_yolo.utils.coco import coco_bbox_eval
 
 __all__ = ["evaluate_gen1"]
 
@@ -97,17 +94,7 @@ def evaluate_gen1(
     if not dataset["images"] or not results:
         return metrics
 
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_gt = COCO()
-        coco_gt.dataset = dataset
-        coco_gt.createIndex()
-        coco_dt = coco_gt.loadRes(results)
-        evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
-        evaluator.params.imgIds = [image["id"] for image in dataset["images"]]
-        evaluator.params.maxDets = [1, 10, 100]
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    for key, value in zip(_METRICS, evaluator.stats):
+    stats, _ = coco_bbox_eval(dataset, results, [image["id"] for image in dataset["images"]])
+    for key, value in zip(_METRICS, stats):
         metrics[key] = max(float(value), 0.0)
     return metrics
