@@ -145,9 +145,9 @@ def _energy_after_val(model):
 
     def callback(validator) -> None:
         from ems_yolo.engine.energy import run_energy
+        from ems_yolo.utils.flops import image_hw
 
-        imgsz = validator.args.imgsz if isinstance(validator.args.imgsz, int) else max(validator.args.imgsz)
-        run_energy(model.model, validator.dataloader, imgsz, validator.save_dir)
+        run_energy(model.model, validator.dataloader, max(image_hw(validator.args.imgsz)), validator.save_dir)
 
     return callback
 

@@ -22,6 +22,7 @@ from ems_yolo.data.datasets import (
 from ems_yolo.engine.autoanchor import check_anchors
 from ems_yolo.engine.validator import EMSValidator, build_event_dataset
 from ems_yolo.nn.model import EMSDetectionModel
+from ems_yolo.utils.flops import image_hw
 
 
 class AtomicPath(type(Path())):
@@ -101,6 +102,5 @@ class EMSTrainer(DetectionTrainer):
         model = unwrap_model(self.model)
         if model.yaml.get("autoanchor", True) and not self.resume:  # every rank fits the same (seeded) anchors
             thr = float((model.yaml.get("loss") or {}).get("anchor_t", 4.0))
-            imgsz = self.args.imgsz if isinstance(self.args.imgsz, int) else max(self.args.imgsz)
-            if check_anchors(model, self.train_loader.dataset, imgsz, thr):
+            if check_anchors(model, self.train_loader.dataset, max(image_hw(self.args.imgsz)), thr):
                 self.ema.ema.model[-1].anchor_grid.copy_(model.model[-1].anchor_grid)

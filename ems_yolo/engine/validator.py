@@ -21,6 +21,7 @@ from ultralytics.utils import LOGGER
 from ems_yolo.data.datasets import load_data, split_event_path
 from ems_yolo.events.dataset import EventDetectionDataset
 from ems_yolo.utils.coco import coco_bbox_eval
+from ems_yolo.utils.flops import image_hw
 
 
 def _gen1_rows(xyxy, cls, conf, t: int, scale: np.ndarray) -> np.ndarray:
@@ -46,8 +47,8 @@ def _sorted_boxes(parts: list[np.ndarray]) -> np.ndarray:
 def build_event_dataset(img_path: str, args, mode: str = "val"):
     """EventDetectionDataset for an `<cache.h5>#<split>` path; horizontal flips only when training."""
     cache, split = split_event_path(img_path)
-    imgsz = args.imgsz if isinstance(args.imgsz, int) else max(args.imgsz)
-    return EventDetectionDataset(cache, split, imgsz, fliplr=args.fliplr if mode == "train" else 0.0, seed=args.seed)
+    fliplr = args.fliplr if mode == "train" else 0.0
+    return EventDetectionDataset(cache, split, max(image_hw(args.imgsz)), fliplr=fliplr, seed=args.seed)
 
 
 class EMSValidator(DetectionValidator):
