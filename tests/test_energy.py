@@ -65,7 +65,7 @@ def independent_macs(model: EMSDetectionModel, size: int) -> tuple[int, int]:
             if isinstance(m, EMSBlock2) and m.new is not None:
                 ac += macs(m.new.conv, r_in)  # pool order "last": shortcut conv at input resolution
             elif isinstance(m, EMSBlock1) and not isinstance(m.shortcut, nn.Identity):
-                ac += macs(m.shortcut[2], r_out)  # MaxPool -> LIF -> conv
+                ac += macs(m.shortcut[1].conv, r_out)  # MaxPool -> LCB (LIF -> conv -> tdBN)
             elif isinstance(m, MSBlock) and not isinstance(m.shortcut, nn.Identity):
                 mac += macs(m.shortcut[1], r_out)  # MaxPool -> conv on the real-valued input
         elif isinstance(m, nn.Upsample):
@@ -128,7 +128,7 @@ def test_firing_rates_equal_independent_hooks(tiny_cfg):
     assert set(counts) == set(convs) and len(convs) > 10
     rates = []
     for name, xs in seen.items():
-        spikes = torch.cat([x.view(T, x.shape[0] // T, -1).flatten(1) for x in xs], 1).double()
+        spikes = torch.cat([x.reshape(T, -1) for x in xs], 1).double()
         assert ((spikes == 0) | (spikes == 1)).all()
         c = counts[name]
         assert c.elements == spikes.shape[1]

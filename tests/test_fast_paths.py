@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ems_yolo.nn.layers import MaxPool, SpikeConv2d
+from ems_yolo.nn.layers import LCB, LIFConvFunction, MaxPool, SpikeConv2d, TDBatchNorm2d
+from ems_yolo.nn.neuron import NeuronConfig
 
 
 @pytest.mark.parametrize("k, s", [(3, 1), (3, 2), (1, 1)])
@@ -36,33 +37,108 @@ def test_spike_conv_under_bf16_autocast():
     assert torch.isfinite(conv.weight.grad).all()
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (1, 2, 7, 9), (3, 1, 5, 4)])
-def test_inference_max_pool_is_exact(shape):
-    x = torch.randn(*shape)
+def saved_bytes(fn) -> dict[torch.dtype, int]:
+    """Bytes of the distinct storages that autograd saves while `fn()` runs, by dtype (parameters excluded)."""
+    seen, total = set(), {}
+
+    def pack(t):
+        if not isinstance(t, torch.nn.Parameter) and t.untyped_storage().data_ptr() not in seen:
+            seen.add(t.untyped_storage().data_ptr())
+            total[t.dtype] = total.get(t.dtype, 0) + t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+CL = torch.channels_last
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, CL], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("shape, s", [((2, 3, 8, 8), 2), ((1, 2, 7, 9), 2), ((3, 4, 5, 4), 2), ((2, 2, 9, 10), 3)])
+def test_max_pool_equals_max_pool2d(shape, s, layout):
+    """Values and gradients of both paths equal max_pool2d's, odd sizes (floor mode) included; the gradient keeps
+    the input's layout; autograd keeps only int32 indices (4 bytes per output)."""
+    x = torch.randn(*shape).contiguous(memory_format=layout).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
     with torch.no_grad():
-        assert torch.equal(MaxPool(2)(x), F.max_pool2d(x, 2, 2))
-    x.requires_grad_()
-    assert torch.equal(MaxPool(2)(x), F.max_pool2d(x, 2, 2))  # training path is max_pool2d itself
+        assert torch.equal(MaxPool(s)(x), F.max_pool2d(x, s, s))
+    y, y_ref = MaxPool(s)(x), F.max_pool2d(x_ref, s, s)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    (y_ref * g).sum().backward()
+    assert torch.equal(y, y_ref) and torch.equal(x.grad, x_ref.grad)
+    assert x.grad.is_contiguous(memory_format=layout)
+    assert saved_bytes(lambda: MaxPool(s)(x)) == {torch.int32: 4 * y.numel()}
 
 
-def test_activation_checkpointing_is_exact(tiny_cfg):
-    """checkpoint: true recomputes activations in backward: same loss, gradients and BN running statistics."""
-    from copy import deepcopy
+def test_max_pool_gradient_goes_to_the_first_maximum():
+    """Binary spikes tie all the time: the gradient goes where max_pool2d sends it (first maximum, row-major)."""
+    x = (torch.rand(2, 3, 8, 8) > 0.5).float().contiguous(memory_format=CL).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    g = torch.randn(2, 3, 4, 4)
+    (MaxPool(2)(x) * g).sum().backward()
+    (F.max_pool2d(x_ref, 2, 2) * g).sum().backward()
+    assert torch.equal(x.grad, x_ref.grad)
 
+
+@pytest.mark.parametrize("surrogate", ["rectangle", "sigmoid"])
+@pytest.mark.parametrize("k, s", [(3, 1), (3, 2), (1, 1)])
+def test_fused_lcb_equals_lif_then_conv(k, s, surrogate):
+    """LCB's training node (LIF + conv in one autograd node) against the separate LIF and plain conv2d: identical
+    output, gradients within 1e-5; for the rectangle it saves one byte per spike (the separate pair saves three)."""
+    T = 3
+    lcb = LCB(6, 5, k, s, time_steps=T, neuron=NeuronConfig(surrogate=surrogate)).train()
+    x = (torch.randn(T * 2, 6, 9, 10) * 0.6 + 0.4).contiguous(memory_format=CL).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    assert lcb._fused()
+    out = LIFConvFunction.apply(x, lcb.conv.weight, lcb.lif, lcb.conv.stride, lcb.conv.padding)
+    g = torch.randn_like(out)
+    (out * g).sum().backward()
+    w_grad = lcb.conv.weight.grad.clone()
+    lcb.conv.weight.grad = None
+    spikes = lcb.lif(x_ref)
+    ref = F.conv2d(spikes, lcb.conv.weight, None, s, k // 2)
+    (ref * g).sum().backward()
+    assert torch.equal(out, ref)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=1e-5)
+    torch.testing.assert_close(w_grad, lcb.conv.weight.grad, rtol=0, atol=1e-5)
+    assert x.grad.is_contiguous(memory_format=CL)
+    if surrogate == "rectangle":
+        fused = saved_bytes(lambda: LIFConvFunction.apply(x, lcb.conv.weight, lcb.lif, (s, s), (k // 2, k // 2)))
+        assert fused == {torch.uint8: x.numel()}
+        lcb.conv.register_forward_pre_hook(lambda *_: None)  # hooks must see the modules: separate path
+        assert not lcb._fused()
+        separate = saved_bytes(lambda: lcb(x))
+        assert separate[torch.uint8] + separate[torch.bool] == 2 * x.numel()
+
+
+def test_fused_lcb_under_bf16_autocast():
+    lcb = LCB(4, 4, 3, 1, time_steps=2).train()
+    x = (torch.randn(4, 4, 8, 8) + 0.5).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lcb(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and lcb.conv.weight.grad.dtype == torch.float32
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_model_keeps_channels_last(tiny_cfg):
+    """The encoding layer switches to channels_last and every tdBN input stays in it, and so does every gradient
+    down to stride 8 (BatchNorm's CPU backward is several times slower on mixed layouts; the small stride 16/32
+    maps get theirs through the head's mean over T and concat slices)."""
     from ems_yolo.nn import EMSDetectionModel
 
-    base = EMSDetectionModel(tiny_cfg("ems-res10.yaml", width=0.25, nc=2, time_steps=3), verbose=False).train()
-    ckpt = deepcopy(base)
-    ckpt.yaml["checkpoint"] = True
-    batch = {"img": torch.rand(2, 3, 64, 64), "batch_idx": torch.tensor([0.0, 1.0]),
-             "cls": torch.tensor([[0.0], [1.0]]), "bboxes": torch.tensor([[0.5, 0.5, 0.4, 0.4], [0.3, 0.6, 0.3, 0.5]])}
-    losses = []
-    for m in (base, ckpt):
-        loss, _ = m.loss(batch)
-        loss.sum().backward()
-        losses.append(loss.detach())
-    assert torch.allclose(losses[0], losses[1], atol=1e-6)
-    for (n, a), b in zip(base.named_parameters(), ckpt.parameters()):
-        assert torch.allclose(a.grad, b.grad, atol=1e-5), n
-    for (n, a), b in zip(base.named_buffers(), ckpt.buffers()):
-        assert torch.equal(a, b), n  # running statistics updated once, not twice
+    model = EMSDetectionModel(tiny_cfg("ems-res10.yaml", width=0.25, nc=2, time_steps=2), verbose=False).train()
+    inputs, grads = [], []
+    for m in model.modules():
+        if isinstance(m, TDBatchNorm2d):
+            m.register_forward_hook(lambda _m, a, _o: inputs.append(a[0].is_contiguous(memory_format=CL)))
+            m.register_full_backward_hook(
+                lambda _m, _gi, go: grads.append(go[0].is_contiguous(memory_format=CL) or go[0].shape[-1] < 16)
+            )
+    sum(r.sum() for r in model(torch.rand(2, 3, 128, 128))).backward()
+    assert len(inputs) == len(grads) > 20
+    assert all(inputs) and all(grads)

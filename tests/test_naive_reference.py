@@ -1,7 +1,11 @@
 """The naive per-step reference of tools/naive_reference.py computes exactly what our time-folded model computes.
 
 Both sides start from deep copies of one model (BatchNorm running statistics change on every training forward),
-run the same input, and must agree on eval outputs, training outputs and parameter gradients.
+run the same input, and must agree on eval outputs, training outputs and parameter gradients. They run in float64:
+our model computes in channels_last and the reference in NCHW, whose float32 convolutions round differently, and a
+membrane within float32 rounding of the threshold then spikes on one side only (a few models in a hundred). In
+float64 that cannot happen at these sizes, so spikes must be identical. The float32 fast paths are checked one by
+one against their references in test_fast_paths.py and test_neuron.py.
 """
 
 import copy
@@ -52,14 +56,14 @@ CASES = {
 def pair(request, tiny_cfg):
     """(ours, naive, naive's underlying model) built from identical copies of one reduced-width model."""
     name, T, edit = CASES[request.param]
-    ours = EMSDetectionModel(edit(tiny_cfg(name, width=0.25, nc=2, time_steps=T)), verbose=False)
+    ours = EMSDetectionModel(edit(tiny_cfg(name, width=0.25, nc=2, time_steps=T)), verbose=False).double()
     twin = copy.deepcopy(ours)
     return ours, NaiveEMS(twin), twin
 
 
 def test_eval_outputs_match(pair):
     ours, naive, _ = pair
-    x = torch.rand(2, 3, 64, 64)
+    x = torch.rand(2, 3, 64, 64, dtype=torch.float64)
     ours.eval(), naive.eval()
     with torch.no_grad():
         (y_ours, raw_ours), (y_naive, raw_naive) = ours(x), naive(x)
@@ -71,7 +75,7 @@ def test_eval_outputs_match(pair):
 
 def test_train_outputs_match(pair):
     ours, naive, _ = pair
-    x = torch.rand(2, 3, 64, 64)
+    x = torch.rand(2, 3, 64, 64, dtype=torch.float64)
     ours.train(), naive.train()
     raw_ours, raw_naive = ours(x), naive(x)
     assert [r.shape for r in raw_naive] == [r.shape for r in raw_ours] == [(2, 3, 4, 4, 7), (2, 3, 2, 2, 7)]
@@ -79,17 +83,11 @@ def test_train_outputs_match(pair):
         torch.testing.assert_close(a, b, **TOL)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
-def test_gradients_match(pair, dtype):
-    """Parameter gradients of a random linear loss on the raw outputs.
-
-    float64: element-wise within 1e-5. float32: the conv weight gradients are sums over every pixel and step, whose
-    rounding differs between the folded and the per-step order, so there each tensor's largest difference must stay
-    within 1e-5 of the tensor's largest gradient.
-    """
+def test_gradients_match(pair):
+    """Parameter gradients of a random linear loss on the raw outputs, element-wise within 1e-5."""
     ours, naive, twin = pair
-    ours.to(dtype).train(), naive.to(dtype).train()
-    x = torch.rand(2, 3, 64, 64, dtype=dtype)
+    ours.train(), naive.train()
+    x = torch.rand(2, 3, 64, 64, dtype=torch.float64)
     raw_ours, raw_naive = ours(x), naive(x)
     weights = [torch.randn_like(r) for r in raw_ours]
     sum((r * w).sum() for r, w in zip(raw_ours, weights)).backward()
@@ -97,11 +95,7 @@ def test_gradients_match(pair, dtype):
     for (name, p_ours), p_naive in zip(ours.named_parameters(), twin.parameters()):
         g_ours, g_naive = p_ours.grad, p_naive.grad
         assert g_ours is not None and g_naive is not None, name
-        if dtype == torch.float64:
-            torch.testing.assert_close(g_naive, g_ours, **TOL, msg=lambda m, n=name: f"{n}: {m}")
-        else:
-            scale = g_ours.abs().max().item()
-            assert (g_naive - g_ours).abs().max().item() <= 1e-5 * max(scale, 1.0), name
+        torch.testing.assert_close(g_naive, g_ours, **TOL, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_batch_statistics_match(pair):
@@ -109,7 +103,7 @@ def test_batch_statistics_match(pair):
     the n/(n-1) factor of B*H*W samples in our model and of T*B*H*W in the per-step reference: model-spec §4)."""
     ours, naive, twin = pair
     ours.train(), naive.train()
-    x = torch.rand(2, 3, 64, 64)
+    x = torch.rand(2, 3, 64, 64, dtype=torch.float64)
     ours(x), naive(x)
     theirs = twin.state_dict()
     for k, v in ours.state_dict().items():
@@ -118,9 +112,10 @@ def test_batch_statistics_match(pair):
 
 
 def test_event_input_matches(tiny_cfg):
-    ours = EMSDetectionModel(tiny_cfg(width=0.25, nc=2, time_steps=3, input="events"), ch=9, verbose=False).eval()
+    ours = EMSDetectionModel(tiny_cfg(width=0.25, nc=2, time_steps=3, input="events"), ch=9, verbose=False)
+    ours = ours.double().eval()
     naive = NaiveEMS(copy.deepcopy(ours)).eval()
-    x = torch.rand(1, 9, 64, 64)
+    x = torch.rand(1, 9, 64, 64, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(naive(x)[0], ours(x)[0], **TOL)
 

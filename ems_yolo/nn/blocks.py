@@ -46,12 +46,7 @@ class EMSBlock1(nn.Module):
         if s == 1 and c1 == c2:
             self.shortcut = nn.Identity()
         else:
-            self.shortcut = nn.Sequential(
-                max_pool(s),
-                make_neuron(neuron, time_steps),
-                spike_conv(c1, c2, spike_input=neuron.kind == "lif"),
-                TDBatchNorm2d(c2, 1.0, neuron.vth),
-            )
+            self.shortcut = nn.Sequential(max_pool(s), LCB(c1, c2, 1, 1, 1.0, time_steps, neuron))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         return self.residual(x) + self.shortcut(x)
@@ -106,8 +101,8 @@ class EMSBlock2(nn.Module):
         """Concat shortcut in the configured pooling order."""
         if self.new is None:
             return self.pool(x)
-        if self.pool_order == "last":
-            return self.pool(torch.cat((self.new(x), x), 1))
+        if self.pool_order == "last":  # pool(concat(a, b)) = concat(pool(a), pool(b)): concat the smaller tensors
+            return torch.cat((self.pool(self.new(x)), self.pool(x)), 1)
         x = self.pool(x)
         return torch.cat((self.new(x), x), 1)
 

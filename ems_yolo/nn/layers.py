@@ -10,7 +10,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ems_yolo.nn.neuron import NeuronConfig, make_neuron
+from ems_yolo.nn.neuron import (
+    LIF,
+    NeuronConfig,
+    lif_backward,
+    lif_forward,
+    make_neuron,
+    spikes_from_state,
+    unfold_time,
+)
+from ems_yolo.nn.surrogate import Rectangle
+
+
+def memory_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last if a 4-D tensor is laid out that way, else contiguous (what `torch.empty` should use to give a
+    gradient the layout of its activation: BatchNorm's CPU backward is several times slower on mixed layouts)."""
+    return torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) else (
+        torch.contiguous_format)
 
 
 class TDBatchNorm2d(nn.BatchNorm2d):
@@ -32,34 +48,59 @@ class TDBatchNorm2d(nn.BatchNorm2d):
         return f"{super().extra_repr()}, alpha={self.alpha}, vth={self.vth}"
 
 
-class SpikeConvFunction(torch.autograd.Function):
-    """Convolution of binary spikes that saves its input for backward as bool (1 byte instead of 2-4).
+def conv_backward(
+    ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need_x: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of a bias-free conv for input `x` restored from compact storage, in the dtype the forward ran in
+    (that of `grad`, e.g. under autocast); the weight gradient in the weight's dtype. ctx carries stride/padding."""
+    dtype = grad.dtype
+    grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+        grad, x.to(dtype), weight.to(dtype), None, ctx.stride, ctx.padding, (1, 1), False, (0, 0), 1,
+        (need_x, ctx.needs_input_grad[1], False),
+    )
+    return grad_x, None if grad_w is None else grad_w.to(weight.dtype)
 
-    Backward is the regular convolution backward on the restored spikes; under autocast it runs in the dtype the
-    forward ran in.
-    """
+
+class SpikeConvFunction(torch.autograd.Function):
+    """Convolution of binary spikes that saves its input for backward as bool (1 byte instead of 2-4)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, stride: tuple, padding: tuple) -> torch.Tensor:
         out = F.conv2d(x, weight, None, stride, padding)
         ctx.save_for_backward(x.to(torch.bool), weight)
-        ctx.conf = (stride, padding, x.dtype, out.dtype)
+        ctx.stride, ctx.padding, ctx.x_dtype = stride, padding, x.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         spikes, weight = ctx.saved_tensors
-        stride, padding, x_dtype, dtype = ctx.conf
-        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-            grad.to(dtype), spikes.to(dtype), weight.to(dtype), None, stride, padding, (1, 1), False, (0, 0), 1,
-            (ctx.needs_input_grad[0], ctx.needs_input_grad[1], False),
-        )
-        return (
-            None if grad_x is None else grad_x.to(x_dtype),
-            None if grad_w is None else grad_w.to(weight.dtype),
-            None,
-            None,
-        )
+        grad_x, grad_w = conv_backward(ctx, grad, spikes, weight, ctx.needs_input_grad[0])
+        return None if grad_x is None else grad_x.to(ctx.x_dtype), grad_w, None, None
+
+
+class LIFConvFunction(torch.autograd.Function):
+    """LIF then bias-free conv as one node: the conv's input spikes are rebuilt in backward from the LIF's own
+    saved state, so the pair keeps one byte per spike (rectangular surrogate) instead of a second copy."""
+
+    @staticmethod
+    def forward(ctx, currents: torch.Tensor, weight: torch.Tensor, lif: LIF, stride: tuple, padding: tuple):
+        spikes, state = lif_forward(unfold_time(currents, lif.time_steps), lif.tau, lif.vth, lif.alpha, lif._spike_fn)
+        out = F.conv2d(spikes.flatten(0, 1), weight, None, stride, padding)
+        ctx.save_for_backward(weight, *state)
+        ctx.stride, ctx.padding, ctx.dtype = stride, padding, currents.dtype
+        ctx.tau, ctx.scale = lif.tau, (1 / lif.alpha if lif._spike_fn is Rectangle else 1.0)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight, *state = ctx.saved_tensors
+        spikes = spikes_from_state(state, grad.dtype).flatten(0, 1)
+        grad_spikes, grad_w = conv_backward(ctx, grad, spikes, weight, ctx.needs_input_grad[0])
+        grad_currents = None
+        if grad_spikes is not None:
+            grad_spikes = unfold_time(grad_spikes.to(ctx.dtype), state[0].shape[0])
+            grad_currents = lif_backward(grad_spikes, state, ctx.tau, ctx.scale).flatten(0, 1)
+        return grad_currents, grad_w, None, None, None
 
 
 class SpikeConv2d(nn.Conv2d):
@@ -84,21 +125,51 @@ def spike_conv(c1: int, c2: int, k: int = 1, s: int = 1, spike_input: bool = Tru
     return conv
 
 
+class MaxPoolFunction(torch.autograd.Function):
+    """s x s max-pool (stride s) that saves only its argmax indices, as int32.
+
+    `max_pool2d`'s autograd node keeps its whole input and int64 indices (4 * s^2 + 8 bytes per output in float32);
+    backward needs only the indices, and a plane index always fits in 32 bits (4 bytes per output).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, s: int) -> torch.Tensor:
+        out, indices = torch.ops.aten.max_pool2d_with_indices(x, [s, s], [s, s])
+        ctx.save_for_backward(indices.to(torch.int32))
+        ctx.s, ctx.shape, ctx.format = s, x.shape, memory_format(x)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (indices,) = ctx.saved_tensors
+        s = ctx.s
+        # the input argument only gives the gradient's shape and layout: its values are never read
+        like = torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device, memory_format=ctx.format)
+        grad_x = torch.ops.aten.max_pool2d_with_indices_backward(
+            grad, like, [s, s], [s, s], [0, 0], [1, 1], False, indices.long()
+        )
+        return grad_x, None
+
+
 class MaxPool(nn.MaxPool2d):
-    """s x s max-pool with stride s. Without autograd, 2 x 2 pooling is an elementwise max of the four strided
-    views: the same values, several times faster on CPU than `max_pool2d` (which also computes indices)."""
+    """s x s max-pool with stride s, the same values as `max_pool2d`. With autograd it runs `MaxPoolFunction`
+    (int32 indices are all it saves); without, the element-wise maximum of the s * s strided views of the input,
+    up to 9x faster on CPU (no indices) and exported as plain Slice/Max."""
 
     def __init__(self, s: int):
         super().__init__(s, s)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        if self.kernel_size != 2 or (torch.is_grad_enabled() and x.requires_grad):
-            return super().forward(x)
-        h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
-        return torch.maximum(
-            torch.maximum(x[..., 0:h:2, 0:w:2], x[..., 0:h:2, 1:w:2]),
-            torch.maximum(x[..., 1:h:2, 0:w:2], x[..., 1:h:2, 1:w:2]),
-        )
+        s = self.kernel_size
+        if torch.is_grad_enabled() and x.requires_grad:
+            return MaxPoolFunction.apply(x, s)
+        h, w = x.shape[-2] // s * s, x.shape[-1] // s * s
+        out = x[..., 0:h:s, 0:w:s]
+        for i in range(s):
+            for j in range(s):
+                if i or j:
+                    out = torch.maximum(out, x[..., i:h:s, j:w:s])
+        return out
 
 
 def max_pool(s: int) -> nn.Module:
@@ -112,6 +183,9 @@ class EncodingConv(nn.Module):
     frames: input `[B, C, H, W]`, the same image at every step, so conv + BN run once and the result is tiled T
     times (identical to per-step evaluation). events: input `[B, T*C, H, W]` with time-major channels
     (channel t*C + c), split into `[T*B, C, H, W]` so step t sees bin t.
+
+    The encoded tensor is channels_last, and every later layer keeps that layout: convolutions and BatchNorm run
+    about 25% and 3x faster that way on CPU (oneDNN), and strided pooling views stay vectorised.
     """
 
     def __init__(
@@ -148,11 +222,11 @@ class EncodingConv(nn.Module):
             )
         T = self.time_steps
         if self.input_kind == "frames":
-            y = self.bn(self.conv(x))
-            return y.repeat(T, 1, 1, 1) if T > 1 else y
+            y = self.bn(self.conv(x.contiguous(memory_format=torch.channels_last)))
+            return torch.cat([y] * T) if T > 1 else y
         b, _, h, w = x.shape
         steps = x.view(b, T, -1, h, w).transpose(0, 1).reshape(T * b, -1, h, w)
-        return self.bn(self.conv(steps))
+        return self.bn(self.conv(steps.contiguous(memory_format=torch.channels_last)))
 
 
 class LCB(nn.Module):
@@ -175,4 +249,18 @@ class LCB(nn.Module):
         self.bn = TDBatchNorm2d(c2, alpha, neuron.vth)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        if self._fused():
+            return self.bn(LIFConvFunction.apply(x, self.conv.weight, self.lif, self.conv.stride, self.conv.padding))
         return self.bn(self.conv(self.lif(x)))
+
+    def _fused(self) -> bool:
+        """Train LIF + conv as one `LIFConvFunction` node: detached-reset LIF, spike conv, no hooks to honour."""
+        lif, conv = self.lif, self.conv
+        return (
+            self.training
+            and torch.is_grad_enabled()
+            and isinstance(lif, LIF)
+            and lif.detach_reset
+            and isinstance(conv, SpikeConv2d)
+            and not (lif._forward_hooks or lif._forward_pre_hooks or conv._forward_hooks or conv._forward_pre_hooks)
+        )

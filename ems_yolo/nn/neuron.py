@@ -49,41 +49,81 @@ def unfold_time(x: torch.Tensor, time_steps: int) -> torch.Tensor:
     return x.view(time_steps, -1, *x.shape[1:])
 
 
+def lif_forward(
+    currents: torch.Tensor, tau: float, vth: float, alpha: float, surrogate: type
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Run the LIF recurrence over `[T, B, ...]` currents without autograd.
+
+    Returns the spikes (currents' dtype) and the compact state that `lif_backward` needs. For the rectangular
+    surrogate that state is one uint8 code per neuron and step, bit 0 = surrogate window |u - V_th| < alpha / 2,
+    bit 1 = spike; other surrogates keep their derivative (float) and the spikes (bool).
+    """
+    rect = surrogate is Rectangle
+    spikes = torch.empty_like(currents)
+    state = torch.empty_like(currents, dtype=torch.uint8 if rect else currents.dtype)  # code, or h(u)
+    fired = torch.empty_like(currents[0], dtype=torch.bool)
+    window = torch.empty_like(fired)
+    u = currents[0].clone()  # the membrane, updated in place
+    x = torch.empty_like(u)
+    for t in range(currents.shape[0]):
+        if t:
+            u.mul_(tau).mul_(~fired).add_(currents[t])  # the rounding of (tau * u) * (1 - s) + I
+        torch.sub(u, vth, out=x)
+        torch.gt(x, 0, out=fired)
+        spikes[t] = fired
+        if rect:
+            torch.lt(x.abs_(), alpha / 2, out=window)
+            torch.add(window.view(torch.uint8), fired.view(torch.uint8), alpha=2, out=state[t])
+        else:
+            state[t] = surrogate.derivative(x, alpha)
+    return spikes, ((state,) if rect else (state, spikes.to(torch.bool)))
+
+
+def lif_backward(grad_spikes: torch.Tensor, state: tuple[torch.Tensor, ...], tau: float, scale: float) -> torch.Tensor:
+    """dL/dI from dL/ds for `lif_forward`'s state, in the forward layout.
+
+    With the reset detached, dL/du_t = dL/ds_t * h(u_t) * scale + dL/du_{t+1} * tau * (1 - s_t).
+    """
+    grad = torch.empty_like(state[0], dtype=grad_spikes.dtype)
+    T = grad_spikes.shape[0]
+    for t in reversed(range(T)):
+        if len(state) == 1:  # rectangle: h = bit 0, spike = bit 1
+            code = state[0][t]
+            torch.mul(grad_spikes[t], code & 1, out=grad[t])
+            keep = code < 2
+        else:
+            deriv, fired = state
+            torch.mul(grad_spikes[t], deriv[t], out=grad[t])
+            keep = ~fired[t]
+        if scale != 1.0:
+            grad[t].mul_(scale)
+        if t + 1 < T:
+            grad[t].add_(grad[t + 1] * keep, alpha=tau)
+    return grad
+
+
+def spikes_from_state(state: tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Tensor:
+    """The spikes `lif_forward` returned, rebuilt from its saved state (to spare a second saved copy)."""
+    return (state[0] >> 1).to(dtype) if len(state) == 1 else state[1].to(dtype)
+
+
 class MultiStepLIF(torch.autograd.Function):
     """The LIF recurrence over all T steps as one autograd node, with a hand-written backward.
 
-    With the reset detached, dL/du_t = dL/ds_t * h(u_t) + dL/du_{t+1} * tau * (1 - s_t), so backward needs only the
-    surrogate derivative h(u_t) and the spikes s_t: both are saved as bool for the rectangular surrogate (a 1-byte
-    mask each instead of the several float tensors per step that the step-by-step graph keeps).
+    Backward needs only the surrogate derivative h(u_t) and the spikes s_t: for the rectangular surrogate both fit
+    in one byte per neuron and step, instead of the several float tensors per step that the step-by-step graph keeps.
     """
 
     @staticmethod
     def forward(ctx, currents: torch.Tensor, tau: float, vth: float, alpha: float, surrogate: type) -> torch.Tensor:
-        rect = surrogate is Rectangle
-        spikes = torch.empty_like(currents)
-        deriv = torch.empty(currents.shape, dtype=torch.bool if rect else currents.dtype, device=currents.device)
-        u = currents[0]
-        for t in range(currents.shape[0]):
-            if t:
-                u = tau * u * (1 - spikes[t - 1]) + currents[t]
-            x = u - vth
-            spikes[t] = x > 0
-            deriv[t] = x.abs() < alpha / 2 if rect else surrogate.derivative(x, alpha)
-        ctx.save_for_backward(deriv, spikes.bool())
-        ctx.tau, ctx.scale = tau, (1 / alpha if rect else 1.0)
+        spikes, state = lif_forward(currents, tau, vth, alpha, surrogate)
+        ctx.save_for_backward(*state)
+        ctx.tau, ctx.scale = tau, (1 / alpha if surrogate is Rectangle else 1.0)
         return spikes
 
     @staticmethod
     def backward(ctx, grad_spikes: torch.Tensor):
-        deriv, spikes = ctx.saved_tensors
-        grad = torch.empty_like(grad_spikes)
-        carry = None
-        for t in reversed(range(grad_spikes.shape[0])):
-            g = grad_spikes[t] * deriv[t] * ctx.scale
-            if carry is not None:
-                g = g + carry * ctx.tau * (~spikes[t])
-            grad[t] = carry = g
-        return grad, None, None, None, None
+        return lif_backward(grad_spikes, ctx.saved_tensors, ctx.tau, ctx.scale), None, None, None, None
 
 
 class LIF(nn.Module):
@@ -129,6 +169,8 @@ class LIF(nn.Module):
         currents = unfold_time(x, self.time_steps)
         if self.training and self.detach_reset and torch.is_grad_enabled():
             return MultiStepLIF.apply(currents, self.tau, self.vth, self.alpha, self._spike_fn).flatten(0, 1)
+        if not (torch.is_grad_enabled() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+            return self._infer(currents).flatten(0, 1)
         u = currents[0]
         s = self.fire(u)
         spikes = [s]
@@ -138,6 +180,17 @@ class LIF(nn.Module):
             s = self.fire(u)
             spikes.append(s)
         return torch.stack(spikes).flatten(0, 1)
+
+    def _infer(self, currents: torch.Tensor) -> torch.Tensor:
+        """The recurrence without autograd: spikes written in place into one buffer, membrane updated in place
+        (same arithmetic as the traceable loop, without its per-step temporaries and final stack)."""
+        spikes = torch.empty_like(currents)
+        u = currents[0].clone()
+        for t in range(self.time_steps):
+            if t:
+                u.mul_(self.tau).mul_(1 - spikes[t - 1]).add_(currents[t])
+            torch.gt(u, self.vth, out=spikes[t])
+        return spikes
 
     def extra_repr(self) -> str:
         return (
