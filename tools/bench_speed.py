@@ -12,7 +12,7 @@ medians (with min..max), for EMS-ResNet10 at 320 px:
 * our training FLOP/s as a fraction of the machine's measured dense matmul FLOP/s.
 
 With CUDA available the same benchmarks run again on the GPU under AMP autocast (float16). CPU memory is read
-from /proc/self/status (Linux).
+from /proc/self/status (Linux), with glibc's mmap threshold fixed so that it follows live tensor memory.
 
     python tools/bench_speed.py            # full run (about 2-3 minutes on 2 CPU cores)
     python tools/bench_speed.py --quick    # smoke run (about 30 s on 2 CPU cores)
@@ -42,6 +42,9 @@ from pathlib import Path
 
 from torch import nn
 
+from ems_yolo.nn import lif_triton
+from ems_yolo.nn.head import EMSDetect
+from ems_yolo.nn.layers import EncodingConv
 from ems_yolo.nn.model import EMSDetectionModel, load_model_yaml
 from ems_yolo.nn.neuron import LIF
 from ems_yolo.utils.flops import conv_ops
@@ -224,23 +227,42 @@ def memory_probe(impl: str, time_steps: int, s: Settings) -> None:
     print(json.dumps({"peak_mib": rss_mib("VmHWM") - before}))
 
 
+LIVE_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(64 * 2**10)}  # glibc: every block >= 64 KiB is mmap'ed, freed at once
+
+
+def memory_run(impl: str, time_steps: int, argv: list[str], env: dict[str, str]) -> float:
+    """Peak RSS growth (MiB) of one fresh `--memory-probe` subprocess."""
+    cmd = [sys.executable, __file__, *argv, "--memory-probe", impl, str(time_steps)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_mib"]
+
+
 def bench_memory_cpu(s: Settings, argv: list[str]) -> dict[int, dict[str, float]]:
-    """Peak training memory per T, one fresh subprocess per configuration (ours and naive in alternation)."""
+    """Peak training memory per T, one fresh subprocess per configuration (ours and naive in alternation).
+
+    Measured with glibc's mmap threshold fixed at 64 KiB, so that every tensor buffer is returned to the OS when
+    freed and the peak RSS follows the peak of live memory (what torch.cuda.max_memory_allocated reports on a GPU).
+    Under the default dynamic threshold freed buffers stay in the heap and the peak also holds allocator slack that
+    depends on the order of frees; that figure is printed for the largest T too.
+    """
     print("\nPeak training memory (CPU): peak resident set size (VmHWM) of a fresh subprocess per configuration "
           "minus its resident size before the model is built, over model build + 2 training steps (weights, "
-          "grads, SGD momentum, activations, allocator slack)", flush=True)
+          "grads, SGD momentum, activations); glibc mmap threshold fixed at 64 KiB so that freed tensors leave the "
+          "process at once", flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(DEFAULT_THREADS)}
     results, rows = {}, []
     impls = (*IMPLS, "ckpt")
     for i, T in enumerate(s.memory_time_steps):
         results[T] = {}
         for impl in impls if i % 2 == 0 else impls[::-1]:
-            cmd = [sys.executable, __file__, *argv, "--memory-probe", impl, str(T)]
-            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
-            results[T][impl] = json.loads(out.strip().splitlines()[-1])["peak_mib"]
+            results[T][impl] = memory_run(impl, T, argv, {**env, **LIVE_MALLOC})
         ours, naive, ckpt = results[T]["ours"], results[T]["naive"], results[T]["ckpt"]
         rows.append([f"T={T}", f"{ours:.0f}", f"{naive:.0f}", f"{ours / naive:.2f}x", f"{ckpt:.0f}", f"{ckpt / naive:.2f}x"])
     print_table(["", "ours MiB", "naive MiB", "ours/naive", "ours+checkpoint MiB", "ckpt/naive"], rows)
+    T = s.memory_time_steps[-1]
+    default = {impl: memory_run(impl, T, argv, env) for impl in IMPLS}
+    print(f"  with glibc's default (dynamic) mmap threshold, T={T}: ours {default['ours']:.0f} MiB, naive "
+          f"{default['naive']:.0f} MiB, ours/naive {default['ours'] / default['naive']:.2f}x")
     return results
 
 
@@ -317,14 +339,17 @@ def bench_inference(s: Settings, device: torch.device, amp: bool) -> dict[str, l
     models = {impl: build(impl, T, s.width, device).eval() for impl in IMPLS}
     autocast = torch.autocast("cuda", dtype=torch.float16) if amp else nullcontext()
 
-    def eager(m: nn.Module) -> Callable[[], object]:
+    def eager(m: nn.Module, cast: object = autocast) -> Callable[[], object]:
         def run() -> object:
-            with torch.inference_mode(), autocast:
+            with torch.inference_mode(), cast:
                 return m(x)
 
         return run
 
     fns = {impl: eager(m) for impl, m in models.items()}
+    if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():  # information, not a target
+        for impl, m in models.items():
+            fns[f"{impl}+bf16"] = eager(m, torch.autocast("cpu", dtype=torch.bfloat16))
     if s.compile:  # torch.compile of our eval model; compiled once here, outside the timed runs
         t0 = time.perf_counter()
         fns["ours+compile"] = eager(torch.compile(models["ours"]))
@@ -338,11 +363,16 @@ def bench_inference(s: Settings, device: torch.device, amp: bool) -> dict[str, l
     print(f"  naive/ours: {med(times['naive']) / med(times['ours']):.2f}x"
           + (f", ours eager/ONNX Runtime: {med(times['ours']) / med(times['onnxruntime']):.2f}x"
              if "onnxruntime" in times else ""))
+    if "ours+bf16" in times:
+        print(f"  bfloat16 autocast (this CPU has native bf16; spikes may differ from float32 near the threshold): "
+              f"naive/ours {med(times['naive+bf16']) / med(times['ours+bf16']):.2f}x, ours float32/bf16 "
+              f"{med(times['ours']) / med(times['ours+bf16']):.2f}x")
     return times
 
 
 def bench_lif(s: Settings, device: torch.device) -> dict[str, list[float]]:
-    """LIF forward + backward on `[T*B, 64, 80, 80]`: ours (time-folded views, one stack) vs the per-step original."""
+    """LIF forward + backward on `[T*B, 64, 80, 80]`: ours (fused node over time-folded views) vs the per-step
+    original; on CUDA also our Triton kernels (`backend: triton`) when triton is installed."""
     T = 4
     shape = (T * s.lif_batch, 64, 80, 80)
     print(f"\nLIF alone: forward + backward (surrogate), T={T}, input {list(shape)} float32; {s.warmup} warm-up + "
@@ -351,30 +381,48 @@ def bench_lif(s: Settings, device: torch.device) -> dict[str, list[float]]:
     x = (torch.randn(shape, device=device) * 0.5 + 0.3).requires_grad_()
     g = torch.randn(shape, device=device)
 
-    def ours() -> None:
-        torch.autograd.grad(lif(x), x, g)
+    def ours(m: LIF = lif) -> None:
+        torch.autograd.grad(m(x), x, g)
 
     def naive() -> None:
         torch.autograd.grad(naive_lif(lif, x.view(T, -1, *shape[1:])), x, g.view(T, -1, *shape[1:]))
 
-    times = alternate({"ours": ours, "naive": naive}, s.warmup, s.lif_iters, device)
+    fns = {"ours": ours, "naive": naive}
+    if device.type == "cuda" and lif_triton.available():
+        fast = LIF(T, backend="triton").train()
+        if not torch.equal(fast(x), lif(x)):
+            raise RuntimeError("the Triton LIF kernel disagrees with the torch path")
+        fns["ours+triton"] = lambda: ours(fast)
+    times = alternate(fns, s.warmup, s.lif_iters, device)
     print_table(["", "fwd+bwd"], [[k, spread(v, 1e3, "ms")] for k, v in times.items()])
-    print(f"  naive/ours: {med(times['naive']) / med(times['ours']):.2f}x")
+    print(f"  naive/ours: {med(times['naive']) / med(times['ours']):.2f}x"
+          + (f", torch path/Triton: {med(times['ours']) / med(times['ours+triton']):.2f}x"
+             if "ours+triton" in times else ""))
     return times
 
 
 def report_flops(s: Settings, train: dict[int, dict[str, list[float]]], amp: bool) -> float:
-    """Training FLOP/s (3 x forward, forward = 2 x conv MACs x T per image) over the matmul FLOP/s of the same
-    rounds; returns our fraction at the largest T."""
-    macs_step = sum(op.macs for op in conv_ops(build("ours", 1, s.width, torch.device("cpu")), s.imgsz))
+    """Executed training FLOP/s (3 x forward, forward = 2 x conv MACs per image) over the matmul FLOP/s of the same
+    rounds; returns our fraction at the largest T.
+
+    The naive reference runs every conv T times. Ours runs the frame encoding conv once (its input is the same at
+    every step) and the head convs once (on the mean over T), so it executes fewer FLOPs for the same model.
+    """
+    model = build("ours", 1, s.width, torch.device("cpu"))
+    once = {id(c) for m in model.modules() if isinstance(m, (EncodingConv, EMSDetect)) for c in m.modules()}
+    ops = conv_ops(model, s.imgsz)
+    macs_once = sum(op.macs for op in ops if id(op.conv) in once)
+    macs_step = sum(op.macs for op in ops)
     print(f"\nAchieved FLOP/s: model {2 * macs_step / 1e9:.3f} GFLOPs per image per step (2 x conv MACs from "
-          f"layer shapes), training = 3 x forward x T; reference: {s.matmul_size}^3 "
+          f"layer shapes; {2 * macs_once / 1e9:.3f} of them in the encoding and head convs, which ours runs once "
+          f"per image instead of T times), training = 3 x forward; reference: {s.matmul_size}^3 "
           f"{'float16' if amp else 'float32'} torch.mm timed in the same rounds", flush=True)
     rows, fraction = [], 0.0
     for T, times in train.items():
         peak = 2 * s.matmul_size**3 / med(times["matmul"])
-        flops_step = 3 * 2 * macs_step * T * s.batch
-        ours, naive = (flops_step / med(times[k]) for k in IMPLS)
+        naive_flops = 3 * 2 * macs_step * T * s.batch
+        ours_flops = 3 * 2 * ((macs_step - macs_once) * T + macs_once) * s.batch
+        ours, naive = ours_flops / med(times["ours"]), naive_flops / med(times["naive"])
         fraction = ours / peak
         rows.append([f"T={T}", f"{peak / 1e9:.1f}", f"{ours / 1e9:.1f}", f"{fraction:.1%}", f"{naive / 1e9:.1f}",
                      f"{naive / peak:.1%}"])
@@ -406,6 +454,8 @@ def run_section(s: Settings, device: torch.device, amp: bool, argv: list[str]) -
                               med(infer["ours+compile"]) / med(infer["ours"])))
     results += [
         Result("LIF alone fwd+bwd time ours/naive", med(lif["ours"]) / med(lif["naive"])),
+        *([Result("LIF alone fwd+bwd time Triton/torch path", med(lif["ours+triton"]) / med(lif["ours"]), 1.0)]
+          if "ours+triton" in lif else []),
         Result(f"training FLOP/s / matmul FLOP/s (ours, T={tt})", fraction, percent=True),
     ]
     return results

@@ -19,7 +19,6 @@ from ems_yolo.nn.neuron import (
     spikes_from_state,
     unfold_time,
 )
-from ems_yolo.nn.surrogate import Rectangle
 
 
 def memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -84,11 +83,10 @@ class LIFConvFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, currents: torch.Tensor, weight: torch.Tensor, lif: LIF, stride: tuple, padding: tuple):
-        spikes, state = lif_forward(unfold_time(currents, lif.time_steps), lif.tau, lif.vth, lif.alpha, lif._spike_fn)
+        spikes, state = lif_forward(unfold_time(currents, lif.time_steps), lif)
         out = F.conv2d(spikes.flatten(0, 1), weight, None, stride, padding)
         ctx.save_for_backward(weight, *state)
-        ctx.stride, ctx.padding, ctx.dtype = stride, padding, currents.dtype
-        ctx.tau, ctx.scale = lif.tau, (1 / lif.alpha if lif._spike_fn is Rectangle else 1.0)
+        ctx.stride, ctx.padding, ctx.dtype, ctx.lif = stride, padding, currents.dtype, lif
         return out
 
     @staticmethod
@@ -98,8 +96,8 @@ class LIFConvFunction(torch.autograd.Function):
         grad_spikes, grad_w = conv_backward(ctx, grad, spikes, weight, ctx.needs_input_grad[0])
         grad_currents = None
         if grad_spikes is not None:
-            grad_spikes = unfold_time(grad_spikes.to(ctx.dtype), state[0].shape[0])
-            grad_currents = lif_backward(grad_spikes, state, ctx.tau, ctx.scale).flatten(0, 1)
+            grad_spikes = unfold_time(grad_spikes.to(ctx.dtype), ctx.lif.time_steps)
+            grad_currents = lif_backward(grad_spikes, state, ctx.lif).flatten(0, 1)
         return grad_currents, grad_w, None, None, None
 
 
@@ -153,8 +151,8 @@ class MaxPoolFunction(torch.autograd.Function):
 
 class MaxPool(nn.MaxPool2d):
     """s x s max-pool with stride s, the same values as `max_pool2d`. With autograd it runs `MaxPoolFunction`
-    (int32 indices are all it saves); without, the element-wise maximum of the s * s strided views of the input,
-    up to 9x faster on CPU (no indices) and exported as plain Slice/Max."""
+    (int32 indices are all it saves); in eager inference the element-wise maximum of the s * s strided views of the
+    input, up to 9x faster on CPU (no indices); traced or exported, `max_pool2d` (one MaxPool node)."""
 
     def __init__(self, s: int):
         super().__init__(s, s)
@@ -163,6 +161,8 @@ class MaxPool(nn.MaxPool2d):
         s = self.kernel_size
         if torch.is_grad_enabled() and x.requires_grad:
             return MaxPoolFunction.apply(x, s)
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            return super().forward(x)
         h, w = x.shape[-2] // s * s, x.shape[-1] // s * s
         out = x[..., 0:h:s, 0:w:s]
         for i in range(s):

@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
+from ems_yolo.nn import lif_triton
 from ems_yolo.nn.surrogate import DEFAULT_ALPHA, Rectangle, get_surrogate
 
 
@@ -20,6 +21,8 @@ class NeuronConfig:
     """Neuron settings shared by every spiking layer of a model (the `neuron:` section of a model YAML).
 
     kind: "lif" (the paper's neuron) or "relu" (the ANN twin, used with time_steps=1).
+    backend: "torch", or "triton" for the fused CUDA kernels of the training recurrence (rectangular surrogate;
+    other cases, and CPU tensors, run the torch path).
     """
 
     kind: str = "lif"
@@ -28,6 +31,7 @@ class NeuronConfig:
     surrogate: str = "rectangle"
     alpha: float | None = None
     detach_reset: bool = True
+    backend: str = "torch"
 
     @classmethod
     def from_dict(cls, d: dict | None, where: str = "neuron") -> NeuronConfig:
@@ -41,7 +45,17 @@ class NeuronConfig:
         if cfg.kind not in ("lif", "relu"):
             raise ValueError(f"{where}.kind: expected 'lif' or 'relu', got {cfg.kind!r}")
         get_surrogate(cfg.surrogate)  # validates the name
+        check_backend(cfg.backend, f"{where}.backend")
         return cfg
+
+
+def check_backend(backend: str, where: str = "backend") -> None:
+    """Reject unknown LIF backends, and 'triton' where the triton package is missing."""
+    if backend not in ("torch", "triton"):
+        raise ValueError(f"{where}: expected 'torch' or 'triton', got {backend!r}")
+    if backend == "triton" and not lif_triton.available():
+        raise ValueError(f"{where}: 'triton' needs the triton package (pip install triton; CUDA builds of torch "
+                         "ship it), or use 'torch'")
 
 
 def unfold_time(x: torch.Tensor, time_steps: int) -> torch.Tensor:
@@ -49,16 +63,18 @@ def unfold_time(x: torch.Tensor, time_steps: int) -> torch.Tensor:
     return x.view(time_steps, -1, *x.shape[1:])
 
 
-def lif_forward(
-    currents: torch.Tensor, tau: float, vth: float, alpha: float, surrogate: type
-) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """Run the LIF recurrence over `[T, B, ...]` currents without autograd.
+def lif_forward(currents: torch.Tensor, lif: LIF) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Run `lif`'s recurrence over `[T, B, ...]` currents without autograd.
 
     Returns the spikes (currents' dtype) and the compact state that `lif_backward` needs. For the rectangular
     surrogate that state is one uint8 code per neuron and step, bit 0 = surrogate window |u - V_th| < alpha / 2,
     bit 1 = spike; other surrogates keep their derivative (float) and the spikes (bool).
     """
+    tau, vth, alpha, surrogate = lif.tau, lif.vth, lif.alpha, lif._spike_fn
     rect = surrogate is Rectangle
+    if rect and lif.backend == "triton" and lif_triton.usable(currents):
+        spikes, code = lif_triton.forward(currents, tau, vth, alpha)
+        return spikes, (code,)
     spikes = torch.empty_like(currents)
     state = torch.empty_like(currents, dtype=torch.uint8 if rect else currents.dtype)  # code, or h(u)
     fired = torch.empty_like(currents[0], dtype=torch.bool)
@@ -79,11 +95,16 @@ def lif_forward(
     return spikes, ((state,) if rect else (state, spikes.to(torch.bool)))
 
 
-def lif_backward(grad_spikes: torch.Tensor, state: tuple[torch.Tensor, ...], tau: float, scale: float) -> torch.Tensor:
+def lif_backward(grad_spikes: torch.Tensor, state: tuple[torch.Tensor, ...], lif: LIF) -> torch.Tensor:
     """dL/dI from dL/ds for `lif_forward`'s state, in the forward layout.
 
-    With the reset detached, dL/du_t = dL/ds_t * h(u_t) * scale + dL/du_{t+1} * tau * (1 - s_t).
+    With the reset detached, dL/du_t = dL/ds_t * h(u_t) + dL/du_{t+1} * tau * (1 - s_t), where the rectangle's
+    h is the window bit divided by alpha.
     """
+    tau = lif.tau
+    scale = 1 / lif.alpha if len(state) == 1 else 1.0
+    if len(state) == 1 and lif.backend == "triton" and lif_triton.usable(state[0]):
+        return lif_triton.backward(grad_spikes, state[0], tau, scale)
     grad = torch.empty_like(state[0], dtype=grad_spikes.dtype)
     T = grad_spikes.shape[0]
     for t in reversed(range(T)):
@@ -115,15 +136,15 @@ class MultiStepLIF(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, currents: torch.Tensor, tau: float, vth: float, alpha: float, surrogate: type) -> torch.Tensor:
-        spikes, state = lif_forward(currents, tau, vth, alpha, surrogate)
+    def forward(ctx, currents: torch.Tensor, lif: LIF) -> torch.Tensor:
+        spikes, state = lif_forward(currents, lif)
         ctx.save_for_backward(*state)
-        ctx.tau, ctx.scale = tau, (1 / alpha if surrogate is Rectangle else 1.0)
+        ctx.lif = lif
         return spikes
 
     @staticmethod
     def backward(ctx, grad_spikes: torch.Tensor):
-        return lif_backward(grad_spikes, ctx.saved_tensors, ctx.tau, ctx.scale), None, None, None, None
+        return lif_backward(grad_spikes, ctx.saved_tensors, ctx.lif), None
 
 
 class LIF(nn.Module):
@@ -142,10 +163,13 @@ class LIF(nn.Module):
         surrogate: str = "rectangle",
         alpha: float | None = None,
         detach_reset: bool = True,
+        backend: str = "torch",
     ):
         super().__init__()
         if time_steps < 1:
             raise ValueError(f"time_steps must be >= 1, got {time_steps}")
+        check_backend(backend)
+        self.backend = backend
         self._spike_fn = get_surrogate(surrogate)
         self.time_steps = time_steps
         self.tau = tau
@@ -168,7 +192,7 @@ class LIF(nn.Module):
         """
         currents = unfold_time(x, self.time_steps)
         if self.training and self.detach_reset and torch.is_grad_enabled():
-            return MultiStepLIF.apply(currents, self.tau, self.vth, self.alpha, self._spike_fn).flatten(0, 1)
+            return MultiStepLIF.apply(currents, self).flatten(0, 1)
         if not (torch.is_grad_enabled() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
             return self._infer(currents).flatten(0, 1)
         u = currents[0]
@@ -196,6 +220,7 @@ class LIF(nn.Module):
         return (
             f"time_steps={self.time_steps}, tau={self.tau}, vth={self.vth}, surrogate={self.surrogate}, "
             f"alpha={self.alpha}, detach_reset={self.detach_reset}"
+            + (f", backend={self.backend}" if self.backend != "torch" else "")
         )
 
 
@@ -228,4 +253,4 @@ def make_neuron(cfg: NeuronConfig, time_steps: int) -> nn.Module:
     """Instantiate the neuron a model's config asks for."""
     if cfg.kind == "relu":
         return nn.ReLU()
-    return LIF(time_steps, cfg.tau, cfg.vth, cfg.surrogate, cfg.alpha, cfg.detach_reset)
+    return LIF(time_steps, cfg.tau, cfg.vth, cfg.surrogate, cfg.alpha, cfg.detach_reset, cfg.backend)

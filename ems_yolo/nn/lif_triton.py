@@ -1,0 +1,97 @@
+"""Triton kernels for the multi-step LIF with the rectangular surrogate (opt-in: `neuron: {backend: triton}`).
+
+One program walks all T steps for a block of neurons with the membrane in registers: the forward reads each
+current once and writes the spike and the 1-byte backward code of `lif_forward` (bit 0 = surrogate window, bit 1 =
+spike); the backward reads the code and dL/ds once and writes dL/dI. The torch path needs several passes over
+memory per step. Arithmetic is float32 in registers, in the torch path's order, so for float32 inputs spikes and
+codes are bit-identical to it. Kernels index raw storage, so every tensor of one call shares one dense layout
+(contiguous or channels_last per step, steps outermost).
+
+Runs on CUDA tensors; with TRITON_INTERPRET=1 set before the first import of triton, also on CPU tensors
+(Triton's interpreter, used by the tests on machines without a GPU).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only torch builds come without triton
+    triton = None
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+BLOCK = 1024
+
+
+def available() -> bool:
+    """Whether the triton package imports."""
+    return triton is not None
+
+
+def usable(x: torch.Tensor) -> bool:
+    """Whether the kernels can run on `x` (`[T, ...]`): a CUDA tensor (or any, under the interpreter) whose storage
+    is dense with the steps outermost."""
+    if triton is None or not (x.is_cuda or INTERPRETING):
+        return False
+    step = x[0]
+    dense = step.is_contiguous() or (step.dim() == 4 and step.is_contiguous(memory_format=torch.channels_last))
+    return dense and x.stride(0) == step.numel()
+
+
+if triton is not None:
+
+    @triton.jit
+    def _forward_kernel(cur_ptr, spk_ptr, code_ptr, n, tau, vth, half_width, T: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        u = tl.zeros([BLOCK], dtype=tl.float32)
+        s = tl.zeros([BLOCK], dtype=tl.float32)
+        for t in tl.static_range(T):
+            i = tl.load(cur_ptr + t * n + offs, mask=mask, other=0.0).to(tl.float32)
+            if t == 0:
+                u = i
+            else:
+                u = u * tau * (1.0 - s) + i
+            x = u - vth
+            s = tl.where(x > 0.0, 1.0, 0.0)
+            window = tl.where(tl.abs(x) < half_width, 1.0, 0.0)
+            tl.store(spk_ptr + t * n + offs, s.to(spk_ptr.dtype.element_ty), mask=mask)
+            tl.store(code_ptr + t * n + offs, (window + 2.0 * s).to(tl.uint8), mask=mask)
+
+    @triton.jit
+    def _backward_kernel(grad_s_ptr, code_ptr, grad_ptr, n, tau, scale, T: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        carry = tl.zeros([BLOCK], dtype=tl.float32)
+        for k in tl.static_range(T):
+            t = T - 1 - k
+            code = tl.load(code_ptr + t * n + offs, mask=mask, other=0).to(tl.int32)
+            g = tl.load(grad_s_ptr + t * n + offs, mask=mask, other=0.0).to(tl.float32)
+            g = g * (code & 1).to(tl.float32) * scale
+            if k > 0:
+                g = g + carry * tau * (code < 2).to(tl.float32)
+            tl.store(grad_ptr + t * n + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
+            carry = g
+
+
+def forward(currents: torch.Tensor, tau: float, vth: float, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(spikes in the currents' dtype, uint8 code) for `[T, ...]` currents; see `usable`."""
+    T, n = currents.shape[0], currents[0].numel()
+    spikes = torch.empty_like(currents)
+    code = torch.empty_like(currents, dtype=torch.uint8)
+    _forward_kernel[(triton.cdiv(n, BLOCK),)](currents, spikes, code, n, tau, vth, alpha / 2, T=T, BLOCK=BLOCK)
+    return spikes, code
+
+
+def backward(grad_spikes: torch.Tensor, code: torch.Tensor, tau: float, scale: float) -> torch.Tensor:
+    """dL/dI in the layout of `code` (dL/ds is copied into that layout first when it differs)."""
+    if grad_spikes.stride() != code.stride():
+        grad_spikes = torch.empty_like(code, dtype=grad_spikes.dtype).copy_(grad_spikes)
+    T, n = code.shape[0], code[0].numel()
+    grad = torch.empty_like(code, dtype=grad_spikes.dtype)
+    _backward_kernel[(triton.cdiv(n, BLOCK),)](grad_spikes, code, grad, n, tau, scale, T=T, BLOCK=BLOCK)
+    return grad
