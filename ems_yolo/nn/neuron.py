@@ -70,8 +70,7 @@ def lif_forward(currents: torch.Tensor, lif: LIF) -> tuple[torch.Tensor, tuple[t
     surrogate that state is one uint8 code per neuron and step, bit 0 = surrogate window |u - V_th| < alpha / 2,
     bit 1 = spike; other surrogates keep their derivative (float) and the spikes (bool).
     """
-    tau, vth, alpha, surrogate = lif.tau, lif.vth, lif.alpha, lif._spike_fn
-    rect = surrogate is Rectangle
+    tau, vth, alpha, surrogate, rect = lif.tau, lif.vth, lif.alpha, lif._spike_fn, lif.rectangular
     if rect and lif.backend == "triton" and lif_triton.usable(currents):
         spikes, code = lif_triton.forward(currents, tau, vth, alpha)
         return spikes, (code,)
@@ -171,6 +170,7 @@ class LIF(nn.Module):
         check_backend(backend)
         self.backend = backend
         self._spike_fn = get_surrogate(surrogate)
+        self.rectangular = self._spike_fn is Rectangle  # compact 1-byte backward state (a plain bool for tracing)
         self.time_steps = time_steps
         self.tau = tau
         self.vth = vth
