@@ -142,3 +142,13 @@ def test_model_keeps_channels_last(tiny_cfg):
     sum(r.sum() for r in model(torch.rand(2, 3, 128, 128))).backward()
     assert len(inputs) == len(grads) > 20
     assert all(inputs) and all(grads)
+
+
+def test_dynamo_traces_the_training_model_in_one_graph(tiny_cfg):
+    """torch.compile sees the whole training forward, custom autograd nodes included, without graph breaks."""
+    from ems_yolo.nn import EMSDetectionModel
+
+    model = EMSDetectionModel(tiny_cfg("ems-res10.yaml", width=0.25, nc=2, time_steps=2), verbose=False).train()
+    explained = torch._dynamo.explain(model)(torch.rand(2, 3, 64, 64))
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    assert explained.graph_count == 1
