@@ -149,11 +149,13 @@ def model_cfg(time_steps: int, width: float) -> dict:
 
 
 def build(impl: str, time_steps: int, width: float, device: torch.device) -> nn.Module:
-    """Our model ("ours", or "ckpt" with activation checkpointing) or the naive reference around a fresh copy of it
-    (same initialisation for a given seed)."""
+    """Our model ("ours"; "ckpt" with activation checkpointing; "triton" with the Triton LIF kernels) or the naive
+    reference around a fresh copy of it (same initialisation for a given seed)."""
     torch.manual_seed(0)
     cfg = model_cfg(time_steps, width)
     cfg["checkpoint"] = impl == "ckpt"
+    if impl == "triton":
+        cfg["neuron"] = {**cfg.get("neuron", {}), "backend": "triton"}
     model = EMSDetectionModel(cfg, verbose=False).to(device)
     return NaiveEMS(model) if impl == "naive" else model
 
@@ -196,16 +198,19 @@ def bench_training(s: Settings, device: torch.device, amp: bool) -> dict[int, di
           f"{str(dtype).split('.')[-1]} torch.mm in every round for the FLOP/s reference", flush=True)
     x = torch.rand(s.batch, 3, s.imgsz, s.imgsz, device=device)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    impls = (*IMPLS, "triton") if device.type == "cuda" and lif_triton.available() else IMPLS
     results, rows = {}, []
     for T in s.time_steps:
-        fns = {impl: make_train_step(build(impl, T, s.width, device), x, amp) for impl in IMPLS}
+        fns = {impl: make_train_step(build(impl, T, s.width, device), x, amp) for impl in impls}
         fns["matmul"] = lambda: torch.mm(a, b)
         results[T] = times = alternate(fns, s.warmup, s.train_iters, device)
-        ours, naive = (s.batch / med(times[k]) for k in IMPLS)
-        rows.append([f"T={T}", f"{ours:.2f}", f"{naive:.2f}", f"{ours / naive:.2f}x",
-                     spread(times["ours"]), spread(times["naive"])])
+        rate = {k: s.batch / med(times[k]) for k in impls}
+        rows.append([f"T={T}", f"{rate['ours']:.2f}", f"{rate['naive']:.2f}", f"{rate['ours'] / rate['naive']:.2f}x",
+                     spread(times["ours"]), spread(times["naive"])]
+                    + ([f"{rate['triton']:.2f}"] if "triton" in rate else []))
         del fns
-    print_table(["", "ours img/s", "naive img/s", "ours/naive", "ours step", "naive step"], rows)
+    print_table(["", "ours img/s", "naive img/s", "ours/naive", "ours step", "naive step"]
+                + (["ours+Triton LIF img/s"] if "triton" in impls else []), rows)
     return results
 
 

@@ -118,7 +118,7 @@ def lif_backward(grad_spikes: torch.Tensor, state: tuple[torch.Tensor, ...], lif
         if scale != 1.0:
             grad[t].mul_(scale)
         if t + 1 < T:
-            grad[t].add_(grad[t + 1] * keep, alpha=tau)
+            grad[t].addcmul_(grad[t + 1], keep, value=tau)
     return grad
 
 
