@@ -132,3 +132,16 @@ def test_fused_training_path_equals_step_by_step_graph(surrogate):
     (ref * w).sum().backward()
     assert torch.equal(y, ref)
     assert torch.allclose(x.grad, ref_x.grad, atol=1e-6)
+
+
+def test_lif_from_an_older_checkpoint_unpickles():
+    """Checkpoints pickle whole models: a LIF saved before `backend`/`rectangular` existed still trains."""
+    import pickle
+
+    lif = LIF(time_steps=2)
+    del lif.__dict__["backend"], lif.__dict__["rectangular"]
+    old = pickle.loads(pickle.dumps(lif)).train()
+    assert (old.backend, old.rectangular) == ("torch", True)
+    x = (torch.randn(4, 3) + 0.5).requires_grad_()
+    old(x).sum().backward()
+    assert x.grad is not None

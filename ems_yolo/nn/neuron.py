@@ -178,6 +178,12 @@ class LIF(nn.Module):
         self.alpha = DEFAULT_ALPHA[surrogate.lower()] if alpha is None else alpha
         self.detach_reset = detach_reset
 
+    def __setstate__(self, state: dict) -> None:
+        """Unpickle LIFs saved (inside checkpoints) before `backend` and `rectangular` existed."""
+        super().__setstate__(state)
+        self.__dict__.setdefault("backend", "torch")
+        self.__dict__.setdefault("rectangular", self._spike_fn is Rectangle)
+
     def fire(self, u: torch.Tensor) -> torch.Tensor:
         """Spike where the membrane exceeds the threshold (strict `>` in both paths)."""
         if self.training and torch.is_grad_enabled():
