@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from shared_data import SHARED_DATA
+from shared_data import SAMPLE, needs_sample
 
 from ems_yolo.events import (
     BBOX_DTYPE,
@@ -23,9 +23,6 @@ from ems_yolo.events import (
     write_bbox,
     write_dat,
 )
-
-SAMPLE = SHARED_DATA / "events" / "sample_ncars.dat"
-needs_sample = pytest.mark.skipif(not SAMPLE.exists(), reason="shared N-CARS sample not available")
 
 HEADER_304x240 = b"% Data file containing Event2D events\n% Version 2\n% Height 240\n% Width 304\n"
 

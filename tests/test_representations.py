@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from shared_data import SHARED_DATA
+from shared_data import SAMPLE, needs_sample
 
 from ems_yolo.events import (
     EVENT_DTYPE,
@@ -14,9 +14,6 @@ from ems_yolo.events import (
     read_dat,
     voxel_grid,
 )
-
-SAMPLE = SHARED_DATA / "events" / "sample_ncars.dat"
-needs_sample = pytest.mark.skipif(not SAMPLE.exists(), reason="shared N-CARS sample not available")
 
 H, W = 6, 8
 

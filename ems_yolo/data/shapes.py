@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 import yaml
 
+from ems_yolo.utils.checks import check_int
 from ems_yolo.utils.files import build_folder_once
 from ems_yolo.utils.offline import ems_home
 
@@ -55,10 +56,7 @@ def make_shapes_dataset(
     folder and renamed into place, so a half-written dataset is never used.
     """
     for name, value, minimum in (("n_train", n_train, 1), ("n_val", n_val, 1), ("imgsz", imgsz, 32), ("seed", seed, 0)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise ValueError(f"{name} must be an integer, got {value!r}")
-        if value < minimum:
-            raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        check_int(name, value, minimum)
     params = {
         "generator": _GENERATOR_VERSION,
         "imgsz": int(imgsz),

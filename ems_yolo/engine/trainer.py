@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from copy import copy
 from pathlib import Path
 from unittest import mock
@@ -22,6 +21,7 @@ from ems_yolo.data.datasets import (
 from ems_yolo.engine.autoanchor import check_anchors
 from ems_yolo.engine.validator import EMSValidator, build_event_dataset
 from ems_yolo.nn.model import EMSDetectionModel
+from ems_yolo.utils.files import atomic_write_bytes
 from ems_yolo.utils.flops import image_hw
 
 
@@ -30,10 +30,9 @@ class AtomicPath(type(Path())):
     leaves a truncated checkpoint behind (Ultralytics writes last.pt/best.pt with `Path.write_bytes`)."""
 
     def write_bytes(self, data) -> int:  # noqa: D102
-        tmp = Path(self.parent) / f".{self.name}.tmp{os.getpid()}"
-        n = Path.write_bytes(tmp, data)
-        os.replace(tmp, self)
-        return n
+        view = memoryview(data)
+        atomic_write_bytes(Path(self), view)
+        return view.nbytes
 
 
 def check_amp_offline(model: torch.nn.Module) -> bool:

@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import bisect
 import os
-import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+
+from ems_yolo.utils.files import atomic_write
 
 __all__ = [
     "BBOX_DTYPE",
@@ -336,20 +336,6 @@ class DatReader:
         return events
 
 
-def _atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> None:
-    """Write a file through a temporary sibling and ``os.replace`` so readers never see a partial file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with tmp.open("xb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _integer_field(array: np.ndarray, name: str, low: int, high: int, allow_bool: bool = False) -> np.ndarray:
     """Return field ``name`` as int64 after checking its dtype is integer and its values lie in [low, high]."""
     values = np.asarray(array[name])
@@ -411,7 +397,7 @@ def write_dat(
         f.write(bytes((0x00, _RECORD_SIZE)))
         f.write(records.tobytes())
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def _convert_boxes(boxes: np.ndarray, target: np.dtype, source: str) -> np.ndarray:
@@ -471,4 +457,4 @@ def write_bbox(path: PathLike, boxes: np.ndarray, version: int = 1) -> None:
     if version not in layouts:
         raise ValueError(f"version must be 1 or 2, got {version}")
     converted = _convert_boxes(boxes, layouts[version], "boxes")
-    _atomic_write(path, lambda f: np.save(f, converted))
+    atomic_write(path, lambda f: np.save(f, converted))

@@ -33,6 +33,7 @@ import numpy as np
 
 from ems_yolo.events.io import BBOX_DTYPE_V1, write_bbox, write_dat
 from ems_yolo.events.simulator import EventSimulator, SimulatorConfig
+from ems_yolo.utils.checks import check_int
 from ems_yolo.utils.files import build_folder_once
 from ems_yolo.utils.offline import ems_home
 
@@ -326,10 +327,8 @@ def make_synthetic_gen1(
     ``root`` defaults to ``$EMS_YOLO_HOME/datasets/gen1-synthetic-<params>``.
     """
     for name, value in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test), ("seed", seed)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-    if isinstance(fps, bool) or not isinstance(fps, (int, np.integer)) or fps < 100:
-        raise ValueError(f"fps must be an integer >= 100 (slower rendering bunches events up), got {fps!r}")
+        check_int(name, value, 0)
+    check_int("fps", fps, 100, " (slower rendering bunches events up)")
     first_label_s = (_SKIP_US + _LABEL_PERIOD_US) * 1e-6
     if not (math.isfinite(duration_s) and duration_s >= first_label_s):
         raise ValueError(f"duration_s must be >= {first_label_s} s so that recordings get labels, got {duration_s!r}")

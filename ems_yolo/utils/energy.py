@@ -15,8 +15,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import uuid
 import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -27,6 +25,7 @@ from torch import nn
 
 from ems_yolo.nn.blocks import EMSBlock2
 from ems_yolo.nn.neuron import LIF
+from ems_yolo.utils.files import atomic_write_bytes
 from ems_yolo.utils.flops import conv_ops, image_hw
 
 PJ_TO_MJ = 1e-9
@@ -306,11 +305,11 @@ class EnergyReport:
             rates = r.step_rates if r.step_rates is not None else [""] * self.time_steps
             fr = "" if r.firing_rate is None else r.firing_rate
             writer.writerow([r.name, r.kind, r.source or "", *r.out_hw, r.macs, fr, *rates, r.sops, r.energy_mj])
-        return _atomic_write(path, buf.getvalue().encode())
+        return atomic_write_bytes(path, buf.getvalue().encode())
 
     def to_json(self, path: str | Path) -> Path:
         """Write `to_dict()` as JSON, atomically."""
-        return _atomic_write(path, json.dumps(self.to_dict(), indent=2).encode())
+        return atomic_write_bytes(path, json.dumps(self.to_dict(), indent=2).encode())
 
     def plot_firing_rates(self, path: str | Path) -> Path:
         """Bar chart (PNG) of the input firing rate of every spike-fed conv, atomically (Agg canvas, no pyplot)."""
@@ -331,20 +330,7 @@ class EnergyReport:
         )
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=120)
-        return _atomic_write(path, buf.getvalue())
-
-
-def _atomic_write(path: str | Path, data: bytes) -> Path:
-    """Write through a temporary sibling and `os.replace`, so readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+        return atomic_write_bytes(path, buf.getvalue())
 
 
 def _images(batch) -> torch.Tensor:

@@ -8,16 +8,34 @@ import secrets
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
+    """Write a file through a uniquely named temporary sibling (flushed to disk) and `os.replace`, so readers and
+    crashes see the old file or the new one, never a partial one; the temporary never outlives the call."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    try:
+        with tmp.open("xb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """`atomic_write` of a bytes object."""
+    return atomic_write(path, lambda f: f.write(data))
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write `text` through a temporary sibling and `os.replace`: readers see the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    """`atomic_write` of UTF-8 text."""
+    return atomic_write_bytes(path, text.encode())
 
 
 def content_addressed(folder: str | Path, stem: str, text: str, suffix: str = ".yaml") -> Path:

@@ -8,8 +8,9 @@ places a local font where Ultralytics looks first. Users can still override any 
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
+
+from ems_yolo.utils.files import atomic_write_bytes
 
 
 def ems_home() -> Path:
@@ -37,9 +38,7 @@ def _install_fonts(config_dir: Path) -> None:
     config_dir.mkdir(parents=True, exist_ok=True)
     for target in targets:
         if not target.exists():
-            tmp = target.with_suffix(".tmp")
-            shutil.copyfile(source, tmp)
-            os.replace(tmp, target)
+            atomic_write_bytes(target, source.read_bytes())
 
 
 def quiet_integrations() -> None:

@@ -1,0 +1,12 @@
+"""Argument checks shared by the dataset generators."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def check_int(name: str, value: object, minimum: int, why: str = "") -> int:
+    """Return `value` as int if it is an integer (not a bool) >= minimum, else raise a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}{why}, got {value!r}")
+    return int(value)
