@@ -20,28 +20,16 @@ from ultralytics.utils import LOGGER
 
 from ems_yolo.data.datasets import load_data, split_event_path
 from ems_yolo.events.dataset import EventDetectionDataset
+from ems_yolo.events.io import concat_boxes, detections_to_boxes
 from ems_yolo.utils.coco import coco_bbox_eval
 from ems_yolo.utils.flops import image_hw
 
 
 def _gen1_rows(xyxy, cls, conf, t: int, scale: np.ndarray) -> np.ndarray:
-    """Boxes in network pixels (xyxy) as Gen1 v2 rows in sensor pixels (top-left xywh) at time t."""
-    from ems_yolo.events.io import BBOX_DTYPE
-
+    """Boxes in network pixels (xyxy tensors) as Gen1 v2 rows in sensor pixels at time t."""
     b = xyxy.detach().cpu().numpy().reshape(-1, 4) * scale
-    rows = np.zeros(len(b), BBOX_DTYPE)
-    rows["t"], rows["x"], rows["y"] = t, b[:, 0], b[:, 1]
-    rows["w"], rows["h"] = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
-    rows["class_id"] = cls.detach().cpu().numpy().reshape(-1).astype(np.uint32)
-    rows["class_confidence"] = 1.0 if conf is None else conf.detach().cpu().numpy().reshape(-1)
-    return rows
-
-
-def _sorted_boxes(parts: list[np.ndarray]) -> np.ndarray:
-    from ems_yolo.events.io import BBOX_DTYPE
-
-    boxes = np.concatenate(parts) if parts else np.zeros(0, BBOX_DTYPE)
-    return boxes[np.argsort(boxes["t"], kind="stable")]
+    confidence = 1.0 if conf is None else conf.detach().cpu().numpy()
+    return detections_to_boxes(b, cls.detach().cpu().numpy(), confidence, t)
 
 
 def build_event_dataset(img_path: str, args, mode: str = "val"):
@@ -102,8 +90,8 @@ class EMSValidator(DetectionValidator):
             from ems_yolo.events.evaluation import evaluate_gen1
 
             recs = sorted(self._gen1_gt)
-            gt = [_sorted_boxes(self._gen1_gt[r]) for r in recs]
-            dt = [_sorted_boxes(self._gen1_dt.get(r, [])) for r in recs]
+            gt = [concat_boxes(self._gen1_gt[r]) for r in recs]
+            dt = [concat_boxes(self._gen1_dt.get(r, [])) for r in recs]
             rep = self.dataloader.dataset.rep
             self.gen1_stats = evaluate_gen1(gt, dt, height=rep.height, width=rep.width)
             self.metrics.gen1 = self.gen1_stats

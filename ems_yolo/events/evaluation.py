@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ems_yolo.events.io import BBOX_DTYPE, _convert_boxes
+from ems_yolo.events.io import BBOX_DTYPE, convert_boxes
 from ems_yolo.utils.coco import coco_bbox_eval
 
 __all__ = ["evaluate_gen1"]
@@ -22,7 +22,7 @@ _METRICS = ("mAP50-95", "mAP50", "mAP75", "mAP_small", "mAP_medium", "mAP_large"
 
 def _prepare(boxes: np.ndarray, source: str, skip_us: int, min_diag: float, min_side: float, n_classes: int):
     """Convert to v2 (checking time order), check class ids and apply the protocol's time and size filter."""
-    boxes = _convert_boxes(np.asarray(boxes), BBOX_DTYPE, source)
+    boxes = convert_boxes(np.asarray(boxes), BBOX_DTYPE, source)
     bad = np.flatnonzero(boxes["class_id"] >= n_classes)
     if bad.size:
         raise ValueError(f"{source}: row {bad[0]} has class_id {boxes['class_id'][bad[0]]}, expected < {n_classes}")

@@ -36,6 +36,9 @@ __all__ = [
     "DatHeader",
     "DatReader",
     "EventFileError",
+    "concat_boxes",
+    "convert_boxes",
+    "detections_to_boxes",
     "read_bbox",
     "read_dat",
     "read_dat_header",
@@ -400,7 +403,7 @@ def write_dat(
     atomic_write(path, write)
 
 
-def _convert_boxes(boxes: np.ndarray, target: np.dtype, source: str) -> np.ndarray:
+def convert_boxes(boxes: np.ndarray, target: np.dtype, source: str) -> np.ndarray:
     """Copy v1 or v2 boxes into the ``target`` layout by field name, checking names, ranges and time order."""
     found = boxes.dtype.names
     v1_names, v2_names = set(BBOX_DTYPE_V1.names), set(BBOX_DTYPE.names)
@@ -442,13 +445,30 @@ def _convert_boxes(boxes: np.ndarray, target: np.dtype, source: str) -> np.ndarr
     return out
 
 
+def detections_to_boxes(xyxy: np.ndarray, class_id: np.ndarray, confidence: np.ndarray | float, t: int) -> np.ndarray:
+    """Corner boxes `[n, 4]` in sensor pixels, with classes and confidences, as BBOX_DTYPE rows at time t."""
+    xyxy = np.asarray(xyxy, dtype=np.float64).reshape(-1, 4)
+    rows = np.zeros(len(xyxy), BBOX_DTYPE)
+    rows["t"], rows["x"], rows["y"] = t, xyxy[:, 0], xyxy[:, 1]
+    rows["w"], rows["h"] = xyxy[:, 2] - xyxy[:, 0], xyxy[:, 3] - xyxy[:, 1]
+    rows["class_id"] = np.asarray(class_id).reshape(-1).astype(np.uint32)
+    rows["class_confidence"] = np.asarray(confidence).reshape(-1) if np.ndim(confidence) else confidence
+    return rows
+
+
+def concat_boxes(parts: list[np.ndarray]) -> np.ndarray:
+    """BBOX_DTYPE arrays joined into one, stably sorted by time (the order `_bbox.npy` files require)."""
+    boxes = np.concatenate(parts) if parts else np.zeros(0, BBOX_DTYPE)
+    return boxes[np.argsort(boxes["t"], kind="stable")]
+
+
 def read_bbox(path: PathLike) -> np.ndarray:
     """Load a `_bbox.npy` file (v1 or v2 layout) and return it in the v2 layout BBOX_DTYPE."""
     boxes = np.load(path)
     if isinstance(boxes, np.lib.npyio.NpzFile):
         boxes.close()
         raise ValueError(f"{path}: expected a .npy array, got an .npz archive")
-    return _convert_boxes(boxes, BBOX_DTYPE, str(path))
+    return convert_boxes(boxes, BBOX_DTYPE, str(path))
 
 
 def write_bbox(path: PathLike, boxes: np.ndarray, version: int = 1) -> None:
@@ -456,5 +476,5 @@ def write_bbox(path: PathLike, boxes: np.ndarray, version: int = 1) -> None:
     layouts = {1: BBOX_DTYPE_V1, 2: BBOX_DTYPE}
     if version not in layouts:
         raise ValueError(f"version must be 1 or 2, got {version}")
-    converted = _convert_boxes(boxes, layouts[version], "boxes")
+    converted = convert_boxes(boxes, layouts[version], "boxes")
     atomic_write(path, lambda f: np.save(f, converted))

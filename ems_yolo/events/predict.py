@@ -17,7 +17,13 @@ import torch
 import yaml
 
 from ems_yolo.events.dataset import resize_channels
-from ems_yolo.events.io import BBOX_DTYPE, read_dat, read_dat_header, write_bbox
+from ems_yolo.events.io import (
+    concat_boxes,
+    detections_to_boxes,
+    read_dat,
+    read_dat_header,
+    write_bbox,
+)
 from ems_yolo.events.representations import EventRepresentation, ems_frames
 
 
@@ -121,11 +127,7 @@ def predict_events(
             det = non_max_suppression(backend(inp.to(backend.device)), conf, iou, max_det=max_det)[0].cpu().numpy()
         det[:, [0, 2]] = (det[:, [0, 2]] * (rep.width / size)).clip(0, rep.width)  # to sensor pixels, clipped
         det[:, [1, 3]] = (det[:, [1, 3]] * (rep.height / size)).clip(0, rep.height)
-        r = np.zeros(len(det), BBOX_DTYPE)
-        r["t"], r["x"], r["y"] = t, det[:, 0], det[:, 1]
-        r["w"], r["h"] = det[:, 2] - det[:, 0], det[:, 3] - det[:, 1]
-        r["class_id"], r["class_confidence"] = det[:, 5].astype(np.uint32), det[:, 4]
-        rows.append(r)
+        rows.append(detections_to_boxes(det[:, :4], det[:, 5], det[:, 4], t))
         if save_video:
             frame = cv2.cvtColor(np.ascontiguousarray(newest), cv2.COLOR_GRAY2BGR)
             ann = Annotator(frame, line_width=1)
@@ -137,7 +139,6 @@ def predict_events(
             video.write(ann.result())
     if video is not None:
         video.release()
-    boxes = np.concatenate(rows) if rows else np.zeros(0, BBOX_DTYPE)
     out = out_dir / f"{stem}_bbox.npy"
-    write_bbox(out, boxes, version=2)
+    write_bbox(out, concat_boxes(rows), version=2)
     return out
