@@ -17,6 +17,7 @@ from ems_yolo.nn.neuron import (
     lif_forward,
     make_neuron,
     spikes_from_state,
+    tracing,
     unfold_time,
 )
 
@@ -161,7 +162,7 @@ class MaxPool(nn.MaxPool2d):
         s = self.kernel_size
         if torch.is_grad_enabled() and x.requires_grad:
             return MaxPoolFunction.apply(x, s)
-        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        if tracing():
             return super().forward(x)
         h, w = x.shape[-2] // s * s, x.shape[-1] // s * s
         out = x[..., 0:h:s, 0:w:s]

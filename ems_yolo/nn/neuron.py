@@ -58,6 +58,11 @@ def check_backend(backend: str, where: str = "backend") -> None:
                          "ship it), or use 'torch'")
 
 
+def tracing() -> bool:
+    """Whether the model is being traced or exported, where the plain-op paths must be used."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
 def unfold_time(x: torch.Tensor, time_steps: int) -> torch.Tensor:
     """View `[T*B, ...]` as `[T, B, ...]` (batch stays dynamic in traced graphs)."""
     return x.view(time_steps, -1, *x.shape[1:])
@@ -100,14 +105,14 @@ def lif_backward(grad_spikes: torch.Tensor, state: tuple[torch.Tensor, ...], lif
     With the reset detached, dL/du_t = dL/ds_t * h(u_t) + dL/du_{t+1} * tau * (1 - s_t), where the rectangle's
     h is the window bit divided by alpha.
     """
-    tau = lif.tau
-    scale = 1 / lif.alpha if len(state) == 1 else 1.0
-    if len(state) == 1 and lif.backend == "triton" and lif_triton.usable(state[0]):
+    tau, rect = lif.tau, lif.rectangular
+    scale = 1 / lif.alpha if rect else 1.0
+    if rect and lif.backend == "triton" and lif_triton.usable(state[0]):
         return lif_triton.backward(grad_spikes, state[0], tau, scale)
     grad = torch.empty_like(state[0], dtype=grad_spikes.dtype)
     T = grad_spikes.shape[0]
     for t in reversed(range(T)):
-        if len(state) == 1:  # rectangle: h = bit 0, spike = bit 1
+        if rect:  # h = bit 0, spike = bit 1
             code = state[0][t]
             torch.mul(grad_spikes[t], code & 1, out=grad[t])
             keep = code < 2
@@ -199,7 +204,7 @@ class LIF(nn.Module):
         currents = unfold_time(x, self.time_steps)
         if self.training and self.detach_reset and torch.is_grad_enabled():
             return MultiStepLIF.apply(currents, self).flatten(0, 1)
-        if not (torch.is_grad_enabled() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+        if not (torch.is_grad_enabled() or tracing()):
             return self._infer(currents).flatten(0, 1)
         u = currents[0]
         s = self.fire(u)
