@@ -18,7 +18,7 @@ def _seed():
 @pytest.fixture
 def tiny_cfg():
     """Factory: a built-in model YAML at reduced width with overrides (nc, time_steps, ...) applied."""
-    from ems_yolo.nn import load_model_yaml
+    from ems_yolo.cfg import load_model_yaml
 
     def make(name: str = "ems-res10.yaml", width: float = 0.25, **overrides) -> dict:
         d = load_model_yaml(name)

@@ -11,8 +11,9 @@ from ems_yolo.nn import LIF, EMSDetectionModel, SiLUNeuron
 from ems_yolo.nn.blocks import EMSBlock1, EMSBlock2, MSBlock
 from ems_yolo.nn.head import EMSDetect
 from ems_yolo.nn.layers import EncodingConv, spike_conv
-from ems_yolo.nn.model import ann_twin, load_model_yaml
-from ems_yolo.utils.energy import (
+from ems_yolo.cfg import load_model_yaml
+from ems_yolo.nn.model import ann_twin
+from ems_yolo.energy.report import (
     ENERGY_PRESETS,
     SpikeMonitor,
     energy_constants,

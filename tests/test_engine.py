@@ -16,7 +16,7 @@ from ems_yolo.cli import app
 from ems_yolo.data.shapes import make_shapes_dataset
 from ems_yolo.engine.model import derive_model_yaml
 from ems_yolo.engine.trainer import EMSTrainer
-from ems_yolo.nn import load_model_yaml
+from ems_yolo.cfg import load_model_yaml
 
 COCO8 = SHARED_DATA / "coco8"
 VIDEO = SHARED_DATA / "videos" / "pedestrians.avi"

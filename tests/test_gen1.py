@@ -7,6 +7,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import yaml
 from shared_data import SHARED_DATA
 from typer.testing import CliRunner
 
@@ -25,7 +26,7 @@ from ems_yolo.events.gen1 import (
 from ems_yolo.events.io import BBOX_DTYPE, EventFileError, read_bbox, read_dat
 from ems_yolo.events.representations import EventRepresentation
 from ems_yolo.events.synthetic import make_synthetic_gen1
-from ems_yolo.nn import load_model_yaml
+from ems_yolo.cfg import load_model_yaml
 
 REP = EventRepresentation(bins=3, window_us=150_000)
 ESIM_VIDEO = SHARED_DATA / "videos" / "esim_test_frames.avi"
@@ -37,15 +38,17 @@ def synth(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cache(synth, tmp_path_factory) -> Path:
-    return preprocess_gen1(synth, tmp_path_factory.mktemp("cache") / "gen1.h5", REP, progress=False)
+def cache_dir(synth, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cache")
+    assert preprocess_gen1(synth, out, REP, progress=False) == {s: out / f"{s}.h5" for s in ("train", "val", "test")}
+    return out
 
 
 @pytest.fixture(scope="module")
-def data_yaml(cache) -> Path:
-    y = cache.parent / "gen1-tiny.yaml"
-    y.write_text(f"path: {cache.parent}\ncache: {cache.name}\ntrain: train\nval: val\ntest: test\n"
-                 "names:\n  0: car\n  1: pedestrian\n")
+def data_yaml(cache_dir) -> Path:
+    """An ordinary data YAML whose splits are the cache files (channels come from the caches)."""
+    y = cache_dir / "gen1-tiny.yaml"
+    y.write_text(f"path: {cache_dir}\ntrain: train.h5\nval: val.h5\ntest: test.h5\nnames:\n  0: car\n  1: pedestrian\n")
     return y
 
 
@@ -68,8 +71,8 @@ def test_clean_labels_last_per_track_clipped_no_empty():
     np.testing.assert_allclose(out[1000], [[0, 12, 10, 20, 20], [1, 290, 0, 14, 15]])
 
 
-def test_cache_holds_the_representation_and_clean_labels(synth, cache):
-    c = Gen1Cache(cache, "train")
+def test_cache_holds_the_representation_and_clean_labels(synth, cache_dir):
+    c = Gen1Cache(cache_dir / "train.h5")
     recs = find_recordings(synth / "train")
     assert c.recordings == [r[0] for r in recs]
     expected = [(i, ts, b) for i, (_, td, bb) in enumerate(recs) for ts, b in clean_labels(read_bbox(bb)).items()]
@@ -80,12 +83,12 @@ def test_cache_holds_the_representation_and_clean_labels(synth, cache):
         np.testing.assert_array_equal(c.boxes(k), b)
         events = read_dat(recs[i][1], ts - REP.window_us, ts)
         np.testing.assert_array_equal(c.stored(k), REP.stored(events, ts))
-    with h5py.File(cache) as f:
-        assert f["train/samples"].compression == "lzf" and f["train/samples"].chunks[0] == 1
+    with h5py.File(cache_dir / "train.h5") as f:
+        assert f["samples"].compression == "lzf" and f["samples"].chunks[0] == 1 and f.attrs["split"] == "train"
 
 
-def test_preprocess_resumes_after_interruption(synth, cache, tmp_path, monkeypatch):
-    dst = tmp_path / "resumed.h5"
+def test_preprocess_resumes_after_interruption(synth, cache_dir, tmp_path, monkeypatch):
+    dst = tmp_path / "resumed"
     real = gen1._write_recording
     done = []
 
@@ -100,12 +103,12 @@ def test_preprocess_resumes_after_interruption(synth, cache, tmp_path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         preprocess_gen1(synth, dst, REP, progress=False)
     monkeypatch.setattr(gen1, "_write_recording", real)
-    assert len(Gen1Cache(dst, "train").recordings) == 1
+    assert len(Gen1Cache(dst / "train.h5").recordings) == 1
     preprocess_gen1(synth, dst, REP, progress=False)
-    with h5py.File(dst) as a, h5py.File(cache) as b:
-        for split in ("train", "val", "test"):
+    for split in ("train", "val", "test"):
+        with h5py.File(dst / f"{split}.h5") as a, h5py.File(cache_dir / f"{split}.h5") as b:
             for name in ("samples", "labels", "t_us", "recording", "label_count"):
-                np.testing.assert_array_equal(a[split][name][:], b[split][name][:])
+                np.testing.assert_array_equal(a[name][:], b[name][:])
     with pytest.raises(ValueError, match="representation"):
         preprocess_gen1(synth, dst, EventRepresentation(bins=5), progress=False)
 
@@ -117,12 +120,12 @@ def test_preprocess_errors_name_the_bad_file(synth, tmp_path):
     (src / td.name).write_bytes(td.read_bytes() + b"\x01\x02\x03")  # truncated record
     (src / bb.name).write_bytes(bb.read_bytes())
     with pytest.raises(EventFileError, match=f"{td.name}.*byte offset"):
-        preprocess_gen1(src.parent, tmp_path / "c.h5", REP, progress=False)
+        preprocess_gen1(src.parent, tmp_path / "c", REP, progress=False)
     (src / bb.name).unlink()
     with pytest.raises(FileNotFoundError, match="no matching labels file"):
-        preprocess_gen1(src.parent, tmp_path / "c2.h5", REP, progress=False)
+        preprocess_gen1(src.parent, tmp_path / "c2", REP, progress=False)
     with pytest.raises(FileNotFoundError, match="How to get Gen1"):
-        preprocess_gen1(tmp_path / "nowhere", tmp_path / "c3.h5", REP, progress=False)
+        preprocess_gen1(tmp_path / "nowhere", tmp_path / "c3", REP, progress=False)
 
 
 def test_missing_gen1_explains_how_to_get_it(tmp_path, monkeypatch):
@@ -158,7 +161,7 @@ def test_event_training_at_T3_lowers_loss_and_scores_both_protocols(trained, dat
     assert 0 <= metrics.box.map50 <= 1
 
 
-def test_predict_on_recording_and_cache(trained, synth, cache, tmp_path):
+def test_predict_on_recording_and_cache(trained, synth, cache_dir, tmp_path):
     run, _ = trained
     name, td, bb = find_recordings(synth / "val")[0]
     r = CliRunner().invoke(app, ["predict", f"model={run / 'weights' / 'last.pt'}", f"source={td}", "conf=0.001",
@@ -170,19 +173,22 @@ def test_predict_on_recording_and_cache(trained, synth, cache, tmp_path):
     assert (tmp_path / "p" / f"{name}.avi").is_file()
     scores = evaluate_gen1([read_bbox(bb)], [det])
     assert 0 <= scores["mAP50"] <= 1
-    r = CliRunner().invoke(app, ["predict", f"model={run / 'weights' / 'last.pt'}", f"source={cache}",
+    r = CliRunner().invoke(app, ["predict", f"model={run / 'weights' / 'last.pt'}", f"source={cache_dir / 'val.h5'}",
                                  "conf=0.001", "imgsz=96", f"project={tmp_path}", "name=h"])
     assert r.exit_code == 0, r.output
-    det = read_bbox(tmp_path / "h" / "gen1_val_bbox.npy")
-    assert set(np.unique(det["t"])) <= set(Gen1Cache(cache, "val").t_us.tolist())
+    det = read_bbox(tmp_path / "h" / "val_bbox.npy")
+    assert set(np.unique(det["t"])) <= set(Gen1Cache(cache_dir / "val.h5").t_us.tolist())
 
 
 def test_cli_gen1_preprocess_and_video_to_events(synth, tmp_path):
-    r = CliRunner().invoke(app, ["gen1", "preprocess", f"src={synth}", f"dst={tmp_path / 'c.h5'}", "bins=2",
+    r = CliRunner().invoke(app, ["gen1", "preprocess", f"src={synth}", f"dst={tmp_path / 'c'}", "bins=2",
                                  "window_ms=100", "splits=[val]"])
     assert r.exit_code == 0, r.output
-    c = Gen1Cache(tmp_path / "c.h5", "val")
+    c = Gen1Cache(tmp_path / "c" / "val.h5")
     assert c.representation.bins == 2 and c.representation.window_us == 100_000 and len(c) > 0
+    assert not (tmp_path / "c" / "train.h5").exists()
+    d = yaml.safe_load((tmp_path / "c" / "data.yaml").read_text())
+    assert d["val"] == "val.h5" and "train" not in d and d["channels"] == 6  # 2 bins x 3
     if not ESIM_VIDEO.is_file():
         pytest.skip("esim test video not present")
     out = tmp_path / "esim_td.dat"

@@ -6,7 +6,7 @@ from torch import nn
 
 from ems_yolo.nn import EMSDetectionModel, EncodingConv, TDBatchNorm2d
 from ems_yolo.nn.blocks import EMSBlock1, EMSBlock2, MSBlock
-from ems_yolo.utils.flops import conv_ops
+from ems_yolo.nn.flops import conv_ops
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from ems_yolo.nn import EMSDetectionModel, load_model_yaml, parse_model
+from ems_yolo.cfg import load_model_yaml
+from ems_yolo.nn import EMSDetectionModel, parse_model
 from ems_yolo.nn.blocks import MSBlock
 
 

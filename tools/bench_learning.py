@@ -13,11 +13,11 @@ import argparse
 import tempfile
 import time
 
-import ems_yolo  # noqa: F401
 from ems_yolo import EMSYOLO
+from ems_yolo.cfg import load_model_yaml
 from ems_yolo.data.shapes import make_shapes_dataset
 from ems_yolo.engine.model import derive_model_yaml
-from ems_yolo.nn.model import ann_twin, load_model_yaml
+from ems_yolo.nn.model import ann_twin
 
 
 def train(cfg: dict, data: str, args: argparse.Namespace, name: str, project: str) -> tuple[float, float, float]:

@@ -42,12 +42,13 @@ from pathlib import Path
 
 from torch import nn
 
+from ems_yolo.cfg import load_model_yaml
 from ems_yolo.nn import lif_triton
+from ems_yolo.nn.flops import conv_ops
 from ems_yolo.nn.head import EMSDetect
 from ems_yolo.nn.layers import EncodingConv
-from ems_yolo.nn.model import EMSDetectionModel, load_model_yaml
+from ems_yolo.nn.model import EMSDetectionModel
 from ems_yolo.nn.neuron import LIF
-from ems_yolo.utils.flops import conv_ops
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from naive_reference import NaiveEMS, naive_lif

@@ -12,11 +12,10 @@ from pathlib import Path
 
 import cv2
 
-import ems_yolo  # noqa: F401
 from ems_yolo import EMSYOLO
+from ems_yolo.cfg import load_model_yaml
 from ems_yolo.data.shapes import make_shapes_dataset
 from ems_yolo.engine.model import derive_model_yaml
-from ems_yolo.nn.model import load_model_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 VIDEO = ROOT.parent / "shared" / "data" / "videos" / "pedestrians.avi"

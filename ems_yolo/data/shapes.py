@@ -20,9 +20,9 @@ import cv2
 import numpy as np
 import yaml
 
+from ems_yolo.cfg import ems_home
 from ems_yolo.utils.checks import check_int
 from ems_yolo.utils.files import build_folder_once
-from ems_yolo.utils.offline import ems_home
 
 __all__ = ["CLASS_NAMES", "default_root", "make_shapes_dataset"]
 

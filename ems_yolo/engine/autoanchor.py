@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
+from ems_yolo import ultralytics_compat  # noqa: F401  (first: offline environment before Ultralytics loads)
 from ultralytics.utils import LOGGER
 
-from ems_yolo.events.dataset import EventDetectionDataset
+from ems_yolo.data.events import EventDetectionDataset
 
 BPR_THRESHOLD = 0.98
 

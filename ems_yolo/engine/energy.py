@@ -1,6 +1,6 @@
 """Energy reports through the engine: the dataset's validation images, the model's input size, files in a run folder.
 
-`EMSYOLO.energy(...)`, `ems-yolo energy ...` and `ems-yolo val ... energy=True` all end here: firing rates are
+`EMSYOLO.energy(...)`, `ems-yolo energy ...` and `EMSYOLO.val(energy=True)` all end here: firing rates are
 measured on real data with `SpikeMonitor` hooks, and the per-layer table, `energy.csv`, `energy.json` and the
 firing-rate bar chart `firing_rates.png` are written to the run folder.
 """
@@ -10,23 +10,23 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+
+from ems_yolo import ultralytics_compat  # noqa: F401  (first: offline environment before Ultralytics loads)
 from ultralytics.cfg import get_cfg
+from ultralytics.data.build import build_dataloader, build_yolo_dataset
 from ultralytics.utils import DEFAULT_CFG, LOGGER
 
-from ems_yolo.data.datasets import load_data, resolve_data, split_event_path
-from ems_yolo.utils.energy import EnergyReport, energy_report
+from ems_yolo.data.datasets import load_data
+from ems_yolo.data.events import build_event_dataset, is_event_split
+from ems_yolo.energy.report import EnergyReport, energy_report
+from ems_yolo.utils.checks import image_hw
 
 
 def energy_dataloader(data: str | None, imgsz: int, batch: int = 8, split: str = "val", workers: int = 0):
     """Square, unaugmented batches of a dataset split (images letterboxed to imgsz; event samples stretched)."""
-    from ultralytics.data.build import build_dataloader, build_yolo_dataset
-
-    from ems_yolo.engine.validator import build_event_dataset
-
-    data = resolve_data(data)
     d = load_data(data, split=split)
-    cfg = get_cfg(DEFAULT_CFG, {"imgsz": imgsz, "data": data, "rect": False})
-    if split_event_path(d[split]):
+    cfg = get_cfg(DEFAULT_CFG, {"imgsz": imgsz, "data": d["yaml_file"], "rect": False})
+    if is_event_split(d[split]):
         dataset = build_event_dataset(d[split], cfg, mode="val")
     else:
         dataset = build_yolo_dataset(cfg, d[split], batch, d, mode="val", rect=False)
@@ -50,3 +50,12 @@ def run_energy(model: torch.nn.Module, loader, imgsz: int, folder: str | Path, *
     report = energy_report(model, loader, imgsz, **kwargs)
     save_report(report, folder)
     return report
+
+
+def energy_after_val(model: torch.nn.Module):
+    """`on_val_end` callback: the energy report on the validator's own data loader, in its run folder."""
+
+    def callback(validator) -> None:
+        run_energy(model, validator.dataloader, max(image_hw(validator.args.imgsz)), validator.save_dir)
+
+    return callback

@@ -1,14 +1,15 @@
-"""EMSYOLO: the `ultralytics.YOLO`-style facade for spiking EMS models.
+"""EMSYOLO: the `ultralytics.YOLO`-style facade for spiking EMS models; every mode of the CLI is one of its methods.
 
     EMSYOLO("ems-res10.yaml").train(data="coco8.yaml", epochs=3)
-    EMSYOLO("runs/detect/train/weights/best.pt").val()
-    EMSYOLO("best.pt").predict("video.mp4"); EMSYOLO("best.pt").export(format="onnx")
+    EMSYOLO("runs/detect/train/weights/best.pt").val(energy=True)
+    EMSYOLO("best.pt").predict("video.mp4"); EMSYOLO("best.pt").predict("recording_td.dat", stride_ms=50)
+    EMSYOLO("best.pt").export(format="onnx"); EMSYOLO("best.pt").energy(data="gen1-synthetic")
 
 `ann=True` builds the ANN twin of a YAML (LIF replaced by ReLU, T = 1), trained and used the same way;
-`checkpoint=True` recomputes activations in backward (less training memory, more compute).
-Time steps come from the model YAML or checkpoint and can be overridden with `time_steps=`; an override of a YAML
-is written to a derived YAML file (the trainer rebuilds models from the file named in its arguments, also in DDP
-workers), so the new T is what checkpoints record.
+`checkpoint=True` recomputes activations in backward (less training memory, more compute); `nc`, `channels` and
+`input` override those keys of a YAML. Time steps come from the model YAML or checkpoint and can be overridden with
+`time_steps=`; an override of a YAML is written to a derived YAML file (the trainer rebuilds models from the file
+named in its arguments, also in DDP workers), so the new T is what checkpoints record.
 """
 
 from __future__ import annotations
@@ -18,29 +19,30 @@ from typing import Any
 
 import yaml
 from torch import nn
+
+from ems_yolo import ultralytics_compat  # noqa: F401  (first: offline environment before Ultralytics loads)
+from ultralytics.cfg import get_cfg
 from ultralytics.engine.model import Model
 from ultralytics.models.yolo.detect import DetectionPredictor
-from ultralytics.utils import DEFAULT_CFG_DICT
+from ultralytics.utils import DEFAULT_CFG
 
-from ems_yolo.data.datasets import load_data, resolve_data
-from ems_yolo.engine.trainer import EMSTrainer, model_for_data
-from ems_yolo.engine.validator import EMSValidator
-from ems_yolo.nn.model import (
-    EMSDetectionModel,
-    ann_twin,
+from ems_yolo.cfg import (
+    DEFAULT_MODEL,
+    EMS_TRAIN_DEFAULTS,
+    EVENT_SUFFIXES,
+    default_project,
+    ems_home,
     find_model_yaml,
     load_model_yaml,
 )
+from ems_yolo.data.datasets import load_data, resolve_data
+from ems_yolo.engine.predictor import EventPredictor
+from ems_yolo.engine.trainer import EMSTrainer, model_for_data
+from ems_yolo.engine.validator import EMSValidator
+from ems_yolo.nn.model import EMSDetectionModel, ann_twin
 from ems_yolo.utils.files import content_addressed
-from ems_yolo.utils.offline import ems_home
 
-# Training defaults that differ from Ultralytics' to follow the EMS-YOLO recipe (model-spec §9).
-EMS_TRAIN_DEFAULTS: dict[str, Any] = {"optimizer": "SGD", "lrf": 0.1, "cos_lr": True, "close_mosaic": 0}
-
-
-def default_project() -> str:
-    """Run folders go to ./runs/detect, as Ultralytics users expect (not to a folder frozen in its settings)."""
-    return str(Path.cwd() / "runs" / "detect")
+YAML_OVERRIDES = ("nc", "channels", "input")  # model YAML keys that EMSYOLO(...) may override besides T
 
 
 def derive_model_yaml(cfg: dict) -> Path:
@@ -60,45 +62,52 @@ def set_time_steps(model: nn.Module, time_steps: int) -> None:
 
 
 def resolve_model_source(
-    model: str | Path, time_steps: int | None = None, ann: bool = False, checkpoint: bool = False
+    model: str | Path, time_steps: int | None = None, ann: bool = False, checkpoint: bool = False, **overrides
 ) -> str:
     """Map a model argument to a YAML path or an existing weights file; errors early for missing files.
 
-    `time_steps`, `ann` (the ANN twin: ReLU, T=1) and `checkpoint` (activation checkpointing) on a YAML are
-    written to a derived YAML.
+    `time_steps`, `ann` (the ANN twin: ReLU, T=1), `checkpoint` (activation checkpointing) and YAML `overrides`
+    (nc, channels, input) on a YAML are written to a derived YAML.
     """
+    unknown = set(overrides) - set(YAML_OVERRIDES)
+    if unknown:
+        raise TypeError(f"unknown model setting(s) {sorted(unknown)}; expected time_steps, ann, checkpoint or "
+                        f"{', '.join(YAML_OVERRIDES)}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
     text = str(model).strip()
     p = Path(text).expanduser()
     if p.suffix in (".yaml", ".yml") or (not p.suffix and not p.exists()):
         path = find_model_yaml(text)
-        if time_steps or ann or checkpoint:
-            cfg = load_model_yaml(path)
+        if time_steps or ann or checkpoint or overrides:
+            cfg = {**load_model_yaml(path), **overrides}
             if time_steps:
                 cfg["time_steps"] = int(time_steps)
             if checkpoint:
                 cfg["checkpoint"] = True
             path = derive_model_yaml(ann_twin(cfg) if ann else cfg)
         return str(path)
-    if ann or checkpoint:
-        raise ValueError(f"ann and checkpoint are model YAML settings; '{text}' is a weights file")
+    if ann or checkpoint or overrides:
+        raise ValueError(f"ann, checkpoint, {', '.join(YAML_OVERRIDES)} are model YAML settings; '{text}' is a "
+                         "weights file")
     if not p.exists():
         raise FileNotFoundError(f"model weights '{text}' not found (ems-yolo does not download weights)")
     return str(p)
 
 
 class EMSYOLO(Model):
-    """Spiking YOLO model: train, val, predict and export through the Ultralytics engine."""
+    """Spiking YOLO model: info, train, val, predict (frames and events), export and energy through one object."""
 
     def __init__(
         self,
-        model: str | Path = "ems-res10.yaml",
+        model: str | Path = DEFAULT_MODEL,
         task: str = "detect",
         verbose: bool = False,
         time_steps: int | None = None,
         ann: bool = False,
         checkpoint: bool = False,
+        **overrides,
     ):
-        source = resolve_model_source(model, time_steps, ann, checkpoint)
+        source = resolve_model_source(model, time_steps, ann, checkpoint, **overrides)
         super().__init__(source, task=task, verbose=verbose)
         if time_steps and isinstance(self.model, nn.Module) and self.model.yaml.get("time_steps") != time_steps:
             set_time_steps(self.model, int(time_steps))
@@ -122,16 +131,16 @@ class EMSYOLO(Model):
         """T of a PyTorch model (None for exported models, whose T is baked in)."""
         return self.model.yaml.get("time_steps") if isinstance(self.model, nn.Module) else None
 
-    def _new(self, cfg: str, task: str | None = None, verbose: bool = False) -> None:
-        """Build from an ems-yolo model YAML (Ultralytics' loader would not know our file names)."""
-        self.cfg = str(find_model_yaml(cfg))
-        self.task = "detect"
-        self.model = EMSDetectionModel(load_model_yaml(self.cfg), verbose=verbose)
-        self.overrides["model"] = self.cfg
-        self.overrides["task"] = self.task
-        self.model.args = {**DEFAULT_CFG_DICT, **self.overrides}
-        self.model.task = self.task
-        self.model_name = self.cfg
+    def _new(self, cfg: str, task: str | None = None, *args, **kwargs) -> None:
+        """Ultralytics' build from a YAML, after resolving ems-yolo's model names to their files."""
+        super()._new(str(find_model_yaml(cfg)), "detect", *args, **kwargs)
+
+    def info(self, detailed: bool = False, verbose: bool = True, imgsz: int | list = 640):
+        """Log the layer table and the summary (layers, parameters, gradients, GFLOPs per step and over all T)."""
+        self._check_is_pytorch_model()
+        if verbose:
+            self.model.log_layers()
+        return self.model.info(detailed=detailed, verbose=verbose, imgsz=imgsz)
 
     def train(self, trainer=None, **kwargs):
         """Train with the EMS-YOLO recipe defaults (overridable); `data` defaults to the built-in dataset."""
@@ -139,6 +148,34 @@ class EMSYOLO(Model):
         if not kwargs.get("resume"):
             kwargs["data"] = resolve_data(kwargs.get("data") or self.overrides.get("data"))
         return super().train(trainer=trainer, **kwargs)
+
+    def val(self, validator=None, energy: bool = False, **kwargs):
+        """Validate on `data` (default: the checkpoint's dataset, else the built-in one); `energy=True` also writes
+        the energy report of the validation data into the validation run folder."""
+        from ems_yolo.engine.energy import energy_after_val
+
+        kwargs["data"] = resolve_data(kwargs.get("data") or self.overrides.get("data"))
+        kwargs.setdefault("project", default_project())
+        callback = energy_after_val(self.model) if energy else None
+        if callback:
+            self.add_callback("on_val_end", callback)
+        try:
+            return super().val(validator=validator, **kwargs)
+        finally:
+            if callback:
+                self.callbacks["on_val_end"].remove(callback)
+
+    def predict(self, source=None, stream: bool = False, predictor=None, events: bool = False,
+                stride_ms: float = 50.0, **kwargs):
+        """Ultralytics prediction on images, videos and streams; event recordings (.dat), event caches (.h5) and,
+        with `events=True`, videos simulated into events go to `EventPredictor` (window step `stride_ms`).
+        Saved results go to ./runs/detect/<name> unless `project` is given."""
+        kwargs.setdefault("project", default_project())
+        if events or str(source).endswith(EVENT_SUFFIXES):
+            args = get_cfg(DEFAULT_CFG, {**self.overrides, "conf": 0.25, **kwargs, "source": source, "mode": "predict"})
+            model = self.model if isinstance(self.model, nn.Module) else self.model_name
+            return EventPredictor(model, args, stride_ms=float(stride_ms), simulate=events)(source, stream=stream)
+        return super().predict(source, stream, predictor, **kwargs)
 
     def energy(
         self,
@@ -149,7 +186,7 @@ class EMSYOLO(Model):
         max_batches: int | None = None,
         project: str | None = None,
         name: str = "energy",
-        **energy_kwargs,
+        **energy_kwargs: Any,
     ):
         """Firing rates on `data`, synaptic operations and energy vs the ANN twin; files go to a run folder.
 
@@ -171,13 +208,3 @@ class EMSYOLO(Model):
         folder = increment_path(Path(project or default_project()) / name)
         return run_energy(model, loader, imgsz, folder, max_batches=max_batches, **energy_kwargs)
 
-    def val(self, validator=None, **kwargs):
-        """Validate on `data` (default: the checkpoint's dataset, else the built-in one)."""
-        kwargs["data"] = resolve_data(kwargs.get("data") or self.overrides.get("data"))
-        kwargs.setdefault("project", default_project())
-        return super().val(validator=validator, **kwargs)
-
-    def predict(self, source=None, stream: bool = False, predictor=None, **kwargs):
-        """Ultralytics prediction; saved results go to ./runs/detect/<name> unless `project` is given."""
-        kwargs.setdefault("project", default_project())
-        return super().predict(source, stream, predictor, **kwargs)

@@ -1,38 +1,23 @@
-"""EMSTrainer: Ultralytics' DetectionTrainer building EMS models, with offline AMP check and atomic checkpoints."""
+"""EMSTrainer: Ultralytics' DetectionTrainer building EMS models, with an offline AMP check and atomic checkpoints."""
 
 from __future__ import annotations
 
-from copy import copy
-from pathlib import Path
-from unittest import mock
+from copy import copy, deepcopy
 
 import torch
-import ultralytics.engine.trainer as ul_trainer
+
+from ems_yolo import ultralytics_compat as compat  # first: offline environment before Ultralytics loads
 from ultralytics.models.yolo.detect import DetectionTrainer
-from ultralytics.utils import LOGGER, RANK
+from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK
 from ultralytics.utils.torch_utils import unwrap_model
 
-from ems_yolo.data.datasets import (
-    is_event_data,
-    load_data,
-    resolve_data,
-    split_event_path,
-)
+from ems_yolo.cfg import load_model_yaml
+from ems_yolo.data.datasets import resolve_data
+from ems_yolo.data.events import build_event_dataset, is_event_split
 from ems_yolo.engine.autoanchor import check_anchors
-from ems_yolo.engine.validator import EMSValidator, build_event_dataset
+from ems_yolo.engine.validator import EMSValidator
 from ems_yolo.nn.model import EMSDetectionModel
-from ems_yolo.utils.files import atomic_write_bytes
-from ems_yolo.utils.flops import image_hw
-
-
-class AtomicPath(type(Path())):
-    """A Path whose `write_bytes` goes through a temporary sibling and `os.replace`, so an interrupted save never
-    leaves a truncated checkpoint behind (Ultralytics writes last.pt/best.pt with `Path.write_bytes`)."""
-
-    def write_bytes(self, data) -> int:  # noqa: D102
-        view = memoryview(data)
-        atomic_write_bytes(Path(self), view)
-        return view.nbytes
+from ems_yolo.utils.checks import image_hw
 
 
 def check_amp_offline(model: torch.nn.Module) -> bool:
@@ -57,28 +42,31 @@ def check_amp_offline(model: torch.nn.Module) -> bool:
 
 
 def model_for_data(cfg, data: dict, verbose: bool = False) -> EMSDetectionModel:
-    """Build a model for a dataset: its classes and channels; on event data `events` input with T = time bins
-    of the cached representation (step t reads bin t)."""
+    """Build a model for a dataset: its classes and channels; on event data `events` input with T = time bins of
+    the cached representation (step t reads bin t), and the representation recorded in the model YAML (so
+    checkpoints know how to turn a recording into input)."""
+    cfg = deepcopy(cfg) if isinstance(cfg, dict) else load_model_yaml(cfg)
     events = data.get("events")
-    kw = {"input_kind": "events", "time_steps": events["bins"]} if events else {}
-    return EMSDetectionModel(cfg, nc=data["nc"], ch=data["channels"], verbose=verbose, **kw)
+    if events:
+        cfg.update(input="events", time_steps=int(events["bins"]), events=dict(events))
+    return EMSDetectionModel(cfg, nc=data["nc"], ch=data["channels"], verbose=verbose)
 
 
 class EMSTrainer(DetectionTrainer):
     """Detection trainer for spiking EMS models; everything else (loop, EMA, augmentation, DDP) is Ultralytics'."""
 
-    def __init__(self, cfg=ul_trainer.DEFAULT_CFG, overrides: dict | None = None, _callbacks=None):
+    def __init__(self, cfg=DEFAULT_CFG, overrides: dict | None = None, _callbacks=None):
         super().__init__(cfg, overrides, _callbacks)
-        self.last, self.best = AtomicPath(self.last), AtomicPath(self.best)
+        compat.atomic_checkpoints(self)
 
     def get_dataset(self) -> dict:
-        """Resolve `data=` offline (built-in data, cfg/datasets names, clear errors); event caches load here."""
+        """Resolve `data=` offline (built-in data, cfg/datasets names, clear errors), then Ultralytics' checks."""
         self.args.data = resolve_data(self.args.data)
-        return load_data(self.args.data) if is_event_data(self.args.data) else super().get_dataset()
+        return super().get_dataset()
 
     def build_dataset(self, img_path: str, mode: str = "train", batch: int | None = None):
-        """Event cache splits get EventDetectionDataset; image folders go to Ultralytics."""
-        if split_event_path(img_path):
+        """Event caches (.h5 splits) get EventDetectionDataset; image folders go to Ultralytics."""
+        if is_event_split(img_path):
             return build_event_dataset(img_path, self.args, mode)
         return super().build_dataset(img_path, mode, batch)
 
@@ -94,9 +82,9 @@ class EMSTrainer(DetectionTrainer):
         return EMSValidator(self.test_loader, save_dir=self.save_dir, args=copy(self.args), _callbacks=self.callbacks)
 
     def _setup_train(self) -> None:
-        """Ultralytics' set-up with its AMP check (which downloads yolo26n.pt) replaced by an offline one, then
-        AutoAnchor on the training labels (unless `autoanchor: false` in the model YAML or when resuming)."""
-        with mock.patch.object(ul_trainer, "check_amp", check_amp_offline):
+        """Ultralytics' set-up with its AMP check replaced by an offline one, then AutoAnchor on the training labels
+        (unless `autoanchor: false` in the model YAML or when resuming)."""
+        with compat.offline_amp_check(check_amp_offline):
             super()._setup_train()
         model = unwrap_model(self.model)
         if model.yaml.get("autoanchor", True) and not self.resume:  # every rank fits the same (seeded) anchors

@@ -11,18 +11,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import numpy as np
-import ultralytics.engine.validator as ul_validator
+
+from ems_yolo import ultralytics_compat  # noqa: F401  (first: offline environment before Ultralytics loads)
 from ultralytics.models.yolo.detect import DetectionValidator
 from ultralytics.utils import LOGGER
 
-from ems_yolo.data.datasets import load_data, split_event_path
-from ems_yolo.events.dataset import EventDetectionDataset
+from ems_yolo.data.events import EventDetectionDataset, build_event_dataset, is_event_split
 from ems_yolo.events.io import concat_boxes, detections_to_boxes
 from ems_yolo.utils.coco import coco_bbox_eval
-from ems_yolo.utils.flops import image_hw
 
 
 def _gen1_rows(xyxy, cls, conf, t: int, scale: np.ndarray) -> np.ndarray:
@@ -30,13 +28,6 @@ def _gen1_rows(xyxy, cls, conf, t: int, scale: np.ndarray) -> np.ndarray:
     b = xyxy.detach().cpu().numpy().reshape(-1, 4) * scale
     confidence = 1.0 if conf is None else conf.detach().cpu().numpy()
     return detections_to_boxes(b, cls.detach().cpu().numpy(), confidence, t)
-
-
-def build_event_dataset(img_path: str, args, mode: str = "val"):
-    """EventDetectionDataset for an `<cache.h5>#<split>` path; horizontal flips only when training."""
-    cache, split = split_event_path(img_path)
-    fliplr = args.fliplr if mode == "train" else 0.0
-    return EventDetectionDataset(cache, split, max(image_hw(args.imgsz)), fliplr=fliplr, seed=args.seed)
 
 
 class EMSValidator(DetectionValidator):
@@ -49,14 +40,9 @@ class EMSValidator(DetectionValidator):
     coco_stats: dict[str, float] | None = None
     gen1_stats: dict[str, float] | None = None
 
-    def __call__(self, trainer=None, model=None):
-        """Ultralytics' validation loop, with event caches accepted as `data`."""
-        with mock.patch.object(ul_validator, "check_det_dataset", load_data):
-            return super().__call__(trainer, model)
-
     def build_dataset(self, img_path: str, mode: str = "val", batch: int | None = None):
-        """Event cache splits get EventDetectionDataset; image folders go to Ultralytics."""
-        if split_event_path(img_path):
+        """Event caches (.h5 splits) get EventDetectionDataset; image folders go to Ultralytics."""
+        if is_event_split(img_path):
             return build_event_dataset(img_path, self.args, mode)
         return super().build_dataset(img_path, mode, batch)
 

@@ -1,11 +1,11 @@
-"""The Gen1 automotive dataset: recordings on disk, label cleaning and the HDF5 sample cache.
+"""The Gen1 automotive dataset: recordings on disk, label cleaning and the HDF5 sample caches.
 
 `preprocess_gen1` turns a Gen1 folder (`train/`, `val/`, `test/` holding `<name>_td.dat` + `<name>_bbox.npy`) into
-one HDF5 file with a group per split. Every unique label timestamp of a recording becomes one sample: the event
-representation of the window before it (stored compactly, chunked and compressed) and its cleaned boxes. Work is
-committed recording by recording, so an interrupted run resumes where it stopped.
+one HDF5 file per split (`<dst>/train.h5`, ...). Every unique label timestamp of a recording becomes one sample: the
+event representation of the window before it (stored compactly, chunked and compressed) and its cleaned boxes.
+Work is committed recording by recording, so an interrupted run resumes where it stopped.
 
-Cache layout, per split group:
+Cache layout (root of each split file):
     samples      uint8 [N, *stored]   one sample per chunk, lzf-compressed
     t_us         int64 [N]            label time of each sample
     recording    int32 [N]            index into `recordings`
@@ -14,12 +14,13 @@ Cache layout, per split group:
     recordings   str [R]              recordings fully written (the resume point)
     done_samples int64 [R]            samples written after each recording
     done_labels  int64 [R]            labels written after each recording
-Root attributes: `representation` (JSON of EventRepresentation), `names`, `version`.
+Attributes: `representation` (JSON of EventRepresentation), `names`, `split`, `version`.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -30,13 +31,14 @@ from ems_yolo.events.representations import EventRepresentation
 
 GEN1_NAMES = {0: "car", 1: "pedestrian"}
 SPLITS = ("train", "val", "test")
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 GEN1_HELP = """How to get Gen1 (Prophesee "ATIS Automotive Detection Dataset", about 200 GB compressed):
   1. Request access at https://www.prophesee.ai/2020/01/24/prophesee-gen1-automotive-detection-dataset/ and
      download the 10 7z archives (6 train, 2 val, 2 test); extract them so that <root>/train, <root>/val and
      <root>/test hold <name>_td.dat and <name>_bbox.npy pairs.
-  2. Build the sample cache: ems-yolo gen1 preprocess src=<root> dst=<cache.h5>
-  3. Point cfg/datasets/gen1.yaml (path: and cache:) at it, or pass data=<your copy>.
+  2. Build the sample caches: ems-yolo gen1 preprocess src=<root> dst=datasets/gen1
+     (writes train.h5, val.h5, test.h5 and data.yaml there)
+  3. Train with data=datasets/gen1/data.yaml (or data=gen1.yaml, which expects datasets/gen1).
 Without the real data, data=gen1-synthetic trains on a generated Gen1-shaped dataset."""
 
 
@@ -79,8 +81,7 @@ def clean_labels(boxes: np.ndarray, width: int = 304, height: int = 240) -> dict
     return out
 
 
-def _create_split(f, split: str, stored_shape: tuple[int, ...]):
-    g = f.require_group(split)
+def _create_datasets(g, stored_shape: tuple[int, ...]):
     if "samples" not in g:
         g.create_dataset("samples", (0, *stored_shape), np.uint8, maxshape=(None, *stored_shape),
                          chunks=(1, *stored_shape), compression="lzf")
@@ -109,42 +110,53 @@ def _rollback_partial(g) -> None:
     g["labels"].resize(n_labels, axis=0)
 
 
+def split_cache_path(dst: str | Path, split: str) -> Path:
+    """The cache file of one split inside the output folder `dst`."""
+    return Path(dst).expanduser() / f"{split}.h5"
+
+
 def preprocess_gen1(
     src: str | Path,
     dst: str | Path,
     representation: EventRepresentation | None = None,
     splits: tuple[str, ...] = SPLITS,
     progress: bool = True,
-) -> Path:
-    """Build (or resume) the HDF5 sample cache `dst` from the Gen1 folder `src`; returns `dst`."""
-    import h5py
-    from ultralytics.utils import TQDM
+) -> dict[str, Path]:
+    """Build (or resume) one HDF5 sample cache per split of the Gen1 folder `src` in the folder `dst`.
 
-    src, dst = Path(src).expanduser(), Path(dst).expanduser()
+    Returns {split: cache file} for the splits present in `src`.
+    """
+    import h5py
+
+    src = Path(src).expanduser()
     rep = representation or EventRepresentation()
     present = [s for s in splits if (src / s).is_dir()]
     if not present:
         raise FileNotFoundError(f"Gen1 folder '{src}' has none of the split folders {list(splits)}.\n{GEN1_HELP}")
-    dst.parent.mkdir(parents=True, exist_ok=True)
     rep_json = json.dumps(asdict(rep), sort_keys=True)
-    with h5py.File(dst, "a") as f:
-        if f.attrs.get("representation", rep_json) != rep_json:
-            raise ValueError(
-                f"{dst}: cache was built with representation {f.attrs['representation']}, asked for {rep_json}; "
-                "use another dst or delete the file"
-            )
-        f.attrs.update(representation=rep_json, names=json.dumps(GEN1_NAMES), version=CACHE_VERSION)
-        stored_shape = rep.stored_shape
-        for split in present:
-            g = _create_split(f, split, stored_shape)
-            _rollback_partial(g)
-            done = {s.decode() if isinstance(s, bytes) else s for s in g["recordings"][:]}
+    out = {}
+    for split in present:
+        path = split_cache_path(dst, split)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with h5py.File(path, "a") as f:
+            if f.attrs.get("representation", rep_json) != rep_json:
+                raise ValueError(
+                    f"{path}: cache was built with representation {f.attrs['representation']}, asked for {rep_json}; "
+                    "use another dst or delete the file"
+                )
+            f.attrs.update(representation=rep_json, names=json.dumps(GEN1_NAMES), split=split, version=CACHE_VERSION)
+            _create_datasets(f, rep.stored_shape)
+            _rollback_partial(f)
+            done = {s.decode() if isinstance(s, bytes) else s for s in f["recordings"][:]}
             todo = [r for r in find_recordings(src / split) if r[0] not in done]
-            bar = TQDM(todo, desc=f"gen1 {split}", disable=not progress, total=len(todo))
-            for name, td, bbox in bar:
-                _write_recording(g, name, td, bbox, rep)
+            for i, (name, td, bbox) in enumerate(todo):
+                _write_recording(f, name, td, bbox, rep)
                 f.flush()
-    return dst
+                if progress:
+                    print(f"\rgen1 {split}: {i + 1}/{len(todo)} recordings", end="\n" if i + 1 == len(todo) else "",
+                          file=sys.stderr, flush=True)
+        out[split] = path
+    return out
 
 
 def _write_recording(g, name: str, td: Path, bbox: Path, rep: EventRepresentation) -> None:
@@ -177,36 +189,32 @@ def _flush(g, samples, times, counts, rows, index: int) -> None:
     _append(g["labels"], np.concatenate(rows))
 
 
-def read_representation(cache: str | Path) -> EventRepresentation:
-    """The representation an event cache was built with."""
-    import h5py
-
-    with h5py.File(cache, "r") as f:
-        return EventRepresentation(**json.loads(f.attrs["representation"]))
-
-
 class Gen1Cache:
-    """Read-only view of one split of a cache file; opens the HDF5 file lazily (safe with DataLoader workers)."""
+    """Read-only view of one split's cache file; opens the HDF5 file lazily (safe with DataLoader workers)."""
 
-    def __init__(self, path: str | Path, split: str):
+    def __init__(self, path: str | Path):
         import h5py
 
-        self.path, self.split = Path(path), split
+        self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"event cache '{self.path}' not found.\n{GEN1_HELP}")
         with h5py.File(self.path, "r") as f:
-            if split not in f:
-                raise KeyError(f"{self.path}: no split '{split}' (has {sorted(f.keys())})")
-            g = f[split]
-            n = int(g["done_samples"][-1]) if len(g["done_samples"]) else 0
-            self.t_us = g["t_us"][:n]
-            self.recording = g["recording"][:n]
-            counts = g["label_count"][:n].astype(np.int64)
+            version = int(f.attrs.get("version", 0))
+            if version != CACHE_VERSION or "samples" not in f:
+                raise ValueError(
+                    f"{self.path}: not an ems-yolo event cache of version {CACHE_VERSION} (found version {version}); "
+                    "rebuild it with 'ems-yolo gen1 preprocess'"
+                )
+            n = int(f["done_samples"][-1]) if len(f["done_samples"]) else 0
+            self.t_us = f["t_us"][:n]
+            self.recording = f["recording"][:n]
+            counts = f["label_count"][:n].astype(np.int64)
             self.offsets = np.concatenate(([0], np.cumsum(counts)))
-            self.labels = g["labels"][: self.offsets[-1]]
-            self.recordings = [s.decode() if isinstance(s, bytes) else s for s in g["recordings"][:]]
+            self.labels = f["labels"][: self.offsets[-1]]
+            self.recordings = [s.decode() if isinstance(s, bytes) else s for s in f["recordings"][:]]
             self.names = {int(k): v for k, v in json.loads(f.attrs["names"]).items()}
-        self.representation = read_representation(self.path)
+            self.split = str(f.attrs.get("split", self.path.stem))
+            self.representation = EventRepresentation(**json.loads(f.attrs["representation"]))
         self._file = None
 
     def __len__(self) -> int:
@@ -222,7 +230,7 @@ class Gen1Cache:
             import h5py
 
             self._file = h5py.File(self.path, "r")
-        return self._file[self.split]["samples"][i]
+        return self._file["samples"][i]
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_file": None}  # h5py handles do not cross process boundaries

@@ -18,9 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+import cv2
 import numpy as np
 
-__all__ = ["EventRepresentation", "count_histogram", "ems_frames", "voxel_grid"]
+__all__ = ["EventRepresentation", "count_histogram", "ems_frames", "resize_channels", "voxel_grid"]
 
 _NO_EVENT = 127
 _ON = 255
@@ -259,3 +260,9 @@ class EventRepresentation:
     def __call__(self, events: np.ndarray, t_end: int) -> np.ndarray:
         """Model input of the window ending at ``t_end``: ``to_model(stored(events, t_end))``."""
         return self.to_model(self.stored(events, t_end))
+
+
+def resize_channels(x: np.ndarray, size: int) -> np.ndarray:
+    """Stretch a ``[C, H, W]`` uint8 stack to ``[C, size, size]`` (bilinear, any number of channels)."""
+    hwc = cv2.resize(np.ascontiguousarray(x.transpose(1, 2, 0)), (size, size), interpolation=cv2.INTER_LINEAR)
+    return hwc.reshape(size, size, -1).transpose(2, 0, 1)

@@ -31,11 +31,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ems_yolo.cfg import ems_home
 from ems_yolo.events.io import BBOX_DTYPE_V1, write_bbox, write_dat
 from ems_yolo.events.simulator import EventSimulator, SimulatorConfig
 from ems_yolo.utils.checks import check_int
 from ems_yolo.utils.files import build_folder_once
-from ems_yolo.utils.offline import ems_home
 
 __all__ = ["CLASS_NAMES", "make_synthetic_gen1"]
 _DATE = datetime(2020, 1, 1)  # fixed header date: equal parameters give byte-identical files

@@ -12,6 +12,7 @@ import math
 
 import torch
 from torch import nn
+from ems_yolo import ultralytics_compat  # noqa: F401  (first: offline environment before Ultralytics loads)
 from ultralytics.nn.modules import Detect
 
 from ems_yolo.nn.neuron import unfold_time
@@ -21,10 +22,10 @@ class EMSDetect(Detect):
     """Anchor head: one biased 1x1 conv per level on the time-averaged block output, YOLOv5 decoding."""
 
     legacy = False  # pinned: stock parse_model sets Detect.legacy process-wide
-    cv2 = cv3 = None  # no anchor-free branches (read by BaseModel.is_fused)
+    cv2 = cv3 = dfl = one2one_cv2 = one2one_cv3 = None  # no anchor-free, DFL or one-to-one branches (read by the engines)
 
     def __init__(self, nc: int = 80, anchors: list | tuple = (), ch: list | tuple = (), time_steps: int = 1):
-        nn.Module.__init__(self)  # Detect.__init__ would build the anchor-free branches
+        nn.Module.__init__(self)  # Detect.__init__ would build the anchor-free branches (ultralytics_compat hook 3)
         if len(anchors) != len(ch):
             raise ValueError(f"EMSDetect: {len(anchors)} anchor levels for {len(ch)} input layers")
         if any(len(a) % 2 or len(a) != len(anchors[0]) for a in anchors):

@@ -4,45 +4,21 @@ from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 from copy import deepcopy
-from pathlib import Path
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+from ems_yolo import ultralytics_compat  # noqa: F401  (first: offline environment before Ultralytics loads)
 from ultralytics.nn.tasks import BaseModel, DetectionModel
 from ultralytics.utils import LOGGER
 from ultralytics.utils.torch_utils import initialize_weights, intersect_dicts
 
+from ems_yolo.cfg import load_model_yaml
 from ems_yolo.nn.head import EMSDetect
 from ems_yolo.nn.loss import YOLOv5Loss
 from ems_yolo.nn.parser import parse_model
-from ems_yolo.utils.files import read_yaml_mapping
 
-MODELS_DIR = Path(__file__).resolve().parents[2] / "cfg" / "models"
 STRIDE_PROBE = 256  # probe input size; 2x the largest stride
-
-
-def available_models() -> list[str]:
-    """Names of the model YAMLs shipped in cfg/models."""
-    return sorted(p.name for p in MODELS_DIR.glob("*.yaml"))
-
-
-def find_model_yaml(name: str | Path) -> Path:
-    """Resolve a model YAML given as a path or as a name in cfg/models (with or without `.yaml`)."""
-    p = Path(name).expanduser()
-    if p.is_file():
-        return p
-    for candidate in (MODELS_DIR / p.name, MODELS_DIR / f"{p.name}.yaml"):
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"model YAML '{name}' not found; built-in models: {', '.join(available_models())}")
-
-
-def load_model_yaml(name: str | Path) -> dict:
-    """Read a model YAML into a dict, recording its path under `yaml_file`."""
-    path = find_model_yaml(name)
-    d = read_yaml_mapping(path, ("nc", "backbone", "head"))
-    d["yaml_file"] = str(path)
-    return d
 
 
 @contextmanager
@@ -88,8 +64,11 @@ class EMSDetectionModel(DetectionModel):
         time_steps: int | None = None,
         input_kind: str | None = None,
     ):
-        BaseModel.__init__(self)  # DetectionModel.__init__ would call the stock parser
+        BaseModel.__init__(self)  # DetectionModel.__init__ would call the stock parser (ultralytics_compat hook 2)
         self.yaml = deepcopy(cfg) if isinstance(cfg, dict) else load_model_yaml(cfg)
+        missing = [k for k in ("nc", "backbone", "head") if self.yaml.get(k) is None]
+        if missing:
+            raise ValueError(f"{self.yaml.get('yaml_file', 'model YAML')}: missing required key '{missing[0]}'")
         ch = int(ch or self.yaml.get("channels", 3))
         if nc and nc != self.yaml["nc"]:
             LOGGER.info(f"Overriding model.yaml nc={self.yaml['nc']} with nc={nc}")
@@ -171,6 +150,6 @@ class EMSDetectionModel(DetectionModel):
 
     def info(self, detailed: bool = False, verbose: bool = True, imgsz: int | list = 640):
         """Log and return (layers, parameters, gradients, GFLOPs over all T steps) like Ultralytics' model_info."""
-        from ems_yolo.utils.flops import model_summary
+        from ems_yolo.nn.flops import model_summary
 
         return model_summary(self, imgsz=imgsz, detailed=detailed, verbose=verbose)

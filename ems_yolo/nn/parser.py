@@ -11,8 +11,10 @@ import ast
 import inspect
 from copy import deepcopy
 
-import ultralytics.nn.modules as ul_modules
 from torch import nn
+
+from ems_yolo.ultralytics_compat import UL_CHANNEL_MODULES, UL_REPEAT_MODULES  # first: offline environment
+import ultralytics.nn.modules as ul_modules  # noqa: I001
 
 from ems_yolo.nn.blocks import EMSBlock1, EMSBlock2, MSBlock, SiLUConv, WideBlock
 from ems_yolo.nn.head import EMSDetect
@@ -23,9 +25,6 @@ from ems_yolo.nn.neuron import NeuronConfig
 EMS_MODULES: dict[str, type[nn.Module]] = {
     m.__name__: m for m in (EncodingConv, EMSBlock1, EMSBlock2, MSBlock, WideBlock, SiLUConv, EMSDetect)
 }
-# Ultralytics modules whose signature starts with (c1, c2); the second set takes the repeat count as third arg.
-_UL_CHANNEL_MODULES = {"Conv", "DWConv", "GhostConv", "RepConv", "Focus", "SPP", "SPPF", "Bottleneck"}
-_UL_REPEAT_MODULES = {"C2f", "C3", "C3k2", "C2PSA"}
 _TORCH_CHANNEL_MODULES = {"Conv2d", "ConvTranspose2d"}
 INPUT_KINDS = ("frames", "events")
 
@@ -126,12 +125,12 @@ def parse_model(d: dict, ch: int) -> tuple[nn.Sequential, list[int]]:
             c2 = None
         elif cls.__name__ == "Concat":
             c2 = sum(chs[x] for x in f)
-        elif name in EMS_MODULES or cls.__name__ in _UL_CHANNEL_MODULES | _UL_REPEAT_MODULES | _TORCH_CHANNEL_MODULES:
+        elif name in EMS_MODULES or cls.__name__ in UL_CHANNEL_MODULES | UL_REPEAT_MODULES | _TORCH_CHANNEL_MODULES:
             if not args or not isinstance(args[0], int):
                 raise ValueError(f"model row {i} {row!r}: first argument must be the output channels")
             c2 = make_divisible(args[0] * gw) if gw != 1.0 else args[0]
             args = [c_in, c2, *args[1:]]
-            if cls.__name__ in _UL_REPEAT_MODULES:
+            if cls.__name__ in UL_REPEAT_MODULES:
                 args.insert(2, n)
                 n = 1
         elif cls.__name__ == "BatchNorm2d":

@@ -26,7 +26,8 @@ from torch import nn
 from ems_yolo.nn.blocks import EMSBlock2
 from ems_yolo.nn.neuron import LIF
 from ems_yolo.utils.files import atomic_write_bytes
-from ems_yolo.utils.flops import conv_ops, image_hw
+from ems_yolo.nn.flops import conv_ops
+from ems_yolo.utils.checks import image_hw
 
 PJ_TO_MJ = 1e-9
 ENERGY_PRESETS: dict[str, tuple[float, float]] = {"fp32": (4.6, 0.9), "fp16": (1.5, 0.4), "int8": (0.23, 0.03)}

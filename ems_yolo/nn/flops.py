@@ -8,6 +8,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ems_yolo import ultralytics_compat  # noqa: F401  (first: offline environment before Ultralytics loads)
+from ultralytics.utils import LOGGER
+
+from ems_yolo.utils.checks import image_hw
+
 
 @dataclass
 class ConvOps:
@@ -18,11 +23,6 @@ class ConvOps:
     out_hw: tuple[int, int]
     macs: int
     spike_input: bool
-
-
-def image_hw(imgsz: int | list | tuple) -> tuple[int, int]:
-    """(h, w) of an image size given as an int or an [h, w] pair."""
-    return (imgsz, imgsz) if isinstance(imgsz, int) else (int(imgsz[0]), int(imgsz[-1]))
 
 
 def conv_ops(model: nn.Module, imgsz: int | list | tuple = 640) -> list[ConvOps]:
@@ -60,8 +60,6 @@ def model_summary(model: nn.Module, imgsz: int | list | tuple = 640, detailed: b
     """
     if not verbose:
         return None
-    from ultralytics.utils import LOGGER
-
     leaves = [(n, m) for n, m in model.named_modules() if not m._modules]
     n_p = sum(p.numel() for p in model.parameters())
     n_g = sum(p.numel() for p in model.parameters() if p.requires_grad)

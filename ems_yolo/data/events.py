@@ -11,27 +11,30 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
+
+from ems_yolo import ultralytics_compat  # noqa: F401  (first: offline environment before Ultralytics loads)
 from ultralytics.data.dataset import YOLODataset
 
+from ems_yolo.cfg import EVENT_CACHE_SUFFIXES
 from ems_yolo.events.gen1 import Gen1Cache
+from ems_yolo.events.representations import resize_channels
+from ems_yolo.utils.checks import image_hw
 
 
-def resize_channels(x: np.ndarray, size: int) -> np.ndarray:
-    """Stretch a `[C, H, W]` uint8 stack to `[C, size, size]` (bilinear, any number of channels)."""
-    hwc = cv2.resize(np.ascontiguousarray(x.transpose(1, 2, 0)), (size, size), interpolation=cv2.INTER_LINEAR)
-    return hwc.reshape(size, size, -1).transpose(2, 0, 1)
+def is_event_split(path: str | Path) -> bool:
+    """Whether a dataset split path is an event sample cache (an HDF5 file) rather than images."""
+    return str(path).endswith(EVENT_CACHE_SUFFIXES)
 
 
 class EventDetectionDataset(torch.utils.data.Dataset):
-    """Detection samples from one split of an event cache; optional horizontal flips as augmentation."""
+    """Detection samples from one split's event cache; optional horizontal flips as augmentation."""
 
     collate_fn = staticmethod(YOLODataset.collate_fn)
 
-    def __init__(self, cache: str | Path, split: str, imgsz: int = 320, fliplr: float = 0.0, seed: int = 0):
-        self.cache = Gen1Cache(cache, split)
+    def __init__(self, cache: str | Path, imgsz: int = 320, fliplr: float = 0.0, seed: int = 0):
+        self.cache = Gen1Cache(cache)
         self.rep = self.cache.representation
         self.imgsz = int(imgsz)
         self.fliplr = fliplr
@@ -75,3 +78,9 @@ class EventDetectionDataset(torch.utils.data.Dataset):
 
     def close_mosaic(self, hyp=None) -> None:
         """No mosaic here; present because the trainer calls it when `close_mosaic` is set."""
+
+
+def build_event_dataset(cache: str | Path, args, mode: str = "val") -> EventDetectionDataset:
+    """EventDetectionDataset of one split's cache at the engine's image size; horizontal flips only in training."""
+    fliplr = args.fliplr if mode == "train" else 0.0
+    return EventDetectionDataset(cache, max(image_hw(args.imgsz)), fliplr=fliplr, seed=args.seed)

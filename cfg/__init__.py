@@ -1,0 +1,155 @@
+"""ems-yolo's configuration (`ems_yolo.cfg`): the shipped model and dataset YAMLs, where they are found, the
+ems-yolo keys of every command and the training defaults of the EMS-YOLO recipe.
+
+This folder is the top-level `cfg/` of a source checkout and the package `ems_yolo.cfg` of an installed wheel
+(setup.cfg maps one onto the other), so the YAMLs beside this file are found the same way in both.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+CFG_DIR = Path(__file__).resolve().parent
+MODELS_DIR = CFG_DIR / "models"
+DATASETS_DIR = CFG_DIR / "datasets"
+
+BUILTIN_DATA = "shapes"  # generated frame dataset, the default of `train`
+SYNTHETIC_GEN1 = "gen1-synthetic"  # generated Gen1-shaped event dataset
+EVENT_SUFFIXES = (".dat", ".h5", ".hdf5")  # prediction sources read as events
+EVENT_CACHE_SUFFIXES = (".h5", ".hdf5")  # dataset splits that are event sample caches
+DEFAULT_MODEL = "ems-res10.yaml"
+
+# Training defaults that differ from Ultralytics' to follow the EMS-YOLO recipe (model-spec §9).
+EMS_TRAIN_DEFAULTS: dict[str, Any] = {"optimizer": "SGD", "lrf": 0.1, "cos_lr": True, "close_mosaic": 0}
+
+
+def ems_home() -> Path:
+    """Root of ems-yolo's caches (settings, fonts, generated datasets): $EMS_YOLO_HOME or ~/.cache/ems-yolo."""
+    return Path(os.environ.get("EMS_YOLO_HOME", Path.home() / ".cache" / "ems-yolo")).expanduser()
+
+
+def default_project() -> str:
+    """Run folders go to ./runs/detect, as Ultralytics users expect (not to a folder frozen in its settings)."""
+    return str(Path.cwd() / "runs" / "detect")
+
+
+def available_models() -> list[str]:
+    """Names of the shipped model YAMLs."""
+    return sorted(p.name for p in MODELS_DIR.glob("*.yaml"))
+
+
+def available_datasets() -> list[str]:
+    """The generated dataset names plus the shipped dataset YAMLs."""
+    return [BUILTIN_DATA, SYNTHETIC_GEN1, *sorted(p.name for p in DATASETS_DIR.glob("*.yaml"))]
+
+
+def _find(name: str | Path, folder: Path) -> Path | None:
+    """An existing file `name`, else `<folder>/<name>[.yaml]` for a bare name; None when neither exists."""
+    p = Path(name).expanduser()
+    if p.is_file():
+        return p
+    if len(p.parts) == 1:
+        for candidate in (folder / p.name, folder / f"{p.name}.yaml"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def find_model_yaml(name: str | Path) -> Path:
+    """A model YAML given as a path or as the name of a shipped one (with or without `.yaml`)."""
+    found = _find(name, MODELS_DIR)
+    if found is None:
+        raise FileNotFoundError(f"model YAML '{name}' not found; built-in models: {', '.join(available_models())}")
+    return found
+
+
+def find_dataset_yaml(name: str | Path) -> Path:
+    """A dataset YAML given as a path or as the name of a shipped one (with or without `.yaml`)."""
+    found = _find(name, DATASETS_DIR)
+    if found is None:
+        raise FileNotFoundError(
+            f"dataset '{name}' not found; give a dataset YAML path or one of: {', '.join(available_datasets())}"
+        )
+    return found
+
+
+def load_model_yaml(name: str | Path) -> dict:
+    """Read a model YAML into a dict, recording its path under `yaml_file`."""
+    from ems_yolo.utils.files import read_yaml_mapping
+
+    path = find_model_yaml(name)
+    d = read_yaml_mapping(path, ("nc", "backbone", "head"))
+    d["yaml_file"] = str(path)
+    return d
+
+
+# ems-yolo's own keys of each command (everything else of train/val/predict/export is an Ultralytics key).
+INFO_KEYS = {
+    "model": "model YAML path or built-in name (default ems-res10.yaml)",
+    "nc": "number of classes (overrides the YAML)",
+    "imgsz": "input size for the GFLOPs count, int or [h, w] (default 640)",
+    "time_steps": "simulation time steps T (overrides the YAML)",
+    "input": "frames or events (overrides the YAML)",
+    "channels": "input channels (events: T x channels per bin)",
+    "detailed": "also list every parameter tensor (default False)",
+}
+ENGINE_KEYS = {
+    "model": "model YAML (built-in name or path) or weights (.pt, .onnx, .torchscript); default ems-res10.yaml",
+    "time_steps": "simulation time steps T; overrides the model YAML or checkpoint (PyTorch models only)",
+    "ann": "build the ANN twin of the model YAML: LIF replaced by ReLU, T=1 (default False)",
+    "checkpoint": "train: activation checkpointing, recompute each layer in backward to save memory (default False)",
+    "events": "predict: simulate events from a video source first, then detect on them (default False)",
+    "energy": "val: also measure firing rates and the energy estimate on the validation data (default False)",
+    "stride_ms": "predict on events: step of the sliding window along a .dat recording (default 50)",
+}
+MODEL_KEYS = ("model", "time_steps", "ann", "checkpoint")  # keys that choose the model, not the mode's settings
+MODE_ONLY_KEYS = {"events": "predict", "stride_ms": "predict", "energy": "val"}  # the one mode each key applies to
+MODE_HELP = {
+    "train": "Train a spiking detector. data= defaults to the built-in shapes dataset (also data=shapes).",
+    "val": "Validate a model (mAP50, mAP50-95; save_json=True adds pycocotools mAP).",
+    "predict": "Run detection on images, folders, globs, videos, webcams (source=0), streams or event recordings "
+    "(.dat, .h5); source= is required.",
+    "export": "Export to format=onnx or format=torchscript (T unrolled into the graph).",
+}
+ENERGY_KEYS = {
+    "model": "model YAML or .pt (default ems-res10.yaml)",
+    "data": "dataset whose validation images drive the firing rates (default: the checkpoint's, else shapes)",
+    "imgsz": "input size (default: the training size of a .pt, else 640)",
+    "time_steps": "override T",
+    "ann": "report the ANN twin itself (ReLU, T=1): every conv is a MAC layer",
+    "batch": "images per batch (default 8)",
+    "max_batches": "stop after this many batches (default: the whole split)",
+    "split": "dataset split (default val)",
+    "e_ac": "energy of one accumulate in pJ (default 0.9, 45 nm FP32)",
+    "e_mac": "energy of one multiply-accumulate in pJ (default 4.6)",
+    "preset": "fp32, fp16 or int8 constants (Horowitz 2014) instead of e_ac/e_mac",
+    "project": "output folder parent (default runs/detect)",
+    "name": "run folder name (default energy)",
+    "device": "cpu or a CUDA device",
+}
+GEN1_KEYS = {
+    "src": "Gen1 root folder holding train/ val/ test/ with <name>_td.dat + <name>_bbox.npy",
+    "dst": "output folder: one HDF5 sample cache per split plus data.yaml (resumed when they exist)",
+    "representation": "ems_frames (default, the paper's), histogram or voxel",
+    "bins": "time bins per sample = model time steps T (default 5)",
+    "window_ms": "window before each label (default 250)",
+    "height": "sensor height (default 240)",
+    "width": "sensor width (default 304)",
+    "cutoff": "histogram count clip / voxel scale (default 10)",
+    "splits": "splits to process (default [train, val, test])",
+}
+EVENTS_KEYS = {
+    "source": "input video (any format OpenCV reads)",
+    "out": "output Prophesee .dat file (default <video stem>_td.dat beside the video)",
+    "width": "sensor width to resize to (default 304)",
+    "height": "sensor height to resize to (default 240)",
+    "c_on": "ON contrast threshold in log intensity (default 0.2)",
+    "c_off": "OFF contrast threshold (default 0.2)",
+    "sigma": "per-pixel threshold spread (default 0)",
+    "refractory_us": "refractory period in microseconds (default 0)",
+    "noise_hz": "shot-noise events per pixel per second (default 0)",
+    "seed": "random seed (default 0)",
+    "max_frames": "stop after this many frames",
+}

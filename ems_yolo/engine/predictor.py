@@ -1,0 +1,142 @@
+"""EventPredictor: detection on event streams, sliding the representation window along a recording (or over a
+sample cache, one window per labelled timestamp).
+
+For each window end t the model sees the representation it was trained on (recorded in its YAML by training on
+event data); detections are mapped back to sensor pixels and yielded as Ultralytics `Results` on the window's
+newest event frame. With `save=True` they are also collected as a Gen1 v2 `_bbox.npy` (t = window end,
+`class_confidence` = score) that `evaluate_gen1` reads, and drawn into an annotated video.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from ems_yolo import ultralytics_compat  # noqa: F401  (first: offline environment before Ultralytics loads)
+from ultralytics.engine.results import Results
+from ultralytics.nn.autobackend import AutoBackend
+from ultralytics.utils import LOGGER
+from ultralytics.utils.files import increment_path
+from ultralytics.utils.nms import non_max_suppression
+from ultralytics.utils.torch_utils import select_device
+
+from ems_yolo.cfg import EVENT_CACHE_SUFFIXES, default_project
+from ems_yolo.events.gen1 import Gen1Cache
+from ems_yolo.events.io import concat_boxes, detections_to_boxes, read_dat, read_dat_header, write_bbox
+from ems_yolo.events.representations import EventRepresentation, ems_frames, resize_channels
+from ems_yolo.events.simulator import video_to_events
+
+
+def model_representation(model) -> EventRepresentation | None:
+    """The event representation a PyTorch model was trained on (None for frame models and exported models)."""
+    rep = (getattr(model, "yaml", None) or {}).get("events") if isinstance(model, torch.nn.Module) else None
+    return EventRepresentation(**rep) if rep else None
+
+
+def stream_windows(path: Path, rep: EventRepresentation, stride_us: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Yield (t_end, model input [T*C, H, W] uint8, newest-bin frame [H, W]) every `stride_us` along a .dat file.
+
+    Reads only the events of each window (binary search on time), so memory stays bounded for long recordings.
+    """
+    header = read_dat_header(path)
+    if header.num_events == 0:
+        return
+    times = np.memmap(path, "<u4", "r", header.data_offset, (header.num_events, 2))[:, 0]
+    first, last = int(times[0]), int(times[-1])
+    for t_end in range(first + stride_us, last + stride_us + 1, stride_us):
+        events = read_dat(path, max(t_end - rep.window_us, 0), t_end)
+        newest = ems_frames(events, t_end, rep.window_us // rep.bins, 1, rep.height, rep.width)[0]
+        yield t_end, rep(events, t_end), newest
+
+
+def cache_windows(cache: Gen1Cache) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Yield (t, model input, newest-bin frame) for every sample of a split cache (its label times)."""
+    rep = cache.representation
+    for i in range(len(cache)):
+        x = rep.to_model(cache.stored(i))
+        yield int(cache.t_us[i]), x, x[-rep.channels_per_bin]
+
+
+class EventPredictor:
+    """Sliding-window detection on `.dat` recordings, `.h5` sample caches, or videos simulated into events first.
+
+    `model` is a PyTorch detection model or the path of an exported one; `args` are Ultralytics predict settings
+    (conf, iou, max_det, imgsz, device, save, project, name, exist_ok).
+    """
+
+    def __init__(self, model, args, stride_ms: float = 50.0, simulate: bool = False):
+        if not stride_ms > 0:
+            raise ValueError(f"stride_ms must be > 0, got {stride_ms!r}")
+        self.torch_model = model if isinstance(model, torch.nn.Module) else None
+        self.args, self.stride_us, self.simulate = args, int(round(stride_ms * 1000)), simulate
+        self.backend = AutoBackend(model, device=select_device(args.device or "cpu", verbose=False))
+        self.save_dir = increment_path(Path(args.project or default_project()) / (args.name or "predict"),
+                                       exist_ok=args.exist_ok)
+
+    def _windows(self, source: Path) -> tuple[str, EventRepresentation, Iterator]:
+        """(output stem, representation, window iterator) of an event source."""
+        trained = model_representation(self.torch_model)
+        if source.suffix in EVENT_CACHE_SUFFIXES:
+            cache = Gen1Cache(source)
+            if trained is not None and trained != cache.representation:
+                raise ValueError(f"{source}: cached as {cache.representation}, but the model was trained on {trained}")
+            return f"{source.stem}", cache.representation, cache_windows(cache)
+        if trained is None:
+            raise ValueError(
+                f"{source}: the model records no event representation (it was not trained on event data, or it is "
+                "an export); predict with a .pt trained on events, or on an .h5 cache, which carries its own"
+            )
+        header = read_dat_header(source)
+        rep = replace(trained, height=header.height or trained.height, width=header.width or trained.width)
+        return source.name.removesuffix(".dat").removesuffix("_td"), rep, stream_windows(source, rep, self.stride_us)
+
+    def stream(self, source: str | Path) -> Iterator[Results]:
+        """Yield one `Results` per window (boxes in sensor pixels); files are written when the stream ends."""
+        source = Path(source)
+        if not source.is_file():
+            raise FileNotFoundError(f"event source '{source}' not found")
+        if self.simulate and source.suffix not in (".dat", *EVENT_CACHE_SUFFIXES):
+            dat = self.save_dir / f"{source.stem}_td.dat"
+            n = len(video_to_events(source, dat, progress=self.args.verbose))
+            LOGGER.info(f"simulated {n:,} events from {source} -> {dat}")
+            source = dat
+        stem, rep, windows = self._windows(source)
+        args, size = self.args, int(max(self.args.imgsz) if isinstance(self.args.imgsz, (list, tuple)) else self.args.imgsz)
+        save = args.save is not False
+        names, rows, video = self.backend.names, [], None
+        try:
+            for t, x, newest in windows:
+                inp = torch.from_numpy(resize_channels(x, size).copy())[None].float().div(255).to(self.backend.device)
+                with torch.no_grad():
+                    det = non_max_suppression(self.backend(inp), args.conf, args.iou, max_det=args.max_det)[0].cpu()
+                det[:, [0, 2]] = (det[:, [0, 2]] * (rep.width / size)).clamp(0, rep.width)  # to sensor pixels
+                det[:, [1, 3]] = (det[:, [1, 3]] * (rep.height / size)).clamp(0, rep.height)
+                d = det.numpy()
+                rows.append(detections_to_boxes(d[:, :4], d[:, 5], d[:, 4], t))
+                frame = cv2.cvtColor(np.ascontiguousarray(newest), cv2.COLOR_GRAY2BGR)
+                result = Results(frame, path=f"{source}@{t}us", names=names, boxes=det)
+                if save:
+                    plotted = result.plot(line_width=1)
+                    if video is None:
+                        self.save_dir.mkdir(parents=True, exist_ok=True)
+                        fps = max(1.0, 1e6 / self.stride_us)
+                        video = cv2.VideoWriter(str(self.save_dir / f"{stem}.avi"), cv2.VideoWriter_fourcc(*"MJPG"),
+                                                fps, (plotted.shape[1], plotted.shape[0]))
+                    video.write(plotted)
+                yield result
+        finally:
+            if video is not None:
+                video.release()
+        if save:
+            out = self.save_dir / f"{stem}_bbox.npy"
+            write_bbox(out, concat_boxes(rows), version=2)
+            LOGGER.info(f"detections -> {out}\nannotated video -> {self.save_dir / f'{stem}.avi'}")
+
+    def __call__(self, source: str | Path, stream: bool = False) -> Iterator[Results] | list[Results]:
+        """Predict on an event source: a generator with `stream=True`, else the list of all windows' results."""
+        return self.stream(source) if stream else list(self.stream(source))

@@ -1,0 +1,97 @@
+"""The one seam between ems-yolo and Ultralytics' internals.
+
+ems-yolo extends Ultralytics through its public override points (subclasses of `DetectionModel`, `Detect`,
+`DetectionTrainer`, `DetectionValidator` and `Model`; `get_model`, `build_dataset`, `init_criterion`, callbacks).
+What those cannot reach is hooked here, and only here; each hook says what it replaces, and
+tests/test_ultralytics_compat.py fails loudly when the internal it relies on changes.
+
+Importing this module is ems-yolo's first use of Ultralytics: it sets the offline environment before
+`ultralytics` is imported (Ultralytics probes DNS at import, sends telemetry, auto-installs packages and downloads
+a font for its plots). Every ems-yolo module that uses Ultralytics imports this module first; `import ems_yolo`
+alone changes nothing. Users can still override any of the variables in their environment.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+from ems_yolo.cfg import ems_home
+from ems_yolo.utils.files import atomic_write_bytes
+
+SUPPORTED_ULTRALYTICS = (">=8.4.0", "<9")  # tested at both ends by tools/compat.sh; setup.cfg states the same
+
+
+def _install_fonts(config_dir: Path) -> None:
+    """Copy matplotlib's DejaVuSans under the names Ultralytics would otherwise download (`check_font`)."""
+    targets = [config_dir / "Arial.ttf", config_dir / "Arial.Unicode.ttf"]
+    if all(t.exists() for t in targets):
+        return
+    import matplotlib
+
+    source = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+    for target in targets:
+        if not target.exists():
+            atomic_write_bytes(target, source.read_bytes())
+
+
+def _configure_environment() -> None:
+    """Offline defaults for Ultralytics (read at its import) and its font, provided locally."""
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    os.environ.setdefault("YOLO_AUTOINSTALL", "False")
+    os.environ.setdefault("YOLO_CONFIG_DIR", str(ems_home() / "ultralytics"))
+    _install_fonts(Path(os.environ["YOLO_CONFIG_DIR"]).expanduser() / "Ultralytics")
+
+
+_configure_environment()
+
+import ultralytics.engine.trainer as _ul_trainer  # noqa: E402
+from ultralytics.utils import SETTINGS  # noqa: E402
+
+# Telemetry and third-party loggers off in Ultralytics' settings (written only when they differ).
+_OFF = {k: False for k in ("sync", "clearml", "comet", "dvc", "mlflow", "raytune") if SETTINGS.get(k)}
+if _OFF:
+    SETTINGS.update(_OFF)
+
+# Hook 1 (parser). Ultralytics' `parse_model` keeps its channel rules in local sets; ems-yolo's parser accepts
+# Ultralytics modules in its YAMLs with these copies: modules whose arguments start with (c1, c2), and those that
+# also take the repeat count as third argument.
+UL_CHANNEL_MODULES = frozenset({"Conv", "DWConv", "GhostConv", "RepConv", "Focus", "SPP", "SPPF", "Bottleneck"})
+UL_REPEAT_MODULES = frozenset({"C2f", "C3", "C3k2", "C2PSA"})
+
+# Hook 2 (model). `DetectionModel.__init__` always builds with Ultralytics' parser, which knows none of the
+# spiking modules, so `EMSDetectionModel` initialises only `BaseModel` and sets these attributes itself.
+DETECTION_MODEL_ATTRIBUTES = ("yaml", "model", "save", "names", "inplace", "stride")
+
+# Hook 3 (head). `Detect.__init__` builds the anchor-free branches; `EMSDetect` initialises only `nn.Module` and
+# defines the attributes that the engines read from a head (export flags, stride, nc, ...) itself.
+
+
+@contextmanager
+def offline_amp_check(check):
+    """Hook 4 (trainer). Run `BaseTrainer._setup_train` with `check(model) -> bool` in place of Ultralytics'
+    `check_amp`, which downloads a reference model (yolo26n.pt) on CUDA devices."""
+    real = _ul_trainer.check_amp
+    _ul_trainer.check_amp = check
+    try:
+        yield
+    finally:
+        _ul_trainer.check_amp = real
+
+
+class AtomicPath(type(Path())):
+    """Hook 5 (checkpoints). A Path whose `write_bytes` goes through a temporary sibling and `os.replace`:
+    `BaseTrainer.save_model` writes last.pt, best.pt and epoch<N>.pt with `Path.write_bytes`, so an interrupted
+    save never leaves a truncated checkpoint. Children (`wdir / name`) are AtomicPaths too."""
+
+    def write_bytes(self, data) -> int:  # noqa: D102
+        view = memoryview(data)
+        atomic_write_bytes(Path(self), view)
+        return view.nbytes
+
+
+def atomic_checkpoints(trainer) -> None:
+    """Make every checkpoint a trainer saves (last, best, epoch<N> in its weights folder) an atomic write."""
+    trainer.wdir = AtomicPath(trainer.wdir)
+    trainer.last, trainer.best = trainer.wdir / Path(trainer.last).name, trainer.wdir / Path(trainer.best).name

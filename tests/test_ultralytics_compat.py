@@ -1,0 +1,64 @@
+"""Each hook of ems_yolo.ultralytics_compat still matches the Ultralytics internal it replaces.
+
+These fail loudly on an Ultralytics release that changes one of them, naming the hook to revisit.
+"""
+
+import inspect
+import re
+
+import torch
+import ultralytics.engine.trainer as ul_trainer
+from ultralytics.engine.trainer import BaseTrainer
+from ultralytics.nn import tasks
+from ultralytics.nn.modules import Detect
+
+from ems_yolo import ultralytics_compat as compat
+from ems_yolo.nn import EMSDetect, EMSDetectionModel
+
+
+def _source(*objects) -> str:
+    return "\n".join(inspect.getsource(o) for o in objects)
+
+
+def test_hook1_parser_channel_rules_match_ultralytics_signatures():
+    for name in compat.UL_CHANNEL_MODULES | compat.UL_REPEAT_MODULES:
+        params = list(inspect.signature(getattr(tasks, name).__init__).parameters)[1:]
+        assert params[:2] == ["c1", "c2"], f"{name}{params}: no longer (c1, c2, ...)"
+        if name in compat.UL_REPEAT_MODULES:
+            assert params[2] == "n", f"{name}{params}: repeat count no longer the third argument"
+
+
+def test_hook2_model_sets_every_attribute_detection_model_init_sets(tiny_cfg):
+    helpers = [getattr(tasks, n) for n in ("_initialize_yolo_model",) if hasattr(tasks, n)]
+    src = _source(tasks.DetectionModel.__init__, *helpers)
+    assert "parse_model(" in src  # the reason for the bypass: it builds with the stock parser
+    set_by_ultralytics = set(re.findall(r"(?:self|model)\.(\w+)\s*=(?!=)", src))
+    assert set_by_ultralytics <= set(compat.DETECTION_MODEL_ATTRIBUTES), set_by_ultralytics
+    model = EMSDetectionModel(tiny_cfg(nc=2, time_steps=1), verbose=False)
+    for name in compat.DETECTION_MODEL_ATTRIBUTES:
+        assert hasattr(model, name), name
+    assert torch.equal(model.stride, torch.tensor([16.0, 32.0]))
+
+
+def test_hook3_head_defines_what_detect_init_defines():
+    set_by_detect = set(re.findall(r"self\.(\w+)\s*=(?!=)", inspect.getsource(Detect.__init__)))
+    head = EMSDetect(2, [[10, 14, 23, 27], [37, 58, 81, 82]], [8, 16])
+    missing = sorted(a for a in set_by_detect if not hasattr(head, a))
+    assert missing == []
+
+
+def test_hook4_amp_check_is_the_module_global_used_by_setup_train():
+    assert "check_amp(" in inspect.getsource(BaseTrainer._setup_train)
+    real = ul_trainer.check_amp
+    with compat.offline_amp_check(lambda model: "ours"):
+        assert ul_trainer.check_amp(None) == "ours"
+    assert ul_trainer.check_amp is real
+
+
+def test_hook5_checkpoints_are_written_with_write_bytes(tmp_path):
+    src = inspect.getsource(BaseTrainer.save_model)
+    assert src.count(".write_bytes(") >= 3 and "self.wdir /" in src  # last, best, epoch<N> via wdir
+    p = compat.AtomicPath(tmp_path / "w") / "epoch3.pt"
+    assert isinstance(p, compat.AtomicPath)
+    assert p.write_bytes(b"abc") == 3 and p.read_bytes() == b"abc"
+    assert [f.name for f in p.parent.iterdir()] == ["epoch3.pt"]
