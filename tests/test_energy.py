@@ -7,18 +7,14 @@ import pytest
 import torch
 from torch import nn
 
+from ems_yolo.cfg import load_model_yaml
+from ems_yolo.energy.monitor import SpikeMonitor
+from ems_yolo.energy.report import ENERGY_PRESETS, energy_constants, energy_report
 from ems_yolo.nn import LIF, EMSDetectionModel, SiLUNeuron
 from ems_yolo.nn.blocks import EMSBlock1, EMSBlock2, MSBlock
 from ems_yolo.nn.head import EMSDetect
 from ems_yolo.nn.layers import EncodingConv, spike_conv
-from ems_yolo.cfg import load_model_yaml
 from ems_yolo.nn.model import ann_twin
-from ems_yolo.energy.report import (
-    ENERGY_PRESETS,
-    SpikeMonitor,
-    energy_constants,
-    energy_report,
-)
 
 T_HAND = 3
 

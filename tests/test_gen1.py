@@ -16,17 +16,16 @@ from ems_yolo.cli import app
 from ems_yolo.data.datasets import resolve_data
 from ems_yolo.engine.model import derive_model_yaml
 from ems_yolo.events import gen1
-from ems_yolo.events.evaluation import evaluate_gen1
 from ems_yolo.events.gen1 import (
     Gen1Cache,
     clean_labels,
     find_recordings,
     preprocess_gen1,
 )
+from ems_yolo.cfg import load_model_yaml
 from ems_yolo.events.io import BBOX_DTYPE, EventFileError, read_bbox, read_dat
 from ems_yolo.events.representations import EventRepresentation
 from ems_yolo.events.synthetic import make_synthetic_gen1
-from ems_yolo.cfg import load_model_yaml
 
 REP = EventRepresentation(bins=3, window_us=150_000)
 ESIM_VIDEO = SHARED_DATA / "videos" / "esim_test_frames.avi"
@@ -145,6 +144,7 @@ def trained(data_yaml, tmp_path_factory):
     return project / "ev", model
 
 
+@pytest.mark.slow
 def test_event_training_at_T3_lowers_loss_and_scores_both_protocols(trained, data_yaml, caplog):
     run, model = trained
     assert model.model.yaml["time_steps"] == 3 and model.model.yaml["input"] == "events"
@@ -153,14 +153,16 @@ def test_event_training_at_T3_lowers_loss_and_scores_both_protocols(trained, dat
     loss = [sum(float(r[f"train/{k}"]) for k in ("box", "obj", "cls")) for r in rows]
     assert loss[-1] < loss[0]
     with caplog.at_level("INFO"):
-        metrics = EMSYOLO(run / "weights" / "last.pt").val(data=str(data_yaml), imgsz=96, batch=4, workers=0,
+        metrics = EMSYOLO(run / "weights" / "last.pt").val(data=str(data_yaml), imgsz=96, batch=8, workers=0,
                                                            plots=False, project=str(run.parent), name="val")
     assert "protocol B" in caplog.text and "Prophesee/RVT protocol" in caplog.text
     assert set(metrics.gen1) >= {"mAP50-95", "mAP50", "mAP75"}
-    assert metrics.gen1["images"] > 0 and 0 <= metrics.gen1["mAP50"] <= 1
-    assert 0 <= metrics.box.map50 <= 1
+    val_times = Gen1Cache(data_yaml.parent / "val.h5").t_us
+    assert metrics.gen1["images"] == int((val_times >= 500_000).sum()) > 0  # protocol A skips the first 0.5 s
+    assert metrics.box.map == pytest.approx(float(rows[-1]["metrics/mAP50-95(B)"]), abs=1e-4)  # = last epoch's
 
 
+@pytest.mark.slow
 def test_predict_on_recording_and_cache(trained, synth, cache_dir, tmp_path):
     run, _ = trained
     name, td, bb = find_recordings(synth / "val")[0]
@@ -171,8 +173,12 @@ def test_predict_on_recording_and_cache(trained, synth, cache_dir, tmp_path):
     det = read_bbox(out)
     assert len(det) and np.all(np.diff(det["t"]) >= 0) and (det["t"] % 250_000 == det["t"][0] % 250_000).all()
     assert (tmp_path / "p" / f"{name}.avi").is_file()
-    scores = evaluate_gen1([read_bbox(bb)], [det])
-    assert 0 <= scores["mAP50"] <= 1
+    results = EMSYOLO(run / "weights" / "last.pt").predict(td, stride_ms=250, conf=0.001, imgsz=96, save=False)
+    times = np.array([int(r.path.rsplit("@", 1)[1].removesuffix("us")) for r in results])
+    assert np.all(np.diff(times) == 250_000)
+    assert set(times[[len(r.boxes) > 0 for r in results]].tolist()) == set(det["t"].tolist())
+    api = np.concatenate([r.boxes.xyxy.numpy() for r in results])  # the Python API gives the CLI's boxes
+    np.testing.assert_allclose(api[:, :2], np.stack([det["x"], det["y"]], 1), atol=1e-3)
     r = CliRunner().invoke(app, ["predict", f"model={run / 'weights' / 'last.pt'}", f"source={cache_dir / 'val.h5'}",
                                  "conf=0.001", "imgsz=96", f"project={tmp_path}", "name=h"])
     assert r.exit_code == 0, r.output
@@ -198,6 +204,7 @@ def test_cli_gen1_preprocess_and_video_to_events(synth, tmp_path):
     assert len(ev) > 1000 and np.all(np.diff(ev["t"]) >= 0) and ev["x"].max() < 304 and ev["y"].max() < 240
 
 
+@pytest.mark.slow
 def test_predict_on_video_simulates_events_first(trained, tmp_path):
     if not ESIM_VIDEO.is_file():
         pytest.skip("esim test video not present")

@@ -77,11 +77,27 @@ def test_unknown_backend_is_rejected():
         LIF(2, backend="cutlass")
 
 
-def test_triton_backend_falls_back_to_torch_on_cpu():
-    """Without the interpreter, CPU tensors take the torch path: same result as the default backend."""
+def test_triton_backend_dispatch(monkeypatch):
+    """The triton backend calls the kernels exactly when they are usable (CUDA tensors, or the interpreter); CPU
+    tensors take the torch path, and the torch backend never calls them."""
     import torch
 
-    from ems_yolo.nn import LIF
+    from ems_yolo.nn import LIF, lif_triton
 
+    if not lif_triton.available():
+        pytest.skip("triton not installed")
+    calls = []
+
+    def kernel(*args, **kwargs):
+        calls.append(args[0].shape)
+        raise RuntimeError("triton kernel called")
+
+    monkeypatch.setattr(lif_triton, "forward", kernel)
     x = (torch.randn(6, 3, 4, 4) + 0.4).requires_grad_()
-    assert torch.equal(LIF(3, backend="triton").train()(x), LIF(3).train()(x))
+    expected = LIF(3).train()(x)
+    assert torch.equal(LIF(3, backend="triton").train()(x), expected) and calls == []  # CPU: not usable
+    monkeypatch.setattr(lif_triton, "usable", lambda tensor: True)
+    assert torch.equal(LIF(3).train()(x), expected) and calls == []
+    with pytest.raises(RuntimeError, match="triton kernel called"):
+        LIF(3, backend="triton").train()(x)
+    assert len(calls) == 1
