@@ -9,7 +9,6 @@ from typing import Any
 import typer
 
 from ems_yolo.cfg import (
-    DEFAULT_MODEL,
     ENERGY_KEYS,
     ENGINE_KEYS,
     EVENTS_KEYS,

@@ -20,7 +20,7 @@ from pathlib import Path
 from ems_yolo.cfg import ems_home
 from ems_yolo.utils.files import atomic_write_bytes
 
-SUPPORTED_ULTRALYTICS = (">=8.4.0", "<9")  # tested at both ends by tools/compat.sh; setup.cfg states the same
+SUPPORTED_ULTRALYTICS = (">=8.4.135", "<9")  # tested at both ends by tools/compat.sh; setup.cfg states the same
 
 
 def _install_fonts(config_dir: Path) -> None:
@@ -38,7 +38,7 @@ def _install_fonts(config_dir: Path) -> None:
 
 def _configure_environment() -> None:
     """Offline defaults for Ultralytics (read at its import) and its font, provided locally."""
-    os.environ.setdefault("YOLO_OFFLINE", "1")
+    os.environ.setdefault("YOLO_OFFLINE", "true")
     os.environ.setdefault("YOLO_AUTOINSTALL", "False")
     os.environ.setdefault("YOLO_CONFIG_DIR", str(ems_home() / "ultralytics"))
     _install_fonts(Path(os.environ["YOLO_CONFIG_DIR"]).expanduser() / "Ultralytics")
@@ -66,6 +66,10 @@ DETECTION_MODEL_ATTRIBUTES = ("yaml", "model", "save", "names", "inplace", "stri
 
 # Hook 3 (head). `Detect.__init__` builds the anchor-free branches; `EMSDetect` initialises only `nn.Module` and
 # defines the attributes that the engines read from a head (export flags, stride, nc, ...) itself.
+
+
+# Hook 6 (model). `BaseModel._predict_once` has no per-layer hook; with activation checkpointing,
+# `EMSDetectionModel._predict_once` repeats its routing (inputs from `m.f`, outputs kept for `m.i in save`).
 
 
 @contextmanager

@@ -209,6 +209,9 @@ def test_ddp_launcher_imports_our_trainer(tmp_path, tiny_yaml):
     state_file = script.with_suffix(".pt")
     try:
         text = script.read_text()
+        if not state_file.exists():  # Ultralytics < 8.4.140 writes the import into the script itself
+            assert "from ems_yolo.engine.trainer import EMSTrainer" in text and "EMSTrainer(cfg=cfg" in text
+            return
         assert 'state["trainer"](cfg=cfg, overrides=state["args"]' in text
         state = torch.load(state_file, weights_only=False)
         assert state["trainer"] is EMSTrainer

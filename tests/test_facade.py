@@ -25,7 +25,8 @@ def cli(*args: str) -> None:
 
 def api(mode: str, kv: dict):
     """The same call through Python: model keys to the constructor, everything else to the mode's method."""
-    model_keys = {k: kv.pop(k) for k in ("model", "time_steps", "ann", "checkpoint", "nc", "channels", "input") if k in kv}
+    keys = ("model", "time_steps", "ann", "checkpoint", "nc", "channels", "input")
+    model_keys = {k: kv.pop(k) for k in keys if k in kv}
     return getattr(EMSYOLO(**model_keys), mode)(**kv)
 
 

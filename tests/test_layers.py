@@ -82,7 +82,8 @@ def test_events_is_a_pure_library():
     for name, path in _modules().items():
         if _layer(name) == "ems_yolo.events":
             imported = [m for _, m, _ in _imports(path)]
-            assert all(m.startswith(("ems_yolo.events", "ems_yolo.utils", "ems_yolo.cfg")) for m in imported), (name, imported)
+            allowed = ("ems_yolo.events", "ems_yolo.utils", "ems_yolo.cfg")
+            assert all(m.startswith(allowed) for m in imported), (name, imported)
 
 
 def test_ultralytics_only_after_the_seam():
@@ -111,7 +112,8 @@ def test_import_ems_yolo_is_inert_and_first_use_is_offline(tmp_path):
         "assert 'ultralytics' not in sys.modules and 'torch' not in sys.modules, sorted(sys.modules)\n"
         "assert 'YOLO_OFFLINE' not in os.environ\n"
         "from ems_yolo import EMSYOLO\n"
-        "assert os.environ['YOLO_OFFLINE'] == '1' and os.environ['YOLO_AUTOINSTALL'] == 'False'\n"
+        "assert os.environ['YOLO_OFFLINE'] == 'true' and os.environ['YOLO_AUTOINSTALL'] == 'False'\n"
+        "import ultralytics.utils; assert ultralytics.utils.ONLINE is False\n"
         "assert calls == [], calls\n"
         "print('ok')\n"
     )

@@ -190,3 +190,21 @@ def test_wide_head_block_and_pool_orders():
     assert torch.equal(a[:, 8:], torch.nn.functional.max_pool2d(x, 2)) and torch.equal(b[:, 8:], a[:, 8:])
     with pytest.raises(ValueError, match="c1 <= c2"):
         EMSBlock2(16, 8)
+
+
+def test_ann_twin_trains_after_ultralytics_checkpoint_loading(tiny_cfg, tmp_path):
+    """Ultralytics' loader sets inplace=True on every module with the flag; the twin's ReLU must not be one of them
+    (an in-place ReLU overwrites the tdBN output its backward needs)."""
+    from ultralytics.nn.tasks import load_checkpoint
+
+    from ems_yolo.nn.model import ann_twin
+
+    model = EMSDetectionModel(ann_twin(tiny_cfg(nc=2)), verbose=False)
+    torch.save({"model": model}, tmp_path / "ann.pt")
+    loaded, _ = load_checkpoint(tmp_path / "ann.pt")
+    loaded.float().train()
+    x = torch.rand(2, 3, 64, 64)
+    out = loaded(x)
+    sum(o.sum() for o in out).backward()
+    assert all(torch.equal(a, b) for a, b in zip(out, model.train()(x)))
+    assert all(p.grad is not None for p in loaded.parameters() if p.requires_grad)

@@ -7,6 +7,7 @@ from torch import nn
 from ems_yolo.cfg import load_model_yaml
 from ems_yolo.nn import EMSDetectionModel, parse_model
 from ems_yolo.nn.blocks import MSBlock
+from ems_yolo.nn.neuron import ReLUNeuron
 
 
 def _rows(backbone, head=None, **extra):
@@ -86,7 +87,7 @@ def test_relu_neuron_builds_ann_twin():
     from ems_yolo.nn import LIF
 
     assert not any(isinstance(m, LIF) for m in model.modules())
-    assert any(isinstance(m, nn.ReLU) for m in model.modules())
+    assert any(isinstance(m, ReLUNeuron) for m in model.modules())
     y, _ = model.eval()(torch.rand(1, 3, 64, 64))
     assert y.shape == (1, 6, 3 * (16 + 4))
 

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 # Keep ultralytics (imported lazily below) off the network and out of the user's config folder.
-os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("YOLO_OFFLINE", "true")
 os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="ems-yolo-test-cfg-"))
 
 from ems_yolo.data import shapes  # noqa: E402

@@ -62,3 +62,17 @@ def test_hook5_checkpoints_are_written_with_write_bytes(tmp_path):
     assert isinstance(p, compat.AtomicPath)
     assert p.write_bytes(b"abc") == 3 and p.read_bytes() == b"abc"
     assert [f.name for f in p.parent.iterdir()] == ["epoch3.pt"]
+
+
+def test_hook6_layer_routing_is_what_the_checkpointing_loop_repeats(tiny_cfg):
+    from ultralytics.nn.tasks import BaseModel
+
+    src = inspect.getsource(BaseModel._predict_once)
+    assert "m.f" in src and "m.i in self.save" in src and "x = m(x)" in src
+    torch.manual_seed(0)
+    plain = EMSDetectionModel(tiny_cfg(nc=2, time_steps=2), verbose=False)
+    ckpt = EMSDetectionModel({**tiny_cfg(nc=2, time_steps=2), "checkpoint": True}, verbose=False)
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.rand(2, 3, 64, 64)
+    for a, b in zip(plain.train()(x), ckpt.train()(x)):
+        assert torch.equal(a, b)

@@ -3,7 +3,6 @@
 import os
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
@@ -27,13 +26,15 @@ def test_wheel_in_a_fresh_venv_runs_info_train_predict_outside_the_repo(tmp_path
     site = Path(run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], tmp_path).strip())
     # Dependencies (torch, ultralytics, ...) from this venv's site-packages; its ems_yolo (an editable install whose
     # finder is activated by a .pth file there, which a plain path entry does not process) stays invisible.
-    (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    deps = [p for p in sys.path if p.endswith("site-packages")]  # every site dir of this interpreter
+    (site / "deps.pth").write_text("\n".join(deps) + "\n")
     run([sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps", "--no-index", wheel], tmp_path)
 
     work = tmp_path / "elsewhere"
     work.mkdir()
     env = {**os.environ, "EMS_YOLO_HOME": str(tmp_path / "home")}
-    where = run([python, "-c", "import ems_yolo.cfg as c, ems_yolo as e; print(e.__file__); print(c.MODELS_DIR)"], work, env)
+    code = "import ems_yolo.cfg as c, ems_yolo as e; print(e.__file__); print(c.MODELS_DIR)"
+    where = run([python, "-c", code], work, env)
     assert all(line.startswith(str(site)) for line in where.split()), where
     exe = venv / "bin" / "ems-yolo"
     out = run([exe, "info", "model=ems-res10.yaml", "nc=2", "imgsz=320"], work, env)

@@ -6,8 +6,8 @@
 # Not part of CI (a second full run of the suite); run it when the seam (ems_yolo/ultralytics_compat.py) changes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VERSION=${1:-8.4.0}
-shift || true
+VERSION=8.4.135
+if [[ $# -gt 0 && $1 != -* ]]; then VERSION=$1; shift; fi
 make install
 VENV=.venv-ultralytics-$VERSION
 PY=.venv/bin/python
@@ -16,5 +16,5 @@ site=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['pur
 $PY -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > "$site/project-venv.pth"
 $PY -m pip --python "$VENV/bin/python" install -q --no-deps "ultralytics==$VERSION"
 $PY -m pip --python "$VENV/bin/python" install -q --no-deps -e .
-"$VENV/bin/python" -c "import ultralytics; print('ultralytics', ultralytics.__version__, ultralytics.__file__)"
+"$VENV/bin/python" -c "import ems_yolo.ultralytics_compat, ultralytics; print('ultralytics', ultralytics.__version__, ultralytics.__file__)"
 "$VENV/bin/python" -m pytest -q "$@"

@@ -30,7 +30,7 @@ def energy_dataloader(data: str | None, imgsz: int, batch: int = 8, split: str =
         dataset = build_event_dataset(d[split], cfg, mode="val")
     else:
         dataset = build_yolo_dataset(cfg, d[split], batch, d, mode="val", rect=False)
-    return build_dataloader(dataset, batch, workers, shuffle=False, pin_memory=False, device="cpu")
+    return build_dataloader(dataset, batch, workers, shuffle=False, pin_memory=False)
 
 
 def save_report(report: EnergyReport, folder: str | Path) -> Path:

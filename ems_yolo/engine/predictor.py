@@ -30,6 +30,7 @@ from ems_yolo.events.gen1 import Gen1Cache
 from ems_yolo.events.io import concat_boxes, detections_to_boxes, read_dat, read_dat_header, write_bbox
 from ems_yolo.events.representations import EventRepresentation, ems_frames, resize_channels
 from ems_yolo.events.simulator import video_to_events
+from ems_yolo.utils.checks import image_hw
 
 
 def model_representation(model) -> EventRepresentation | None:
@@ -38,7 +39,9 @@ def model_representation(model) -> EventRepresentation | None:
     return EventRepresentation(**rep) if rep else None
 
 
-def stream_windows(path: Path, rep: EventRepresentation, stride_us: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+def stream_windows(
+    path: Path, rep: EventRepresentation, stride_us: int
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Yield (t_end, model input [T*C, H, W] uint8, newest-bin frame [H, W]) every `stride_us` along a .dat file.
 
     Reads only the events of each window (binary search on time), so memory stays bounded for long recordings.
@@ -106,7 +109,7 @@ class EventPredictor:
             LOGGER.info(f"simulated {n:,} events from {source} -> {dat}")
             source = dat
         stem, rep, windows = self._windows(source)
-        args, size = self.args, int(max(self.args.imgsz) if isinstance(self.args.imgsz, (list, tuple)) else self.args.imgsz)
+        args, size = self.args, max(image_hw(self.args.imgsz))
         save = args.save is not False
         names, rows, video = self.backend.names, [], None
         try:

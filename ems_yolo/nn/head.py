@@ -22,7 +22,7 @@ class EMSDetect(Detect):
     """Anchor head: one biased 1x1 conv per level on the time-averaged block output, YOLOv5 decoding."""
 
     legacy = False  # pinned: stock parse_model sets Detect.legacy process-wide
-    cv2 = cv3 = dfl = one2one_cv2 = one2one_cv3 = None  # no anchor-free, DFL or one-to-one branches (read by the engines)
+    cv2 = cv3 = dfl = one2one_cv2 = one2one_cv3 = None  # no anchor-free, DFL or one-to-one branches (engines read them)
 
     def __init__(self, nc: int = 80, anchors: list | tuple = (), ch: list | tuple = (), time_steps: int = 1):
         nn.Module.__init__(self)  # Detect.__init__ would build the anchor-free branches (ultralytics_compat hook 3)

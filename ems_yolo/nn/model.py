@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 from copy import deepcopy
+from pathlib import Path
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -113,11 +114,13 @@ class EMSDetectionModel(DetectionModel):
         for m in self.model:
             LOGGER.info(f"{m.i:>3}{m.f!s:>20}{m.n:>3}{m.np:>11,}  {m.type:<16}{m.args}")
 
-    def _predict_once(self, x, profile: bool = False, embed=None):
-        """Ultralytics' layer loop; with `checkpoint: true` in the YAML, training recomputes each layer's
-        activations (all T steps of the folded tensor) in backward instead of storing them."""
-        if not (self.yaml.get("checkpoint") and self.training and torch.is_grad_enabled()) or profile or embed:
-            return super()._predict_once(x, profile, embed)
+    def _predict_once(self, x, *args, **kwargs):
+        """Ultralytics' layer loop (its options, profile/visualize/embed, differ between releases and pass through);
+        with `checkpoint: true` in the YAML, training recomputes each layer's activations (all T steps of the folded
+        tensor) in backward instead of storing them (ultralytics_compat hook 6)."""
+        options = any(a is not None and a is not False for a in (*args, *kwargs.values()))
+        if not (self.yaml.get("checkpoint") and self.training and torch.is_grad_enabled()) or options:
+            return super()._predict_once(x, *args, **kwargs)
         y = []
         for m in self.model:
             if m.f != -1:

@@ -260,8 +260,17 @@ class SiLUNeuron(nn.Module):
         return torch.stack(outs).flatten(0, 1)
 
 
+class ReLUNeuron(nn.Module):
+    """The ANN twin's activation: ReLU, never in place. Ultralytics' checkpoint loader sets `inplace=True` on every
+    module that has the flag, and an in-place ReLU would overwrite the tdBN output its backward needs; this module has
+    no such flag, so it computes the same function however it was loaded."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x)
+
+
 def make_neuron(cfg: NeuronConfig, time_steps: int) -> nn.Module:
     """Instantiate the neuron a model's config asks for."""
     if cfg.kind == "relu":
-        return nn.ReLU()
+        return ReLUNeuron()
     return LIF(time_steps, cfg.tau, cfg.vth, cfg.surrogate, cfg.alpha, cfg.detach_reset, cfg.backend)
