@@ -17,6 +17,7 @@ from ems_yolo.cli import app
 from ems_yolo.data.shapes import make_shapes_dataset
 from ems_yolo.engine.model import derive_model_yaml
 from ems_yolo.engine.trainer import EMSTrainer
+from ems_yolo.nn import EMSDetectionModel
 
 pytestmark = pytest.mark.slow
 COCO8 = SHARED_DATA / "coco8"
@@ -273,3 +274,18 @@ def test_autoanchor_runs_in_training_and_can_be_disabled(tmp_path, tiny_yaml, ca
     with caplog.at_level("INFO"):
         EMSYOLO(derive_model_yaml(d)).train(data=str(data), epochs=1, imgsz=64, project=str(tmp_path), name="b", **FAST)
     assert "AutoAnchor" not in caplog.text
+
+
+def test_time_steps_override_on_a_checkpoint(shapes_run, tmp_path):
+    """time_steps= on a .pt gives the model that the YAML at that T builds, with the checkpoint's weights."""
+    run, _, data = shapes_run
+    best = run / "weights" / "best.pt"
+    model = EMSYOLO(best, time_steps=3)
+    assert model.time_steps == 3 and {m.time_steps for m in model.model.modules() if "time_steps" in vars(m)} == {3}
+    fresh = EMSDetectionModel({**model.model.yaml}, verbose=False)
+    fresh.load_state_dict(model.model.float().state_dict())
+    x = torch.rand(1, 3, 96, 96)
+    assert torch.equal(model.model.eval()(x)[0], fresh.eval()(x)[0])
+    r = CliRunner().invoke(app, ["val", f"model={best}", f"data={data}", "time_steps=2", "imgsz=96", "batch=4",
+                                 "workers=0", "plots=False", f"project={tmp_path}", "name=v"])
+    assert r.exit_code == 0, r.output

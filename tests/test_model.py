@@ -208,3 +208,16 @@ def test_ann_twin_trains_after_ultralytics_checkpoint_loading(tiny_cfg, tmp_path
     sum(o.sum() for o in out).backward()
     assert all(torch.equal(a, b) for a, b in zip(out, model.train()(x)))
     assert all(p.grad is not None for p in loaded.parameters() if p.requires_grad)
+
+
+def test_set_time_steps_changes_every_layer_and_refuses_event_models(tiny_cfg):
+    model = EMSDetectionModel(tiny_cfg(nc=2, time_steps=2), verbose=False)
+    model.set_time_steps(4)
+    holders = [m for m in model.modules() if "time_steps" in vars(m)]
+    assert len(holders) > 3 and {m.time_steps for m in holders} == {4} and model.time_steps == 4
+    assert model.eval()(torch.rand(1, 3, 64, 64))[0].shape[0] == 1
+    with pytest.raises(ValueError, match="integer >= 1"):
+        model.set_time_steps(0)
+    events = EMSDetectionModel(tiny_cfg(nc=2, time_steps=3, input="events"), ch=9, verbose=False)
+    with pytest.raises(ValueError, match="number of time bins"):
+        events.set_time_steps(5)

@@ -51,16 +51,6 @@ def derive_model_yaml(cfg: dict) -> Path:
     return content_addressed(ems_home() / "models", Path(cfg.get("yaml_file", "model")).stem, text)
 
 
-def set_time_steps(model: nn.Module, time_steps: int) -> None:
-    """Change T of a built model in place (every module holding `time_steps`, and the model YAML)."""
-    if time_steps < 1:
-        raise ValueError(f"time_steps must be >= 1, got {time_steps}")
-    for m in model.modules():
-        if hasattr(m, "time_steps") and isinstance(m.time_steps, int):
-            m.time_steps = time_steps
-    model.yaml["time_steps"] = time_steps
-
-
 def resolve_model_source(
     model: str | Path, time_steps: int | None = None, ann: bool = False, checkpoint: bool = False, **overrides
 ) -> str:
@@ -110,7 +100,7 @@ class EMSYOLO(Model):
         source = resolve_model_source(model, time_steps, ann, checkpoint, **overrides)
         super().__init__(source, task=task, verbose=verbose)
         if time_steps and isinstance(self.model, nn.Module) and self.model.yaml.get("time_steps") != time_steps:
-            set_time_steps(self.model, int(time_steps))
+            self.model.set_time_steps(int(time_steps))
         elif time_steps and not isinstance(self.model, nn.Module):
             raise ValueError(f"time_steps is fixed in exported model '{source}' (T is unrolled into the graph)")
 

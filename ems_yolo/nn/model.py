@@ -98,6 +98,19 @@ class EMSDetectionModel(DetectionModel):
         """Number of simulation time steps T."""
         return int(self.yaml.get("time_steps", 1))
 
+    def set_time_steps(self, time_steps: int) -> None:
+        """Change T in place: the YAML and every layer that holds T (neurons, encoding layer, head). An event
+        model's T is the number of time bins of its input, fixed by the data it was built for."""
+        if isinstance(time_steps, bool) or not isinstance(time_steps, int) or time_steps < 1:
+            raise ValueError(f"time_steps must be an integer >= 1, got {time_steps!r}")
+        if self.yaml.get("input") == "events" and time_steps != self.time_steps:
+            raise ValueError(f"time_steps of an event model is the number of time bins of its input "
+                             f"({self.time_steps}); got {time_steps}")
+        for m in self.modules():
+            if m is not self and "time_steps" in vars(m):
+                m.time_steps = time_steps
+        self.yaml["time_steps"] = time_steps
+
     def _probe_strides(self, ch: int) -> torch.Tensor:
         """Level strides from one dummy forward (4-D input, statistics untouched)."""
         head = self.model[-1]
