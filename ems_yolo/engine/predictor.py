@@ -88,7 +88,7 @@ class EventPredictor:
             cache = Gen1Cache(source)
             if trained is not None and trained != cache.representation:
                 raise ValueError(f"{source}: cached as {cache.representation}, but the model was trained on {trained}")
-            return f"{source.stem}", cache.representation, cache_windows(cache)
+            return source.stem, cache.representation, cache_windows(cache)
         if trained is None:
             raise ValueError(
                 f"{source}: the model records no event representation (it was not trained on event data, or it is "
