@@ -127,6 +127,20 @@ def test_preprocess_errors_name_the_bad_file(synth, tmp_path):
         preprocess_gen1(tmp_path / "nowhere", tmp_path / "c3", REP, progress=False)
 
 
+def test_bad_cache_files_are_clear_errors(cache_dir, tmp_path):
+    (tmp_path / "empty.h5").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty.h5: not a readable HDF5 event cache"):
+        Gen1Cache(tmp_path / "empty.h5")
+    with h5py.File(tmp_path / "old.h5", "w") as f:
+        f.create_group("train")
+    with pytest.raises(ValueError, match="old.h5: not an ems-yolo event cache of version 2"):
+        Gen1Cache(tmp_path / "old.h5")
+    y = tmp_path / "d.yaml"
+    y.write_text(f"path: {cache_dir}\ntrain: train.h5\nval: val.h5\nchannels: 4\nnames: [car, pedestrian]\n")
+    with pytest.raises(ValueError, match="channels: 4' does not match the event caches.*expected channels: 9"):
+        resolve_data(y)
+
+
 def test_missing_gen1_explains_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="(?s)never downloads.*prophesee.*gen1 preprocess"):

@@ -18,7 +18,7 @@ import yaml
 
 from ems_yolo.cfg import BUILTIN_DATA, CFG_DIR, SYNTHETIC_GEN1, ems_home, find_dataset_yaml
 from ems_yolo.data.events import is_event_split
-from ems_yolo.events.gen1 import GEN1_NAMES, SPLITS, Gen1Cache, preprocess_gen1, split_cache_path
+from ems_yolo.events.gen1 import GEN1_NAMES, SPLITS, preprocess_gen1, read_representation, split_cache_path
 from ems_yolo.events.representations import EventRepresentation
 from ems_yolo.utils.files import atomic_write_text, content_addressed, read_yaml_mapping
 
@@ -75,7 +75,7 @@ def _event_fields(src: Path, d: dict, splits: dict[str, list[Path]]) -> dict:
         if len(paths) != 1 or not is_event_split(paths[0]):
             raise ValueError(f"{src}: '{key}' must name one HDF5 event cache (.h5), got {d[key]!r}")
         if paths[0].exists():
-            reps[key] = Gen1Cache(paths[0]).representation
+            reps[key] = read_representation(paths[0])
     first = next(iter(reps.values()))
     for key, rep in reps.items():
         if rep != first:
@@ -102,7 +102,7 @@ def write_event_data_yaml(folder: str | Path, names: dict[int, str] = GEN1_NAMES
     present = {s: split_cache_path(folder, s) for s in SPLITS if split_cache_path(folder, s).is_file()}
     if not present:
         raise FileNotFoundError(f"{folder}: no split caches ({', '.join(f'{s}.h5' for s in SPLITS)})")
-    rep = Gen1Cache(next(iter(present.values()))).representation
+    rep = read_representation(next(iter(present.values())))
     d = {"path": str(folder), **{s: p.name for s, p in present.items()},
          "channels": rep.bins * rep.channels_per_bin, "names": dict(names)}
     out = folder / "data.yaml"

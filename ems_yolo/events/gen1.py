@@ -189,22 +189,42 @@ def _flush(g, samples, times, counts, rows, index: int) -> None:
     _append(g["labels"], np.concatenate(rows))
 
 
+def open_cache(path: str | Path):
+    """Open a split cache read-only, checking that it is one of this version; errors name the file."""
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"event cache '{path}' not found.\n{GEN1_HELP}")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise ValueError(f"{path}: not a readable HDF5 event cache ({e}); expected a file written by "
+                         "'ems-yolo gen1 preprocess'") from None
+    version = int(f.attrs.get("version", 0))
+    if version != CACHE_VERSION or "samples" not in f:
+        f.close()
+        raise ValueError(f"{path}: not an ems-yolo event cache of version {CACHE_VERSION} (found version {version}); "
+                         "rebuild it with 'ems-yolo gen1 preprocess'")
+    return f
+
+
+def _representation(f) -> EventRepresentation:
+    return EventRepresentation(**json.loads(f.attrs["representation"]))
+
+
+def read_representation(path: str | Path) -> EventRepresentation:
+    """The representation a split cache was built with (reads the file's attributes only)."""
+    with open_cache(path) as f:
+        return _representation(f)
+
+
 class Gen1Cache:
     """Read-only view of one split's cache file; opens the HDF5 file lazily (safe with DataLoader workers)."""
 
     def __init__(self, path: str | Path):
-        import h5py
-
         self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"event cache '{self.path}' not found.\n{GEN1_HELP}")
-        with h5py.File(self.path, "r") as f:
-            version = int(f.attrs.get("version", 0))
-            if version != CACHE_VERSION or "samples" not in f:
-                raise ValueError(
-                    f"{self.path}: not an ems-yolo event cache of version {CACHE_VERSION} (found version {version}); "
-                    "rebuild it with 'ems-yolo gen1 preprocess'"
-                )
+        with open_cache(self.path) as f:
             n = int(f["done_samples"][-1]) if len(f["done_samples"]) else 0
             self.t_us = f["t_us"][:n]
             self.recording = f["recording"][:n]
@@ -214,7 +234,7 @@ class Gen1Cache:
             self.recordings = [s.decode() if isinstance(s, bytes) else s for s in f["recordings"][:]]
             self.names = {int(k): v for k, v in json.loads(f.attrs["names"]).items()}
             self.split = str(f.attrs.get("split", self.path.stem))
-            self.representation = EventRepresentation(**json.loads(f.attrs["representation"]))
+            self.representation = _representation(f)
         self._file = None
 
     def __len__(self) -> int:
