@@ -9,6 +9,7 @@ from typing import Any
 import typer
 
 from ems_yolo.cfg import (
+    CONVERT_KEYS,
     ENERGY_KEYS,
     ENGINE_KEYS,
     EVENTS_KEYS,
@@ -140,6 +141,20 @@ def energy(ctx: typer.Context) -> None:
     """EMSYOLO(model, ...).energy(data=..., ...)."""
     kv = parse_key_values(ctx.args, ENERGY_KEYS, "energy")
     _model(kv).energy(**kv)
+
+
+@app.command(context_settings=KEY_VALUE, help="Convert a checkpoint of the original EMS-YOLO code (BICLab/EMS-YOLO) "
+             "into an ems-yolo checkpoint, read without executing it. Every ems-yolo command also takes such a file "
+             "directly as model=.\n\n" + _keys_help(CONVERT_KEYS))
+def convert(ctx: typer.Context) -> None:
+    """convert_original(source, out, model, time_steps)."""
+    from ems_yolo.engine.checkpoints import convert_original
+
+    kv = parse_key_values(ctx.args, CONVERT_KEYS, "convert")
+    if "source" not in kv:
+        raise typer.BadParameter("convert needs source=<checkpoint of the original EMS-YOLO code>")
+    out = convert_original(str(kv["source"]), kv.get("out"), kv.get("model"), kv.get("time_steps"))
+    typer.echo(f"ems-yolo checkpoint -> {out}")
 
 
 @app.command(context_settings=KEY_VALUE, help="Gen1 tools. 'ems-yolo gen1 preprocess src=... dst=<folder>' builds "

@@ -210,6 +210,28 @@ def test_ann_twin_trains_after_ultralytics_checkpoint_loading(tiny_cfg, tmp_path
     assert all(p.grad is not None for p in loaded.parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("name", ["ems-res34-coco.yaml", "ems-res10.yaml"])
+def test_outputs_identical_after_a_checkpoint_round_trip(name, tiny_cfg, tmp_path):
+    """Ultralytics' loader sets `inplace=True` on every module with the flag; no layer may compute another function
+    after it (the SiLU convs of the COCO model did)."""
+    from ultralytics.nn.tasks import load_checkpoint
+
+    model = EMSDetectionModel(tiny_cfg(name, width=0.125, nc=3, time_steps=3), verbose=False).eval()
+    for m in model.modules():  # trained-looking statistics, so that every layer is far from its init
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.weight.data.uniform_(0.5, 1.5)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        before = model(x)
+    torch.save({"model": model}, tmp_path / "m.pt")
+    loaded, _ = load_checkpoint(tmp_path / "m.pt")
+    with torch.no_grad():
+        after = loaded(x)
+    assert torch.equal(before[0], after[0])
+    assert all(torch.equal(a, b) for a, b in zip(before[1], after[1]))
+
+
 def test_set_time_steps_changes_every_layer_and_refuses_event_models(tiny_cfg):
     model = EMSDetectionModel(tiny_cfg(nc=2, time_steps=2), verbose=False)
     model.set_time_steps(4)

@@ -102,9 +102,24 @@ def test_eval_path_traces_without_autograd_function():
         assert torch.equal(lif(x), traced(x))
 
 
-def test_silu_pseudo_neuron_is_real_valued():
-    n = SiLUNeuron(time_steps=2)
-    y = n(torch.randn(4, 8))
+def test_silu_pseudo_neuron_carries_its_output_as_membrane():
+    """The original `mem_update(act=True)` ran SiLU in place on the membrane, so the next step reads SiLU(u):
+    o_t = SiLU(0.25 * o_{t-1} * (1 - o_{t-1}) + I_t). Emulated here with an in-place SiLU, as that code ran it."""
+    T, x = 4, torch.randn(4 * 3, 8)
+    ref, mem_old, spike = [], None, None
+    for t, xt in enumerate(x.view(T, 3, 8)):
+        mem = xt.clone() if t == 0 else mem_old * 0.25 * (1 - spike) + xt
+        spike = torch.nn.SiLU(inplace=True)(mem)  # overwrites mem
+        mem_old = mem.clone()
+        ref.append(spike.clone())
+    y = SiLUNeuron(time_steps=T)(x)
+    assert torch.allclose(y, torch.cat(ref), atol=1e-6)
+    plain = [torch.nn.functional.silu(x.view(T, 3, 8)[0])]  # the non-in-place recurrence differs
+    u = x.view(T, 3, 8)[0]
+    for t in range(1, T):
+        u = 0.25 * u * (1 - plain[-1]) + x.view(T, 3, 8)[t]
+        plain.append(torch.nn.functional.silu(u))
+    assert not torch.allclose(y, torch.cat(plain), atol=1e-3)
     assert not set(y.unique().tolist()) <= {0.0, 1.0}
 
 

@@ -4,6 +4,7 @@
     EMSYOLO("runs/detect/train/weights/best.pt").val(energy=True)
     EMSYOLO("best.pt").predict("video.mp4"); EMSYOLO("best.pt").predict("recording_td.dat", stride_ms=50)
     EMSYOLO("best.pt").export(format="onnx"); EMSYOLO("best.pt").energy(data="gen1-synthetic")
+    EMSYOLO("original-best.pt", time_steps=4).val(data="coco.yaml")  # a checkpoint of the original EMS-YOLO code
 
 `ann=True` builds the ANN twin of a YAML (LIF replaced by ReLU, T = 1), trained and used the same way;
 `checkpoint=True` recomputes activations in backward (less training memory, more compute); `nc`, `channels` and
@@ -29,6 +30,7 @@ from ultralytics.utils import DEFAULT_CFG
 from ems_yolo.cfg import (
     DEFAULT_MODEL,
     EMS_TRAIN_DEFAULTS,
+    EMS_VAL_DEFAULTS,
     EVENT_SUFFIXES,
     default_project,
     ems_home,
@@ -36,10 +38,12 @@ from ems_yolo.cfg import (
     load_model_yaml,
 )
 from ems_yolo.data.datasets import load_data, resolve_data
+from ems_yolo.engine.checkpoints import load_converted, write_checkpoint
 from ems_yolo.engine.predictor import EventPredictor
 from ems_yolo.engine.trainer import EMSTrainer, model_for_data
 from ems_yolo.engine.validator import EMSValidator
 from ems_yolo.nn.model import EMSDetectionModel, ann_twin
+from ems_yolo.nn.original import is_original_checkpoint
 from ems_yolo.utils.files import content_addressed
 
 YAML_OVERRIDES = ("nc", "channels", "input")  # model YAML keys that EMSYOLO(...) may override besides T
@@ -98,6 +102,7 @@ class EMSYOLO(Model):
         **overrides,
     ):
         source = resolve_model_source(model, time_steps, ann, checkpoint, **overrides)
+        self._conversion_time_steps = time_steps  # read by _load if `source` is an original EMS-YOLO checkpoint
         super().__init__(source, task=task, verbose=verbose)
         if time_steps and isinstance(self.model, nn.Module) and self.model.yaml.get("time_steps") != time_steps:
             self.model.set_time_steps(int(time_steps))
@@ -120,6 +125,23 @@ class EMSYOLO(Model):
     def time_steps(self) -> int | None:
         """T of a PyTorch model (None for exported models, whose T is baked in)."""
         return self.model.yaml.get("time_steps") if isinstance(self.model, nn.Module) else None
+
+    def _load(self, weights: str, task: str | None = None) -> None:
+        """Ultralytics' checkpoint loading; a checkpoint of the original EMS-YOLO code is converted in memory first
+        (read without executing it; T = 5, the original's default, unless `time_steps=` is given)."""
+        if not (str(weights).endswith(".pt") and is_original_checkpoint(weights)):
+            return super()._load(weights, task)
+        self.model, self.ckpt = load_converted(weights, self._conversion_time_steps)
+        self.task = "detect"
+        self.overrides = self.model.args = self._reset_ckpt_args(self.model.args)
+        self.overrides.update(model=str(weights), task="detect")
+        self.ckpt_path = self.model_name = str(weights)
+
+    def save(self, filename: str | Path = "saved_model.pt") -> None:
+        """Write the model as an ems-yolo checkpoint (FP16, atomically); for a converted original checkpoint this
+        is the converted file."""
+        self._check_is_pytorch_model()
+        write_checkpoint({**(self.ckpt or {}), "model": self.model, "ema": None}, filename)
 
     def _new(self, cfg: str, task: str | None = None, *args, **kwargs) -> None:
         """Ultralytics' build from a YAML, after resolving ems-yolo's model names to their files."""
@@ -145,7 +167,7 @@ class EMSYOLO(Model):
         from ems_yolo.engine.energy import energy_after_val
 
         kwargs["data"] = resolve_data(kwargs.get("data") or self.overrides.get("data"))
-        kwargs.setdefault("project", default_project())
+        kwargs = {**EMS_VAL_DEFAULTS, "project": default_project(), **kwargs}
         callback = energy_after_val(self.model) if energy else None
         if callback:
             self.add_callback("on_val_end", callback)

@@ -158,7 +158,7 @@ class SiLUConv(nn.Module):
         neuron = neuron or NeuronConfig()
         self.conv = spike_conv(c1, c2, k, s, spike_input=False)
         self.bn = TDBatchNorm2d(c2, 1.0, neuron.vth)
-        self.act = SiLUNeuron(time_steps, neuron.tau) if neuron.kind == "lif" else nn.SiLU()
+        self.act = SiLUNeuron(time_steps if neuron.kind == "lif" else 1, neuron.tau)  # the ANN twin: plain SiLU
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         return self.act(self.bn(self.conv(x)))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ems_yolo.nn import lif_triton
@@ -238,26 +239,30 @@ class LIF(nn.Module):
 class SiLUNeuron(nn.Module):
     """Non-spiking pseudo-neuron of the original COCO configs: the LIF recurrence with SiLU in place of the step.
 
-    Its output is real-valued, so it is never counted as a spiking layer (model-spec §2.4).
+    o_1 = SiLU(I_1), o_t = SiLU(tau * o_{t-1} * (1 - sg(o_{t-1})) + I_t): the membrane carried to the next step is the
+    SiLU output, because the original code (`mem_update(act=True)`) ran its SiLU in place on the membrane, and its
+    published weights were trained with that recurrence. Written out with `F.silu` and no `inplace` flag, so it
+    computes the same function however it was built or loaded (Ultralytics' loader sets every `inplace` flag). Its
+    output is real-valued, so it is never counted as a spiking layer (model-spec §2.4).
     """
 
     def __init__(self, time_steps: int = 1, tau: float = 0.25):
         super().__init__()
         self.time_steps = time_steps
         self.tau = tau
-        self.act = nn.SiLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map currents `[T*B, ...]` to SiLU outputs of the same shape."""
         currents = unfold_time(x, self.time_steps)
-        u = currents[0]
-        o = self.act(u)
+        o = F.silu(currents[0])
         outs = [o]
         for t in range(1, self.time_steps):
-            u = self.tau * u * (1 - o.detach()) + currents[t]
-            o = self.act(u)
+            o = F.silu(self.tau * o * (1 - o.detach()) + currents[t])
             outs.append(o)
         return torch.stack(outs).flatten(0, 1)
+
+    def extra_repr(self) -> str:
+        return f"time_steps={self.time_steps}, tau={self.tau}"
 
 
 class ReLUNeuron(nn.Module):
