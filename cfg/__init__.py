@@ -105,11 +105,13 @@ ENGINE_KEYS = {
     "time_steps": "simulation time steps T; overrides the model YAML or checkpoint (PyTorch models only)",
     "ann": "build the ANN twin of the model YAML: LIF replaced by ReLU, T=1 (default False)",
     "checkpoint": "train: activation checkpointing, recompute each layer in backward to save memory (default False)",
+    "trust": "load a .pt that needs classes outside ems-yolo, Ultralytics and torch.nn (a pickle can run code; "
+    "default False)",
     "events": "predict: simulate events from a video source first, then detect on them (default False)",
     "energy": "val: also measure firing rates and the energy estimate on the validation data (default False)",
     "stride_ms": "predict on events: step of the sliding window along a .dat recording (default 50)",
 }
-MODEL_KEYS = ("model", "time_steps", "ann", "checkpoint")  # keys that choose the model, not the mode's settings
+MODEL_KEYS = ("model", "time_steps", "ann", "checkpoint", "trust")  # keys that choose the model, not mode settings
 MODE_ONLY_KEYS = {"events": "predict", "stride_ms": "predict", "energy": "val"}  # the one mode each key applies to
 MODE_HELP = {
     "train": "Train a spiking detector. data= defaults to the built-in shapes dataset (also data=shapes).",
@@ -123,6 +125,7 @@ ENERGY_KEYS = {
     "data": "dataset whose validation images drive the firing rates (default: the checkpoint's, else shapes)",
     "imgsz": "input size (default: the training size of a .pt, else 640)",
     "time_steps": "override T",
+    "trust": "load a .pt that needs classes outside ems-yolo, Ultralytics and torch.nn (it can run code)",
     "ann": "report the ANN twin itself (ReLU, T=1): every conv is a MAC layer",
     "batch": "images per batch (default 8)",
     "max_batches": "stop after this many batches (default: the whole split)",
@@ -165,3 +168,53 @@ EVENTS_KEYS = {
     "seed": "random seed (default 0)",
     "max_frames": "stop after this many frames",
 }
+
+
+# Value rules of the user-facing keys of every command (ems-yolo's own and the Ultralytics sizes that Ultralytics
+# would silently clamp): one check, one message naming the key and what was expected.
+_POSITIVE_INT = ("time_steps", "channels", "nc", "epochs", "max_batches", "bins", "height", "width", "max_frames")
+_POSITIVE = ("stride_ms", "window_ms", "cutoff", "c_on", "c_off", "e_ac", "e_mac")
+_NON_NEGATIVE = ("sigma", "refractory_us", "noise_hz")
+_BOOLS = ("ann", "checkpoint", "events", "energy", "detailed", "trust")
+_CHOICES = {"input": ("frames", "events"), "preset": ("fp32", "fp16", "int8"), "split": ("train", "val", "test"),
+            "representation": ("ems_frames", "histogram", "voxel")}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_value(key: str, value: Any) -> Any:
+    """`value` if it suits `key` (ints stay ints; numbers from text are parsed), else a ValueError naming the key."""
+    if value is None:
+        return value
+    shown = f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}"
+    if key in _POSITIVE_INT:
+        if isinstance(value, str) and value.strip().lstrip("+").isdigit():
+            value = int(value)
+        if not _is_int(value) or value < 1:
+            raise ValueError(f"{shown}: expected a positive integer")
+    elif key in _POSITIVE or key in _NON_NEGATIVE:
+        try:
+            number = float(value) if not isinstance(value, bool) else None
+        except (TypeError, ValueError):
+            number = None
+        low_ok = number is not None and (number > 0 if key in _POSITIVE else number >= 0)
+        if not low_ok or number != number or number == float("inf"):
+            raise ValueError(f"{shown}: expected a {'positive' if key in _POSITIVE else 'non-negative'} number")
+        value = number
+    elif key == "imgsz":
+        sizes = value if isinstance(value, (list, tuple)) else [value]
+        if not (1 <= len(sizes) <= 2 and all(_is_int(s) and s >= 1 for s in sizes)):
+            raise ValueError(f"{shown}: expected a positive integer or [height, width] of positive integers")
+    elif key in _BOOLS:
+        if not isinstance(value, bool):
+            raise ValueError(f"{shown}: expected True or False")
+    elif key in _CHOICES and value not in _CHOICES[key]:
+        raise ValueError(f"{shown}: expected one of {', '.join(_CHOICES[key])}")
+    return value
+
+
+def check_values(kv: dict[str, Any]) -> dict[str, Any]:
+    """Every key of `kv` checked by `check_value` (keys without a rule pass unchanged)."""
+    return {k: check_value(k, v) for k, v in kv.items()}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import difflib
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ from ems_yolo.cfg import (
     MODE_HELP,
     MODE_ONLY_KEYS,
     MODEL_KEYS,
+    check_values,
 )
 
 app = typer.Typer(
@@ -28,6 +31,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 KEY_VALUE = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+class UsageError(ValueError):
+    """A bad command line: an unknown key, a value of the wrong type or range, a missing required key."""
 
 
 @app.callback()
@@ -43,18 +50,18 @@ def parse_key_values(tokens: list[str], allowed: dict[str, str], command: str) -
     out = {}
     for token in merge_equals_args(tokens):
         if "=" not in token:
-            raise typer.BadParameter(f"'{token}' is not a key=value pair (see 'ems-yolo {command} --help')")
+            raise UsageError(f"'{token}' is not a key=value pair (see 'ems-yolo {command} --help')")
         try:
             key, value = parse_key_value_pair(token)
         except AssertionError as e:
-            raise typer.BadParameter(str(e)) from None
+            raise UsageError(str(e)) from None
         if key not in allowed:
             close = difflib.get_close_matches(key, allowed, n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
             known = f"Valid keys: {', '.join(allowed)}" if len(allowed) <= 12 else f"See 'ems-yolo {command} --help'."
-            raise typer.BadParameter(f"'{key}' is not a valid key for '{command}'.{hint} {known}")
+            raise UsageError(f"'{key}' is not a valid key for '{command}'.{hint} {known}")
         out[key] = value
-    return out
+    return check_values(out)
 
 
 def _keys_help(keys: dict[str, str]) -> str:
@@ -88,12 +95,12 @@ def engine_overrides(tokens: list[str], mode: str) -> tuple[dict[str, Any], dict
     ours = {k: kv.pop(k) for k in list(kv) if k in ENGINE_KEYS}
     for key in ours:
         if MODE_ONLY_KEYS.get(key, mode) != mode:
-            raise typer.BadParameter(f"'{key}' applies to '{MODE_ONLY_KEYS[key]}' only, not to '{mode}'")
+            raise UsageError(f"'{key}' applies to '{MODE_ONLY_KEYS[key]}' only, not to '{mode}'")
     try:
         check_dict_alignment(DEFAULT_CFG_DICT, kv)
         get_cfg(DEFAULT_CFG_DICT, {**kv, "mode": mode})  # type and range checks
     except (SyntaxError, TypeError, ValueError) as e:
-        raise typer.BadParameter(str(e).strip()) from None
+        raise UsageError(str(e).strip()) from None
     return ours, kv
 
 
@@ -101,13 +108,17 @@ def run_mode(mode: str, tokens: list[str]):
     """EMSYOLO(model keys).<mode>(every other key): the facade does the work."""
     ours, kv = engine_overrides(tokens, mode)
     if mode == "predict" and kv.get("source") is None:
-        raise typer.BadParameter("predict needs source=<image, folder, glob, video, URL, webcam index or .dat/.h5>")
+        raise UsageError("predict needs source=<image, folder, glob, video, URL, webcam index or .dat/.h5>")
     model = _model(ours)
     if mode == "predict":
+        from ems_yolo.cfg import default_project
+        from ems_yolo.engine.model import no_half_written_runs
+
         kv.setdefault("save", True)
-        results = model.predict(stream=True, **ours, **kv)  # Ultralytics consumes its stream itself for CLI callers
-        for _ in results or ():  # bounded memory for long videos and recordings either way
-            pass
+        with no_half_written_runs(kv.get("project") or default_project()):
+            results = model.predict(stream=True, **ours, **kv)  # Ultralytics consumes its stream for CLI callers
+            for _ in results or ():  # bounded memory for long videos and recordings either way
+                pass
         return None
     return getattr(model, mode)(**ours, **kv)
 
@@ -152,7 +163,7 @@ def convert(ctx: typer.Context) -> None:
 
     kv = parse_key_values(ctx.args, CONVERT_KEYS, "convert")
     if "source" not in kv:
-        raise typer.BadParameter("convert needs source=<checkpoint of the original EMS-YOLO code>")
+        raise UsageError("convert needs source=<checkpoint of the original EMS-YOLO code>")
     out = convert_original(str(kv["source"]), kv.get("out"), kv.get("model"), kv.get("time_steps"))
     typer.echo(f"ems-yolo checkpoint -> {out}")
 
@@ -166,11 +177,11 @@ def gen1(ctx: typer.Context, action: str = typer.Argument(..., help="preprocess"
     from ems_yolo.events.representations import EventRepresentation
 
     if action != "preprocess":
-        raise typer.BadParameter(f"unknown gen1 action '{action}', expected 'preprocess'")
+        raise UsageError(f"unknown gen1 action '{action}', expected 'preprocess'")
     kv = parse_key_values(ctx.args, GEN1_KEYS, "gen1 preprocess")
     for key in ("src", "dst"):
         if key not in kv:
-            raise typer.BadParameter(f"gen1 preprocess needs {key}=")
+            raise UsageError(f"gen1 preprocess needs {key}=")
     rep_keys = {"name": kv.get("representation", "ems_frames")}
     rep_keys.update({k: kv[k] for k in ("bins", "height", "width", "cutoff") if k in kv})
     if "window_ms" in kv:
@@ -190,7 +201,7 @@ def events(ctx: typer.Context) -> None:
 
     kv = parse_key_values(ctx.args, EVENTS_KEYS, "events")
     if "source" not in kv:
-        raise typer.BadParameter("events needs source=<video>")
+        raise UsageError("events needs source=<video>")
     source = Path(str(kv["source"]))
     out = Path(str(kv.get("out", source.with_name(f"{source.stem}_td.dat"))))
     sim = {k: kv[k] for k in ("c_on", "c_off", "sigma", "refractory_us", "noise_hz", "seed") if k in kv}
@@ -199,10 +210,36 @@ def events(ctx: typer.Context) -> None:
     typer.echo(f"{len(ev):,} events -> {out}")
 
 
-def main() -> None:
-    """Console-script entry point: user errors (bad paths, values, configs) print one line, not a traceback."""
+USER_ERRORS = (OSError, ValueError)  # bad paths, values, configs and files (OSError: also permissions)
+EXIT_USAGE = 2  # every user error, as for a command-line usage error
+
+
+def _debug(argv: list[str]) -> bool:
+    return "--debug" in argv or os.environ.get("EMS_YOLO_DEBUG", "").lower() not in ("", "0", "false", "no")
+
+
+def run(argv: list[str]) -> int:
+    """Run the command line `argv` and return its exit code. A user error prints one line,
+    `ems-yolo: error: <file or key>: <what is wrong>, expected <what>` (hint lines may follow), and returns 2 (as
+    Typer does for an unknown command); `--debug` anywhere in `argv` or EMS_YOLO_DEBUG=1 raises it with its
+    traceback instead."""
+    debug = _debug(argv)
+    argv = [a for a in argv if a != "--debug"]
     try:
-        app()
-    except (FileNotFoundError, ValueError) as e:
-        typer.secho(f"ems-yolo: error: {e}", err=True, fg=typer.colors.RED)
-        raise SystemExit(1) from None
+        app(args=argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 0
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        lines = [line for line in str(e).strip().splitlines() if line.strip()] or [type(e).__name__]
+        typer.secho(f"ems-yolo: error: {lines[0]}", err=True, fg=typer.colors.RED)
+        for line in lines[1:]:
+            typer.echo(f"  {line.strip()}", err=True)
+        return EXIT_USAGE
+    return 0
+
+
+def main() -> None:
+    """Console-script entry point (`run` on the process arguments)."""
+    raise SystemExit(run(sys.argv[1:]))

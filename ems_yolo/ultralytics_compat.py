@@ -13,7 +13,9 @@ alone changes nothing. Users can still override any of the variables in their en
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -47,6 +49,7 @@ def _configure_environment() -> None:
 _configure_environment()
 
 import ultralytics.engine.trainer as _ul_trainer  # noqa: E402
+import ultralytics.nn.tasks as _ul_tasks  # noqa: E402
 from ultralytics.utils import SETTINGS  # noqa: E402
 
 # Telemetry and third-party loggers off in Ultralytics' settings (written only when they differ).
@@ -99,3 +102,34 @@ def atomic_checkpoints(trainer) -> None:
     """Make every checkpoint a trainer saves (last, best, epoch<N> in its weights folder) an atomic write."""
     trainer.wdir = AtomicPath(trainer.wdir)
     trainer.last, trainer.best = trainer.wdir / Path(trainer.last).name, trainer.wdir / Path(trainer.best).name
+
+
+def route_checkpoint_loading(load) -> None:
+    """Hook 7 (checkpoints). `load_checkpoint` (model loading, trainer set-up and resume, AutoBackend) reads files
+    through `torch_safe_load`, a plain `torch.load(weights_only=False)` that runs any pickle; `load(path) -> dict`
+    takes its place."""
+    _ul_tasks.torch_safe_load = lambda weight, *args, **kwargs: (load(weight), str(weight))
+
+
+class _OurCommands(logging.Filter):
+    """Rewrites the `yolo <mode> task=detect ...` follow-up commands in Ultralytics' log as `ems-yolo <mode> ...`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and "yolo " in record.msg:
+            record.msg = re.sub(r"(?<![\w-])yolo (predict|val) task=detect ", r"ems-yolo \1 ", record.msg)
+        return True
+
+
+@contextmanager
+def ems_yolo_hints():
+    """Hook 8 (exporter). `Exporter.__call__` ends by logging how to predict and validate with the exported file in
+    Ultralytics' `yolo` CLI (another program, which makes network look-ups); within this context those lines name
+    `ems-yolo` commands."""
+    from ultralytics.utils import LOGGER
+
+    rewrite = _OurCommands()
+    LOGGER.addFilter(rewrite)
+    try:
+        yield
+    finally:
+        LOGGER.removeFilter(rewrite)

@@ -15,6 +15,13 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _empty_working_folder(tmp_path_factory, monkeypatch):
+    """Every test runs in an empty folder of its own: nothing it reads or writes may resolve against the user's
+    working folder (a dataset or runs/ folder there must not change a result)."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
 @pytest.fixture
 def tiny_cfg():
     """Factory: a built-in model YAML at reduced width with overrides (nc, time_steps, ...) applied."""

@@ -30,8 +30,8 @@ def test_info_prints_table_and_summary():
 
 def test_info_errors_are_one_clear_line():
     r = run("info", "modle=ems-res10.yaml")
-    assert r.returncode != 0 and "Did you mean 'model'" in r.stderr
+    assert r.returncode == 2 and "Did you mean 'model'" in r.stderr
     r = run("info", "model=missing.yaml")
-    assert r.returncode == 1
+    assert r.returncode == 2
     assert "ems-yolo: error: model YAML 'missing.yaml' not found" in r.stderr
     assert "Traceback" not in r.stderr

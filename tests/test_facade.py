@@ -55,7 +55,7 @@ def test_train(setup):
     rows = [list(csv.DictReader((project / "train" / n / "results.csv").open())) for n in ("cli", "api")]
     assert len(rows[0]) == 2
     for a, b in zip(*rows):
-        for key in ("train/box", "train/obj", "train/cls", "metrics/mAP50(B)"):
+        for key in ("train/box_loss", "train/obj_loss", "train/cls_loss", "metrics/mAP50(B)"):
             assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-5), key
 
 

@@ -164,7 +164,7 @@ def test_event_training_at_T3_lowers_loss_and_scores_both_protocols(trained, dat
     assert model.model.yaml["time_steps"] == 3 and model.model.yaml["input"] == "events"
     assert model.model.yaml["channels"] == 9  # 3 bins x 3 channels
     rows = list(csv.DictReader((run / "results.csv").open()))
-    loss = [sum(float(r[f"train/{k}"]) for k in ("box", "obj", "cls")) for r in rows]
+    loss = [sum(float(r[f"train/{k}"]) for k in ("box_loss", "obj_loss", "cls_loss")) for r in rows]
     assert loss[-1] < loss[0]
     with caplog.at_level("INFO"):
         metrics = EMSYOLO(run / "weights" / "last.pt").val(data=str(data_yaml), imgsz=96, batch=8, workers=0,

@@ -130,7 +130,7 @@ def test_components_match_loop_reference(imgsz):
     preds = make_preds(imgsz=imgsz, seed=1)
     total, items = make_loss(nc=2)(preds, make_batch(RANDOM_ROWS))
     expected = reference_loss(preds, RANDOM_ROWS, nc=2, imgsz=imgsz)
-    got = [items[k].item() for k in ("box", "obj", "cls")]
+    got = [items[k].item() for k in ("box_loss", "obj_loss", "cls_loss")]
     assert got == pytest.approx(expected, rel=1e-5)
     assert total.shape == (3,)
     assert total.tolist() == pytest.approx([2 * e for e in expected], rel=1e-5)
@@ -142,8 +142,8 @@ def test_reference_with_partial_objectness_mix_and_single_class():
     rows = [(r[0], 0, *r[2:]) for r in RANDOM_ROWS]
     _, items = make_loss(nc=1, gr=0.5)(preds, make_batch(rows))
     expected = reference_loss(preds, rows, nc=1, imgsz=320, gr=0.5)
-    assert [items[k].item() for k in ("box", "obj", "cls")] == pytest.approx(expected, rel=1e-5)
-    assert items["cls"].item() == 0.0
+    assert [items[k].item() for k in ("box_loss", "obj_loss", "cls_loss")] == pytest.approx(expected, rel=1e-5)
+    assert items["cls_loss"].item() == 0.0
 
 
 def test_hand_built_assignment_and_objectness_targets():
@@ -205,23 +205,23 @@ def test_exact_decoding_gives_zero_box_loss():
         p[t.img, t.anchor, t.gy, t.gx, 0:2] = torch.logit((t.box[:, :2] + 0.5) / 2)
         p[t.img, t.anchor, t.gy, t.gx, 2:4] = torch.logit((t.box[:, 2:] / t.anchor_wh).sqrt() / 2)
     _, items = loss(preds, make_batch(rows))
-    assert items["box"].item() == pytest.approx(0.0, abs=1e-5)
+    assert items["box_loss"].item() == pytest.approx(0.0, abs=1e-5)
     # Perfect boxes make every objectness target 1: the reference (independent assignment) agrees.
-    assert items["obj"].item() == pytest.approx(reference_loss(preds, rows, 2, 320)[1], rel=1e-5)
+    assert items["obj_loss"].item() == pytest.approx(reference_loss(preds, rows, 2, 320)[1], rel=1e-5)
 
 
 def test_empty_targets_give_objectness_only_with_gradient():
     preds = [p.requires_grad_() for p in make_preds(seed=4)]
     total, items = make_loss()(preds, make_batch([]))
-    assert items["box"].item() == 0.0 and items["cls"].item() == 0.0
-    assert items["obj"].item() > 0.0 and torch.isfinite(total).all()
+    assert items["box_loss"].item() == 0.0 and items["cls_loss"].item() == 0.0
+    assert items["obj_loss"].item() > 0.0 and torch.isfinite(total).all()
     total.sum().backward()
     for p in preds:
         assert torch.isfinite(p.grad).all()
         assert p.grad[..., 4].abs().sum() > 0
         assert p.grad[..., :4].abs().sum() == 0 and p.grad[..., 5:].abs().sum() == 0
     expected = reference_loss(preds, [], nc=2, imgsz=320)
-    assert items["obj"].item() == pytest.approx(expected[1], rel=1e-5)
+    assert items["obj_loss"].item() == pytest.approx(expected[1], rel=1e-5)
 
 
 def test_sgd_steps_reduce_total_loss():
@@ -247,7 +247,7 @@ def test_tuple_input_and_long_batch_index_match_list_input():
     ref, ref_items = loss(preds, batch)
     out, items = loss((torch.zeros(2, 10, 7), preds), {**batch, "batch_idx": batch["batch_idx"].long()})
     torch.testing.assert_close(out, ref)
-    assert items.keys() == ref_items.keys() == {"box", "obj", "cls"}
+    assert items.keys() == ref_items.keys() == {"box_loss", "obj_loss", "cls_loss"}
 
 
 def test_autocast_low_precision_preds_computed_in_float32():

@@ -151,7 +151,7 @@ def test_training_steps_lower_the_loss(tiny_cfg):
     losses = []
     for _ in range(15):
         loss, items = model.loss(batch)
-        assert set(items) == {"box", "obj", "cls"}
+        assert set(items) == {"box_loss", "obj_loss", "cls_loss"}
         opt.zero_grad()
         loss.sum().backward()
         opt.step()

@@ -4,8 +4,10 @@ These fail loudly on an Ultralytics release that changes one of them, naming the
 """
 
 import inspect
+import logging
 import re
 
+import pytest
 import torch
 import ultralytics.engine.trainer as ul_trainer
 from ultralytics.engine.trainer import BaseTrainer
@@ -76,3 +78,25 @@ def test_hook6_layer_routing_is_what_the_checkpointing_loop_repeats(tiny_cfg):
     x = torch.rand(2, 3, 64, 64)
     for a, b in zip(plain.train()(x), ckpt.train()(x)):
         assert torch.equal(a, b)
+
+
+def test_hook7_every_checkpoint_read_goes_through_torch_safe_load(tmp_path):
+    import ems_yolo.engine.checkpoints  # noqa: F401  (routes the loader)
+    assert "torch_safe_load(" in inspect.getsource(tasks.load_checkpoint)
+    assert "load_checkpoint(" in _source(BaseTrainer.setup_model, BaseTrainer.check_resume)
+    bad = tmp_path / "x.pt"
+    torch.save({"model": None, "payload": print}, bad)  # builtins.print: not an allowed class
+    with pytest.raises(ValueError, match="needs builtins.print to load"):
+        tasks.load_checkpoint(bad)
+
+
+def test_hook8_exporter_logs_the_commands_it_rewrites(caplog):
+    from ultralytics.engine.exporter import Exporter
+    from ultralytics.utils import LOGGER
+
+    from ems_yolo.ultralytics_compat import ems_yolo_hints
+
+    assert re.search(r"yolo predict task=\{", inspect.getsource(Exporter.__call__))
+    with caplog.at_level(logging.INFO), ems_yolo_hints():
+        LOGGER.info("Predict:         yolo predict task=detect model=a.onnx imgsz=64")
+    assert "Predict:         ems-yolo predict model=a.onnx imgsz=64" in caplog.text

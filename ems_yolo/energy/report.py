@@ -80,6 +80,7 @@ class EnergyReport:
     ann_macs: int
     e_ann_mj: float
     conventions: list[str] = field(default_factory=list)
+    untrained: bool = False  # measured on initial (random) weights: the rates and the ratio mean nothing yet
 
     @property
     def ratio(self) -> float:
@@ -137,7 +138,9 @@ class EnergyReport:
             f"  mean input firing rate (MAC-weighted)  {self.mean_firing_rate:.4f}",
             f"  E_SNN                                  {self.e_snn_mj:.5g} mJ",
             f"  E_ANN  (ANN twin, T=1, {self.ann_macs / 1e9:.5g} G MACs)  {self.e_ann_mj:.5g} mJ",
-            f"  E_ANN / E_SNN                          {self.ratio:.3g}x",
+            f"  E_ANN / E_SNN                          {self.ratio:.3g}x"
+            + (" (UNTRAINED weights: rates and ratio describe the random initialisation, not a trained model)"
+               if self.untrained else ""),
             "",
             "Conventions:",
             *(f"  - {c}" for c in self.conventions),

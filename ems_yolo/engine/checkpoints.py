@@ -1,4 +1,10 @@
-"""ems-yolo checkpoint files: Ultralytics' checkpoint dict, written atomically, and original EMS-YOLO files as such.
+"""ems-yolo checkpoint files: read safely, written atomically, and original EMS-YOLO files converted into them.
+
+Reading: a checkpoint is a pickle, and a plain `torch.load` runs whatever a file from the internet names.
+`load_checkpoint_file` lists the globals a file needs first, allows only classes of ems-yolo, Ultralytics and
+`torch.nn` (modules and autograd functions), and loads with torch's `weights_only` unpickler restricted to them;
+anything else is refused unless the file was trusted (`trust=True`). Every Ultralytics code path that reads a
+checkpoint (model loading, trainer set-up, resume, AutoBackend) goes through it (ultralytics_compat hook 7).
 
 A converted original checkpoint is an ordinary ems-yolo checkpoint (the model pickled as `EMSDetectionModel`, FP16
 like Ultralytics' own, `epoch: -1` as a finished run) with a `converted_from` record of where it came from.
@@ -6,13 +12,14 @@ like Ultralytics' own, `epoch: -1` as a finished run) with a `converted_from` re
 
 from __future__ import annotations
 
+import importlib
 from copy import deepcopy
 from datetime import datetime
 from pathlib import Path
 
 import torch
 
-from ems_yolo import ultralytics_compat  # noqa: F401  (first: offline environment before Ultralytics loads)
+from ems_yolo import ultralytics_compat as compat  # first: offline environment before Ultralytics loads
 from ultralytics import __version__ as ultralytics_version
 from ultralytics.utils import DEFAULT_CFG_DICT, LOGGER
 
@@ -22,6 +29,77 @@ from ems_yolo.nn.original import ORIGINAL_TIME_STEPS, OriginalCheckpoint, load_o
 from ems_yolo.utils.files import atomic_write
 
 ORIGINAL_FORMAT = "EMS-YOLO original (BICLab/EMS-YOLO train.py, pickled models.yolo.Model)"
+ALLOWED_MODULES = ("ems_yolo.", "ultralytics.", "torch.nn.")  # where the classes a checkpoint may need live
+ALLOWED_DATA_CLASSES = ("ultralytics.utils.IterableSimpleNamespace",)  # plain attribute bags (training args)
+EXPECTED = "expected a PyTorch checkpoint (.pt) written by ems-yolo train or convert, or by Ultralytics"
+_TRUSTED: set[Path] = set()
+
+
+def trust_file(path: str | Path) -> None:
+    """Let `load_checkpoint_file` unpickle `path` without the allow-list (the user vouches for the file)."""
+    _TRUSTED.add(Path(path).resolve())
+
+
+def _allowed_class(name: str):
+    """The class named `module.Class` if a checkpoint may construct it (an nn.Module or autograd Function of
+    ems-yolo, Ultralytics or torch.nn, or one of `ALLOWED_DATA_CLASSES`), else None; only modules of those packages
+    are imported to find it."""
+    module, _, attr = name.rpartition(".")
+    if not module.startswith(ALLOWED_MODULES):
+        return None
+    try:
+        obj = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError):
+        return None
+    ok = isinstance(obj, type) and (issubclass(obj, (torch.nn.Module, torch.autograd.Function))
+                                    or name in ALLOWED_DATA_CLASSES)
+    return obj if ok else None
+
+
+def load_checkpoint_file(path: str | Path) -> dict:
+    """Load an ems-yolo or Ultralytics checkpoint dict safely; errors are one line naming the file.
+
+    An original EMS-YOLO checkpoint is converted (T = 5). A file needing any class outside the allow-list is
+    refused unless it was trusted (`trust_file`, `trust=True`), then loaded with a plain `torch.load`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found (ems-yolo does not download weights)")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: empty file, {EXPECTED}")
+    if path.resolve() in _TRUSTED:
+        return _read(path, lambda: torch.load(path, map_location="cpu", weights_only=False))
+    try:
+        needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a zip archive, truncated, or not a torch file
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint (truncated, corrupt or another format), "
+                         f"{EXPECTED}") from None
+    from ems_yolo.nn.original import ORIGINAL_MODEL
+
+    if ORIGINAL_MODEL in needed:
+        return load_converted(path)[1]
+    classes = {name: _allowed_class(name) for name in needed}
+    refused = sorted(name for name, cls in classes.items() if cls is None)
+    if refused:
+        raise ValueError(f"{path}: needs {refused[0]} to load, which is not an ems-yolo, Ultralytics or torch.nn "
+                         "class; a checkpoint is a pickle that can run code, so it is refused. If you trust this "
+                         "file, pass trust=True")
+    with torch.serialization.safe_globals(list(classes.values())):
+        return _read(path, lambda: torch.load(path, map_location="cpu", weights_only=True))
+
+
+def _read(path: Path, load) -> dict:
+    try:
+        ckpt = load()
+    except Exception as e:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{path}: cannot be loaded ({why}), {EXPECTED}") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("ema") or ckpt.get("model"), torch.nn.Module):
+        raise ValueError(f"{path}: holds no model ('model' or 'ema' entry), {EXPECTED}")
+    return ckpt
+
+
+compat.route_checkpoint_loading(load_checkpoint_file)
 
 
 def write_checkpoint(ckpt: dict, path: str | Path) -> Path:

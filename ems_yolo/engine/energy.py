@@ -7,6 +7,7 @@ firing-rate bar chart `firing_rates.png` are written to the run folder.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -45,17 +46,19 @@ def save_report(report: EnergyReport, folder: str | Path) -> Path:
     return folder
 
 
-def run_energy(model: torch.nn.Module, loader, imgsz: int, folder: str | Path, **kwargs) -> EnergyReport:
-    """Measure, report and save; `kwargs` go to `energy_report` (e_ac, e_mac, preset, max_batches, device)."""
-    report = energy_report(model, loader, imgsz, **kwargs)
+def run_energy(model: torch.nn.Module, loader, imgsz: int, folder: str | Path, untrained: bool = False,
+               **kwargs) -> EnergyReport:
+    """Measure, report and save; `kwargs` go to `energy_report` (e_ac, e_mac, preset, max_batches, device).
+    `untrained` (a model built from a YAML) is stated in the report beside the ratio, which then means nothing."""
+    report = replace(energy_report(model, loader, imgsz, **kwargs), untrained=untrained)
     save_report(report, folder)
     return report
 
 
-def energy_after_val(model: torch.nn.Module):
+def energy_after_val(model: torch.nn.Module, untrained: bool = False):
     """`on_val_end` callback: the energy report on the validator's own data loader, in its run folder."""
 
     def callback(validator) -> None:
-        run_energy(model, validator.dataloader, max(image_hw(validator.args.imgsz)), validator.save_dir)
+        run_energy(model, validator.dataloader, max(image_hw(validator.args.imgsz)), validator.save_dir, untrained)
 
     return callback

@@ -15,6 +15,8 @@ named in its arguments, also in DDP workers), so the new T is what checkpoints r
 
 from __future__ import annotations
 
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +35,14 @@ from ems_yolo.cfg import (
     EMS_VAL_DEFAULTS,
     EVENT_SUFFIXES,
     default_project,
+    check_values,
     ems_home,
     find_model_yaml,
     load_model_yaml,
 )
 from ems_yolo.data.datasets import load_data, resolve_data
-from ems_yolo.engine.checkpoints import load_converted, write_checkpoint
+from ems_yolo.data.verify import check_media_source
+from ems_yolo.engine.checkpoints import load_converted, trust_file, write_checkpoint
 from ems_yolo.engine.predictor import EventPredictor
 from ems_yolo.engine.trainer import EMSTrainer, model_for_data
 from ems_yolo.engine.validator import EMSValidator
@@ -65,7 +69,7 @@ def resolve_model_source(
     """
     unknown = set(overrides) - set(YAML_OVERRIDES)
     if unknown:
-        raise TypeError(f"unknown model setting(s) {sorted(unknown)}; expected time_steps, ann, checkpoint or "
+        raise ValueError(f"unknown model setting(s) {sorted(unknown)}; expected time_steps, ann, checkpoint or "
                         f"{', '.join(YAML_OVERRIDES)}")
     overrides = {k: v for k, v in overrides.items() if v is not None}
     text = str(model).strip()
@@ -84,8 +88,27 @@ def resolve_model_source(
         raise ValueError(f"ann, checkpoint, {', '.join(YAML_OVERRIDES)} are model YAML settings; '{text}' is a "
                          "weights file")
     if not p.exists():
-        raise FileNotFoundError(f"model weights '{text}' not found (ems-yolo does not download weights)")
+        raise FileNotFoundError(f"{text}: model weights not found (ems-yolo does not download weights)")
     return str(p)
+
+
+@contextmanager
+def no_half_written_runs(project: str | Path):
+    """A mode that fails removes the run folder it created under `project`, unless that folder holds a checkpoint
+    (an interrupted training run stays resumable)."""
+    project = Path(project).absolute()
+    missing = [p for p in (project, *project.parents) if not p.exists()]  # folders this mode may create
+    before = set(project.iterdir()) if project.is_dir() else set()
+    try:
+        yield
+    except BaseException:
+        for run in set(project.iterdir()) - before if project.is_dir() else ():
+            if run.is_dir() and not any(run.rglob("*.pt")):
+                shutil.rmtree(run, ignore_errors=True)
+        for folder in missing:  # innermost first
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
 
 
 class EMSYOLO(Model):
@@ -99,9 +122,15 @@ class EMSYOLO(Model):
         time_steps: int | None = None,
         ann: bool = False,
         checkpoint: bool = False,
+        trust: bool = False,
         **overrides,
     ):
+        check_values({"ann": ann, "checkpoint": checkpoint, "trust": trust})
+        overrides = check_values(overrides)
+        time_steps = check_values({"time_steps": time_steps})["time_steps"]
         source = resolve_model_source(model, time_steps, ann, checkpoint, **overrides)
+        if trust:  # the user vouches for the file: unpickle it without the allow-list
+            trust_file(source)
         self._conversion_time_steps = time_steps  # read by _load if `source` is an original EMS-YOLO checkpoint
         super().__init__(source, task=task, verbose=verbose)
         if time_steps and isinstance(self.model, nn.Module) and self.model.yaml.get("time_steps") != time_steps:
@@ -147,32 +176,46 @@ class EMSYOLO(Model):
         """Ultralytics' build from a YAML, after resolving ems-yolo's model names to their files."""
         super()._new(str(find_model_yaml(cfg)), "detect", *args, **kwargs)
 
+    def export(self, **kwargs):
+        """Ultralytics' exporter (ONNX, TorchScript, ...); its closing hints name `ems-yolo` commands."""
+        with ultralytics_compat.ems_yolo_hints():
+            return super().export(**kwargs)
+
     def info(self, detailed: bool = False, verbose: bool = True, imgsz: int | list = 640):
         """Log the layer table and the summary (layers, parameters, gradients, GFLOPs per step and over all T)."""
         self._check_is_pytorch_model()
+        check_values({"imgsz": imgsz, "detailed": detailed})
         if verbose:
             self.model.log_layers()
         return self.model.info(detailed=detailed, verbose=verbose, imgsz=imgsz)
 
     def train(self, trainer=None, **kwargs):
         """Train with the EMS-YOLO recipe defaults (overridable); `data` defaults to the built-in dataset."""
-        kwargs = {**EMS_TRAIN_DEFAULTS, "project": default_project(), **kwargs}
+        kwargs = {**EMS_TRAIN_DEFAULTS, "project": default_project(), **check_values(kwargs)}
+        if kwargs.get("resume") and self.ckpt and self.ckpt.get("optimizer") is None:
+            epochs = (self.ckpt.get("train_args") or {}).get("epochs")
+            raise ValueError(f"{self.ckpt_path}: training{f' to {epochs} epochs' if epochs else ''} is finished "
+                             "(no optimizer state), nothing to resume; expected the last.pt of an interrupted run "
+                             f"(to train further from these weights: ems-yolo train model={self.ckpt_path})")
         if not kwargs.get("resume"):
             kwargs["data"] = resolve_data(kwargs.get("data") or self.overrides.get("data"))
-        return super().train(trainer=trainer, **kwargs)
+        with no_half_written_runs(kwargs["project"]):
+            return super().train(trainer=trainer, **kwargs)
 
     def val(self, validator=None, energy: bool = False, **kwargs):
         """Validate on `data` (default: the checkpoint's dataset, else the built-in one); `energy=True` also writes
         the energy report of the validation data into the validation run folder."""
         from ems_yolo.engine.energy import energy_after_val
 
+        kwargs = check_values(kwargs)
         kwargs["data"] = resolve_data(kwargs.get("data") or self.overrides.get("data"))
         kwargs = {**EMS_VAL_DEFAULTS, "project": default_project(), **kwargs}
-        callback = energy_after_val(self.model) if energy else None
+        callback = energy_after_val(self.model, untrained=not self.ckpt) if energy else None
         if callback:
             self.add_callback("on_val_end", callback)
         try:
-            return super().val(validator=validator, **kwargs)
+            with no_half_written_runs(kwargs["project"]):
+                return super().val(validator=validator, **kwargs)
         finally:
             if callback:
                 self.callbacks["on_val_end"].remove(callback)
@@ -182,7 +225,12 @@ class EMSYOLO(Model):
         """Ultralytics prediction on images, videos and streams; event recordings (.dat), event caches (.h5) and,
         with `events=True`, videos simulated into events go to `EventPredictor` (window step `stride_ms`).
         Saved results go to ./runs/detect/<name> unless `project` is given."""
+        kwargs = check_values({**kwargs, "events": events, "stride_ms": stride_ms})
+        stride_ms = kwargs.pop("stride_ms")
+        events = kwargs.pop("events")
         kwargs.setdefault("project", default_project())
+        if not events:
+            check_media_source(source)
         if events or str(source).endswith(EVENT_SUFFIXES):
             args = get_cfg(DEFAULT_CFG, {**self.overrides, "conf": 0.25, **kwargs, "source": source, "mode": "predict"})
             model = self.model if isinstance(self.model, nn.Module) else self.model_name
@@ -213,10 +261,12 @@ class EMSYOLO(Model):
 
         if not isinstance(self.model, nn.Module):
             raise ValueError("energy needs a PyTorch model (a YAML or .pt), not an exported one")
+        check_values({"imgsz": imgsz, "max_batches": max_batches, "split": split, **energy_kwargs})
         imgsz = int(imgsz or self.overrides.get("imgsz") or 640)
         data = resolve_data(data or self.overrides.get("data"))
         model = self.model if self.ckpt else model_for_data(self.model.yaml, load_data(data, split=split))
         loader = energy_dataloader(data, imgsz, batch, split)
         folder = increment_path(Path(project or default_project()) / name)
-        return run_energy(model, loader, imgsz, folder, max_batches=max_batches, **energy_kwargs)
+        return run_energy(model, loader, imgsz, folder, untrained=not self.ckpt, max_batches=max_batches,
+                          **energy_kwargs)
 

@@ -9,6 +9,7 @@ newest event frame. With `save=True` they are also collected as a Gen1 v2 `_bbox
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -99,10 +100,20 @@ class EventPredictor:
         return source.name.removesuffix(".dat").removesuffix("_td"), rep, stream_windows(source, rep, self.stride_us)
 
     def stream(self, source: str | Path) -> Iterator[Results]:
-        """Yield one `Results` per window (boxes in sensor pixels); files are written when the stream ends."""
+        """Yield one `Results` per window (boxes in sensor pixels); files are written when the stream ends. A
+        prediction that fails removes the run folder it created, so no half-written run is left."""
         source = Path(source)
         if not source.is_file():
-            raise FileNotFoundError(f"event source '{source}' not found")
+            raise FileNotFoundError(f"{source}: event source not found")
+        created = not self.save_dir.exists()
+        try:
+            yield from self._stream(source)
+        except BaseException:
+            if created and self.save_dir.exists():
+                shutil.rmtree(self.save_dir)
+            raise
+
+    def _stream(self, source: Path) -> Iterator[Results]:
         if self.simulate and source.suffix not in (".dat", *EVENT_CACHE_SUFFIXES):
             dat = self.save_dir / f"{source.stem}_td.dat"
             n = len(video_to_events(source, dat, progress=self.args.verbose))
@@ -138,7 +149,9 @@ class EventPredictor:
         if save:
             out = self.save_dir / f"{stem}_bbox.npy"
             write_bbox(out, concat_boxes(rows), version=2)
-            LOGGER.info(f"detections -> {out}\nannotated video -> {self.save_dir / f'{stem}.avi'}")
+            video_note = f"\nannotated video -> {self.save_dir / f'{stem}.avi'}" if video is not None else (
+                " (no window fits the recording: no video)")
+            LOGGER.info(f"detections of {len(rows)} windows -> {out}{video_note}")
 
     def __call__(self, source: str | Path, stream: bool = False) -> Iterator[Results] | list[Results]:
         """Predict on an event source: a generator with `stream=True`, else the list of all windows' results."""

@@ -19,8 +19,10 @@ from ultralytics.models.yolo.detect import DetectionValidator
 from ultralytics.utils import LOGGER
 
 from ems_yolo.data.events import EventDetectionDataset, build_event_dataset, is_event_split
+from ems_yolo.data.verify import verify_image_split
 from ems_yolo.events.io import concat_boxes, detections_to_boxes
 from ems_yolo.utils.coco import coco_bbox_eval
+from ems_yolo.utils.files import atomic_write_text
 
 
 def _gen1_rows(xyxy, cls, conf, t: int, scale: np.ndarray) -> np.ndarray:
@@ -41,9 +43,11 @@ class EMSValidator(DetectionValidator):
     gen1_stats: dict[str, float] | None = None
 
     def build_dataset(self, img_path: str, mode: str = "val", batch: int | None = None):
-        """Event caches (.h5 splits) get EventDetectionDataset; image folders go to Ultralytics."""
+        """Event caches (.h5 splits) get EventDetectionDataset; image folders are checked (`verify_image_split`) and
+        go to Ultralytics."""
         if is_event_split(img_path):
             return build_event_dataset(img_path, self.args, mode)
+        verify_image_split(img_path, self.data["nc"])
         return super().build_dataset(img_path, mode, batch)
 
     @property
@@ -95,6 +99,18 @@ class EMSValidator(DetectionValidator):
                 f"sides, +-50 ms matching, pycocotools): mAP50-95 {g['mAP50-95']:.4f}, mAP50 {g['mAP50']:.4f}, "
                 f"mAP75 {g['mAP75']:.4f} over {g['images']} labelled timestamps"
             )
+
+    def __call__(self, trainer=None, model=None):
+        """Ultralytics' validation; with `save_json=True` and no detection at all (where Ultralytics writes no JSON
+        and scores nothing) an empty predictions.json and a pycocotools mAP of 0 are reported."""
+        stats = super().__call__(trainer, model)
+        if self.args.save_json and not self.jdict and not self.training and (self.is_coco or self.gdict):
+            atomic_write_text(self.save_dir / "predictions.json", "[]")
+            self.coco_stats = {"coco/mAP50-95": 0.0, "coco/mAP50": 0.0}
+            self.metrics.coco = self.coco_stats
+            LOGGER.warning(f"no detections at conf={self.args.conf}: empty {self.save_dir / 'predictions.json'}, "
+                           "pycocotools: mAP50-95 0.0000, mAP50 0.0000")
+        return stats
 
     def coco_evaluate(self, stats: dict[str, Any], pred_json, anno_json, iou_types="bbox", suffix="Box"):
         """Score the saved COCO-format predictions with pycocotools and add `coco/mAP50-95`, `coco/mAP50`."""

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from ems_yolo import ultralytics_compat  # noqa: F401  (first: offline environment before Ultralytics loads)
 from ultralytics.utils.metrics import bbox_iou
 
+LOSS_NAMES = ("box_loss", "obj_loss", "cls_loss")  # Ultralytics' '*_loss' naming: results.csv columns, plotted
+
 DEFAULT_HYP: dict = {
     "box": 0.05,  # base box gain, before the 3/nl rescale
     "obj": 1.0,  # base objectness gain, before the (imgsz/640)^2 * 3/nl rescale
@@ -105,7 +107,7 @@ class YOLOv5Loss:
                 l_box, l_obj, l_cls = l_box + box, l_obj + obj * balance, l_cls + cls
 
         loss = torch.stack((l_box * box_gain, l_obj * obj_gain, l_cls * cls_gain))
-        return loss * bs, dict(zip(("box", "obj", "cls"), loss.detach()))
+        return loss * bs, dict(zip(LOSS_NAMES, loss.detach()))
 
     def build_targets(self, levels: list[torch.Tensor], targets: torch.Tensor) -> list[LevelTargets]:
         """Assign targets [N, 6] = (image, class, cx, cy, w, h normalised) to anchors and cells on every level."""

@@ -14,7 +14,7 @@ from ultralytics.nn.tasks import BaseModel, DetectionModel
 from ultralytics.utils import LOGGER
 from ultralytics.utils.torch_utils import initialize_weights, intersect_dicts
 
-from ems_yolo.cfg import load_model_yaml
+from ems_yolo.cfg import check_value, load_model_yaml
 from ems_yolo.nn.head import EMSDetect
 from ems_yolo.nn.loss import YOLOv5Loss
 from ems_yolo.nn.parser import parse_model
@@ -67,9 +67,15 @@ class EMSDetectionModel(DetectionModel):
     ):
         BaseModel.__init__(self)  # DetectionModel.__init__ would call the stock parser (ultralytics_compat hook 2)
         self.yaml = deepcopy(cfg) if isinstance(cfg, dict) else load_model_yaml(cfg)
+        where = self.yaml.get("yaml_file", "model YAML")
         missing = [k for k in ("nc", "backbone", "head") if self.yaml.get(k) is None]
         if missing:
-            raise ValueError(f"{self.yaml.get('yaml_file', 'model YAML')}: missing required key '{missing[0]}'")
+            raise ValueError(f"{where}: missing required key '{missing[0]}'")
+        for key in ("nc", "time_steps", "channels", "input"):
+            try:
+                check_value(key, self.yaml.get(key))
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
         ch = int(ch or self.yaml.get("channels", 3))
         if nc and nc != self.yaml["nc"]:
             LOGGER.info(f"Overriding model.yaml nc={self.yaml['nc']} with nc={nc}")
