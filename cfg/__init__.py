@@ -17,7 +17,7 @@ DATASETS_DIR = CFG_DIR / "datasets"
 
 BUILTIN_DATA = "shapes"  # generated frame dataset, the default of `train`
 SYNTHETIC_GEN1 = "gen1-synthetic"  # generated Gen1-shaped event dataset
-EVENT_SUFFIXES = (".dat", ".h5", ".hdf5")  # prediction sources read as events
+EVENT_SUFFIXES = (".dat", ".raw", ".h5", ".hdf5")  # prediction sources read as events
 EVENT_CACHE_SUFFIXES = (".h5", ".hdf5")  # dataset splits that are event sample caches
 DEFAULT_MODEL = "ems-res10.yaml"
 
@@ -117,7 +117,7 @@ MODE_HELP = {
     "train": "Train a spiking detector. data= defaults to the built-in shapes dataset (also data=shapes).",
     "val": "Validate a model (mAP50, mAP50-95; save_json=True adds pycocotools mAP).",
     "predict": "Run detection on images, folders, globs, videos, webcams (source=0), streams or event recordings "
-    "(.dat, .h5); source= is required.",
+    "(.dat, .raw, .h5); source= is required.",
     "export": "Export to format=onnx or format=torchscript (T unrolled into the graph).",
 }
 ENERGY_KEYS = {
@@ -156,10 +156,11 @@ CONVERT_KEYS = {
     "time_steps": "simulation time steps T (default 5, the original code's; T is not stored in its checkpoints)",
 }
 EVENTS_KEYS = {
-    "source": "input video (any format OpenCV reads)",
-    "out": "output Prophesee .dat file (default <video stem>_td.dat beside the video)",
-    "width": "sensor width to resize to (default 304)",
-    "height": "sensor height to resize to (default 240)",
+    "source": "input video (any format OpenCV reads), or an event file to convert or describe (.dat, .raw, .npy)",
+    "out": "output .dat (video: default <video stem>_td.dat beside it) or, for an event file, .dat or .raw (EVT 2.0)",
+    "info": "describe an event file: format, sensor size, duration, event count, rate (default False)",
+    "width": "sensor width to resize a video to (default 304); for an event file, its width if the file has none",
+    "height": "sensor height to resize a video to (default 240); for an event file, likewise",
     "c_on": "ON contrast threshold in log intensity (default 0.2)",
     "c_off": "OFF contrast threshold (default 0.2)",
     "sigma": "per-pixel threshold spread (default 0)",
@@ -175,7 +176,7 @@ EVENTS_KEYS = {
 _POSITIVE_INT = ("time_steps", "channels", "nc", "epochs", "max_batches", "bins", "height", "width", "max_frames")
 _POSITIVE = ("stride_ms", "window_ms", "cutoff", "c_on", "c_off", "e_ac", "e_mac")
 _NON_NEGATIVE = ("sigma", "refractory_us", "noise_hz")
-_BOOLS = ("ann", "checkpoint", "events", "energy", "detailed", "trust")
+_BOOLS = ("ann", "checkpoint", "events", "energy", "detailed", "trust", "info")
 _CHOICES = {"input": ("frames", "events"), "preset": ("fp32", "fp16", "int8"), "split": ("train", "val", "test"),
             "representation": ("ems_frames", "histogram", "voxel")}
 

@@ -108,7 +108,7 @@ def run_mode(mode: str, tokens: list[str]):
     """EMSYOLO(model keys).<mode>(every other key): the facade does the work."""
     ours, kv = engine_overrides(tokens, mode)
     if mode == "predict" and kv.get("source") is None:
-        raise UsageError("predict needs source=<image, folder, glob, video, URL, webcam index or .dat/.h5>")
+        raise UsageError("predict needs source=<image, folder, glob, video, URL, webcam index or .dat/.raw/.h5>")
     model = _model(ours)
     if mode == "predict":
         from ems_yolo.cfg import default_project
@@ -193,16 +193,29 @@ def gen1(ctx: typer.Context, action: str = typer.Argument(..., help="preprocess"
     typer.echo(f"caches written; train with data={out}")
 
 
-@app.command(context_settings=KEY_VALUE, help="Simulate an event camera from a video and write a Prophesee .dat "
-             "file.\n\n" + _keys_help(EVENTS_KEYS))
+@app.command(context_settings=KEY_VALUE, help="Event files: simulate an event camera from a video (a Prophesee "
+             ".dat), convert a recording between formats (source=x.raw out=x_td.dat; .dat, EVT 2.0/2.1/3.0 .raw and "
+             ".npy in, .dat and EVT 2.0 .raw out), or describe one (info=True).\n\n" + _keys_help(EVENTS_KEYS))
 def events(ctx: typer.Context) -> None:
-    """Video to events (ESIM-style simulator)."""
+    """Video to events (ESIM-style simulator), event-file conversion, or event-file info."""
+    from ems_yolo.events.formats import EVENT_FILE_SUFFIXES, convert_events, open_events
     from ems_yolo.events.simulator import SimulatorConfig, video_to_events
 
     kv = parse_key_values(ctx.args, EVENTS_KEYS, "events")
     if "source" not in kv:
-        raise UsageError("events needs source=<video>")
+        raise UsageError("events needs source=<video or event file>")
     source = Path(str(kv["source"]))
+    if source.suffix.lower() in EVENT_FILE_SUFFIXES:
+        if kv.get("info"):
+            typer.echo(open_events(source).describe())
+            return
+        if "out" not in kv:
+            raise UsageError(f"events source={source} needs out=<file.dat or file.raw> (or info=True)")
+        out, n = convert_events(source, str(kv["out"]), kv.get("width"), kv.get("height"))
+        typer.echo(f"{n:,} events -> {out}")
+        return
+    if kv.get("info"):
+        raise UsageError(f"info=True describes an event file ({', '.join(EVENT_FILE_SUFFIXES)}), not {source}")
     out = Path(str(kv.get("out", source.with_name(f"{source.stem}_td.dat"))))
     sim = {k: kv[k] for k in ("c_on", "c_off", "sigma", "refractory_us", "noise_hz", "seed") if k in kv}
     ev = video_to_events(source, out, width=int(kv.get("width", 304)), height=int(kv.get("height", 240)),

@@ -96,6 +96,13 @@ def bad(tmp_path_factory):
     f["bad_coords_data"] = _dataset(d / "bad_coords", {"a.png": "0 50 60 20 20\n"})
     f["empty_image_data"] = _dataset(d / "empty_image", {"a.png": "0 0.5 0.5 0.2 0.2\n", "b.jpg": None})
     f["text_image_data"] = _dataset(d / "text_image", {"a.png": "0 0.5 0.5 0.2 0.2\n", "c.jpg": "text"})
+    f["truncated_raw"] = d / "truncated.raw"
+    f["truncated_raw"].write_bytes(b"% evt 2.0\n% geometry 16x16\n% end\n\x00\x00\x00")
+    f["future_raw"] = d / "future.raw"
+    f["future_raw"].write_bytes(b"% evt 4.0\n% end\n")
+    f["outside_raw"] = d / "outside.raw"
+    f["outside_raw"].write_bytes(b"% evt 2.0\n% geometry 16x16\n% end\n"
+                                 + np.array([(0x8 << 28) | 1, (1 << 28) | (20 << 11) | 3], "<u4").tobytes())
     f["missing"] = d / "missing.pt"
     f["sample_dat"] = SAMPLE
     f["original"] = ORIGINAL
@@ -209,6 +216,15 @@ CASES = [
     ("events source={video} out={dir}/x_td.dat sigma=-1", "sigma=-1: expected a non-negative number"),
     ("events source={video} out={dir}/x_td.dat max_frames=0", "max_frames=0: expected a positive integer"),
     ("events source={video} out={dir}/x_td.dat width=0", "width=0: expected a positive integer"),
+    ("events source={truncated_raw} info=True", "truncated.raw: truncated final word (3 of 4 bytes)"),
+    ("events source={future_raw} info=True", "future.raw: header 'evt 4.0' is not supported"),
+    ("events source={outside_raw} out={dir}/o_td.dat", "outside.raw: event at x=20, y=3 is outside the 16x16"),
+    ("events source={sample_dat} out={dir}/o.txt", "o.txt: cannot write events there"),
+    ("events source={sample_dat} out={dir}/o.raw", "sensor size is unknown"),
+    ("events source={sample_dat}", "needs out=<file.dat or file.raw> (or info=True)"),
+    ("events source={video} info=True", "info=True describes an event file"),
+    ("events source={sample_dat} info=maybe", "info='maybe': expected True or False"),
+    ("predict model={finished} source={truncated_raw}", "truncated.raw"),
 ]
 
 

@@ -231,3 +231,27 @@ def test_predict_on_video_simulates_events_first(trained, tmp_path):
     det = read_bbox(out / "esim_test_frames_bbox.npy")
     assert len(det) > 0 and (det["x"] >= -1).all() and (det["x"] + det["w"] <= 305).all()
     assert (out / "esim_test_frames.avi").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["evt3_sample.raw", "evt2_sample.raw"])
+def test_predict_on_real_raw_recordings_writes_an_annotated_video(trained, tmp_path, name):
+    """An event model takes a camera's .raw recording directly (the representation at the recording's sensor size,
+    resized to imgsz), one window per stride."""
+    import cv2
+
+    source = SHARED_DATA / "events" / name
+    if not source.exists():
+        pytest.skip("shared .raw sample not available")
+    run, _ = trained
+    r = CliRunner().invoke(app, ["predict", f"model={run / 'weights' / 'last.pt'}", f"source={source}",
+                                 "stride_ms=2", "conf=0.001", "imgsz=96", f"project={tmp_path}", "name=raw"])
+    assert r.exit_code == 0, r.output
+    stem = source.stem
+    video = cv2.VideoCapture(str(tmp_path / "raw" / f"{stem}.avi"))
+    frames = int(video.get(cv2.CAP_PROP_FRAME_COUNT))
+    w, h = int(video.get(cv2.CAP_PROP_FRAME_WIDTH)), int(video.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    span_ms = {"evt3_sample": 8.8, "evt2_sample": 50.0}[stem]
+    assert frames == int(span_ms // 2) + 1 or frames == int(span_ms // 2)  # one frame per 2 ms window
+    assert (w, h) == {"evt3_sample": (1280, 720), "evt2_sample": (640, 480)}[stem]
+    assert read_bbox(tmp_path / "raw" / f"{stem}_bbox.npy").dtype == BBOX_DTYPE

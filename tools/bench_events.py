@@ -5,7 +5,9 @@ Gen1) is written to a temporary `.dat`, then:
   - decode rate: full `read_dat` of the file (events/s);
   - windowed reads: `read_dat(path, t, t + 50 ms)` at random times (median latency; binary search on time);
   - representations: EMS frames / histogram / voxel of the 250 ms window before random label times (frames/s).
-The real Prophesee sample of ../shared/data is decoded too when present.
+The real Prophesee sample of ../shared/data is decoded too when present, and the real `.raw` recordings
+(EVT 3.0, EVT 2.0) side by side with the `expelliarmus` C reader when it is installed (a benchmark-only extra:
+`pip install expelliarmus`), plus a written EVT 2.0 copy of the synthetic file for decode rate and windowed reads.
 
     python tools/bench_events.py [--events 20000000] [--seconds 30]
 """
@@ -21,8 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from ems_yolo.events import EVENT_DTYPE, EventRepresentation, read_dat, write_dat
+from ems_yolo.events.raw import RawReader, read_raw, write_raw_evt2
 
-SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "events" / "sample_ncars.dat"
+EVENTS_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "events"
+SAMPLE = EVENTS_DIR / "sample_ncars.dat"
+RAW_SAMPLES = {"evt3": EVENTS_DIR / "evt3_sample.raw", "evt2": EVENTS_DIR / "evt2_sample.raw"}
 
 
 def synthetic_events(n: int, seconds: float, seed: int = 0) -> np.ndarray:
@@ -74,10 +79,40 @@ def main() -> None:
             sec = min(timed(lambda: [rep(w, int(e)) for w, e in zip(windows, ends)], 3))
             print(f"  {name:<11} T=5: {len(windows) / sec:8.1f} samples/s  ({sec / len(windows) * 1e3:.1f} ms each)")
 
+        raw = write_raw_evt2(Path(tmp) / "bench.raw", read_dat(path), 304, 240)
+        sec = min(timed(lambda: read_raw(raw), 3))
+        print(f"EVT 2.0 .raw copy ({raw.stat().st_size / 1e6:.0f} MB): decode {args.events / sec / 1e6:.1f} M events/s")
+        reader = RawReader(raw)
+        reader.read(0, 1)  # builds the sparse index once
+        lat = [timed(lambda s=s: reader.read(int(s), int(s) + 50_000), 1)[0] for s in starts[:50]]
+        print(f"EVT 2.0 windowed read (50 ms, indexed): median {statistics.median(lat) * 1e3:.2f} ms, "
+              f"p95 {np.percentile(lat, 95) * 1e3:.2f} ms")
+
+    raw_side_by_side()
     if SAMPLE.is_file():
         n = len(read_dat(SAMPLE))
         sec = statistics.median(timed(lambda: read_dat(SAMPLE), 50))
         print(f"real sample {SAMPLE.name}: {n:,} events decoded in {sec * 1e3:.2f} ms ({n / sec / 1e6:.1f} M events/s)")
+
+
+def raw_side_by_side() -> None:
+    """Decode rate of the real .raw recordings: ems-yolo (numpy) and expelliarmus (C), same files, same run."""
+    try:
+        from expelliarmus import Wizard
+    except ImportError:
+        Wizard = None
+        print("expelliarmus not installed (pip install expelliarmus): ems-yolo's .raw rates only")
+    for enc, path in RAW_SAMPLES.items():
+        if not path.is_file():
+            continue
+        n = len(read_raw(path))
+        ours = min(timed(lambda: read_raw(path), 7))
+        line = f"real {path.name} ({enc}, {n:,} events): ems-yolo {n / ours / 1e6:6.1f} M events/s"
+        if Wizard is not None:
+            wizard = Wizard(encoding=enc, fpath=str(path))
+            theirs = min(timed(wizard.read, 7))
+            line += f", expelliarmus {n / theirs / 1e6:6.1f} M events/s, ratio ems-yolo/expelliarmus {theirs / ours:.2f}"
+        print(line)
 
 
 if __name__ == "__main__":

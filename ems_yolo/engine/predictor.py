@@ -28,7 +28,8 @@ from ultralytics.utils.torch_utils import select_device
 
 from ems_yolo.cfg import EVENT_CACHE_SUFFIXES, default_project
 from ems_yolo.events.gen1 import Gen1Cache
-from ems_yolo.events.io import concat_boxes, detections_to_boxes, read_dat, read_dat_header, write_bbox
+from ems_yolo.events.formats import EVENT_FILE_SUFFIXES, EventSource, open_events
+from ems_yolo.events.io import concat_boxes, detections_to_boxes, write_bbox
 from ems_yolo.events.representations import EventRepresentation, ems_frames, resize_channels
 from ems_yolo.events.simulator import video_to_events
 from ems_yolo.utils.checks import image_hw
@@ -41,19 +42,14 @@ def model_representation(model) -> EventRepresentation | None:
 
 
 def stream_windows(
-    path: Path, rep: EventRepresentation, stride_us: int
+    source: EventSource, rep: EventRepresentation, stride_us: int
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """Yield (t_end, model input [T*C, H, W] uint8, newest-bin frame [H, W]) every `stride_us` along a .dat file.
-
-    Reads only the events of each window (binary search on time), so memory stays bounded for long recordings.
-    """
-    header = read_dat_header(path)
-    if header.num_events == 0:
+    """Yield (t_end, model input [T*C, H, W] uint8, newest-bin frame [H, W]) every `stride_us` along a recording
+    (.dat, .raw, .npy). Reads only the events of each window, so memory stays bounded for long recordings."""
+    if not source.count:
         return
-    times = np.memmap(path, "<u4", "r", header.data_offset, (header.num_events, 2))[:, 0]
-    first, last = int(times[0]), int(times[-1])
-    for t_end in range(first + stride_us, last + stride_us + 1, stride_us):
-        events = read_dat(path, max(t_end - rep.window_us, 0), t_end)
+    for t_end in range(source.t_first + stride_us, source.t_last + stride_us + 1, stride_us):
+        events = source.read(max(t_end - rep.window_us, 0), t_end)
         newest = ems_frames(events, t_end, rep.window_us // rep.bins, 1, rep.height, rep.width)[0]
         yield t_end, rep(events, t_end), newest
 
@@ -67,7 +63,7 @@ def cache_windows(cache: Gen1Cache) -> Iterator[tuple[int, np.ndarray, np.ndarra
 
 
 class EventPredictor:
-    """Sliding-window detection on `.dat` recordings, `.h5` sample caches, or videos simulated into events first.
+    """Sliding-window detection on `.dat` / `.raw` recordings, `.h5` sample caches, or videos simulated into events.
 
     `model` is a PyTorch detection model or the path of an exported one; `args` are Ultralytics predict settings
     (conf, iou, max_det, imgsz, device, save, project, name, exist_ok).
@@ -95,9 +91,10 @@ class EventPredictor:
                 f"{source}: the model records no event representation (it was not trained on event data, or it is "
                 "an export); predict with a .pt trained on events, or on an .h5 cache, which carries its own"
             )
-        header = read_dat_header(source)
-        rep = replace(trained, height=header.height or trained.height, width=header.width or trained.width)
-        return source.name.removesuffix(".dat").removesuffix("_td"), rep, stream_windows(source, rep, self.stride_us)
+        events = open_events(source)
+        rep = replace(trained, height=events.height or trained.height, width=events.width or trained.width)
+        stem = source.name.removesuffix(source.suffix).removesuffix("_td")
+        return stem, rep, stream_windows(events, rep, self.stride_us)
 
     def stream(self, source: str | Path) -> Iterator[Results]:
         """Yield one `Results` per window (boxes in sensor pixels); files are written when the stream ends. A
@@ -114,7 +111,7 @@ class EventPredictor:
             raise
 
     def _stream(self, source: Path) -> Iterator[Results]:
-        if self.simulate and source.suffix not in (".dat", *EVENT_CACHE_SUFFIXES):
+        if self.simulate and source.suffix not in (*EVENT_FILE_SUFFIXES, *EVENT_CACHE_SUFFIXES):
             dat = self.save_dir / f"{source.stem}_td.dat"
             n = len(video_to_events(source, dat, progress=self.args.verbose))
             LOGGER.info(f"simulated {n:,} events from {source} -> {dat}")

@@ -1,6 +1,8 @@
-"""Event-camera data: Prophesee `.dat` events, Gen1 `_bbox.npy` boxes, event representations, Gen1 metrics."""
+"""Event-camera data: Prophesee `.dat` and `.raw` (EVT 2.0/2.1/3.0) events, Gen1 `_bbox.npy` boxes, event
+representations, Gen1 metrics."""
 
 from ems_yolo.events.evaluation import evaluate_gen1
+from ems_yolo.events.formats import EventSource, convert_events, open_events, read_events, write_events
 from ems_yolo.events.io import (
     BBOX_DTYPE,
     BBOX_DTYPE_V1,
@@ -14,6 +16,7 @@ from ems_yolo.events.io import (
     write_bbox,
     write_dat,
 )
+from ems_yolo.events.raw import TRIGGER_DTYPE, RawHeader, RawReader, read_raw, read_raw_header, write_raw_evt2
 from ems_yolo.events.representations import (
     EventRepresentation,
     count_histogram,
@@ -24,6 +27,17 @@ from ems_yolo.events.simulator import EventSimulator, SimulatorConfig, video_to_
 from ems_yolo.events.synthetic import make_synthetic_gen1
 
 __all__ = [
+    "TRIGGER_DTYPE",
+    "EventSource",
+    "RawHeader",
+    "RawReader",
+    "convert_events",
+    "open_events",
+    "read_events",
+    "read_raw",
+    "read_raw_header",
+    "write_events",
+    "write_raw_evt2",
     "BBOX_DTYPE",
     "BBOX_DTYPE_V1",
     "EVENT_DTYPE",

@@ -1,0 +1,133 @@
+"""One door for every event file: `.dat` (Event2D), `.raw` (EVT 2.0/2.1/3.0) and `.npy` structured arrays.
+
+`open_events(path)` gives an `EventSource` (sensor size, time span, event count, windowed `read`) whatever the
+format, so prediction, conversion and the dataset tools take any of them; `read_events` is the one-call form and
+`write_events` writes `.dat` or EVT 2.0 `.raw` by the suffix of the target.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ems_yolo.events.io import EVENT_DTYPE, read_dat, read_dat_header, write_dat
+from ems_yolo.events.raw import RawIndex, RawReader, write_raw_evt2
+
+EVENT_FILE_SUFFIXES = (".dat", ".raw", ".npy")
+
+
+@dataclass(frozen=True)
+class EventSource:
+    """An event file opened for windowed reading: `read(t_start, t_end)` returns EVENT_DTYPE events with
+    t_start <= t < t_end (None = unbounded). Sizes are None when the file does not say."""
+
+    path: Path
+    format: str
+    width: int | None
+    height: int | None
+    t_first: int | None
+    t_last: int | None
+    count: int
+    read: Callable[[int | None, int | None], np.ndarray]
+
+    @property
+    def duration_us(self) -> int:
+        return 0 if self.t_first is None else self.t_last - self.t_first
+
+    def describe(self) -> str:
+        """Format, sensor size, duration, event count and rate, one line."""
+        size = f"{self.width}x{self.height}" if self.width else "unknown size"
+        rate = self.count / (self.duration_us / 1e6) / 1e6 if self.duration_us else 0.0
+        return (f"{self.path}: {self.format}, {size}, {self.duration_us / 1e3:.1f} ms "
+                f"({self.t_first}..{self.t_last} us), {self.count:,} events, {rate:.2f} Mev/s")
+
+
+def _dat(path: Path) -> EventSource:
+    header = read_dat_header(path)
+    if header.num_events:
+        times = np.memmap(path, "<u4", "r", header.data_offset, (header.num_events, 2))[:, 0]
+        first, last = int(times[0]), int(times[-1])
+    else:
+        first = last = None
+    return EventSource(path, "Event2D .dat", header.width, header.height, first, last, header.num_events,
+                       lambda t0=None, t1=None: read_dat(path, t0, t1))
+
+
+def _raw(path: Path) -> EventSource:
+    reader = RawReader(path)
+    index = RawIndex.for_reader(reader)
+    first = int(index.first_t[0]) if index.events else None
+    h = reader.header
+    name = {"EVT2": "EVT 2.0", "EVT21": "EVT 2.1", "EVT3": "EVT 3.0"}[h.encoding]
+    return EventSource(path, f"{name} .raw", h.width, h.height, first, index.last_t if index.events else None,
+                       index.events, lambda t0=None, t1=None: reader.read(t0, t1))
+
+
+def _npy(path: Path) -> EventSource:
+    events = np.load(path, mmap_mode="r")
+    names = events.dtype.names or ()
+    if not {"t", "x", "y", "p"} <= set(names) or events.ndim != 1:
+        raise ValueError(f"{path}: a {events.dtype} array of shape {events.shape}, expected a 1-D structured array "
+                         "with fields t, x, y, p")
+    t = np.asarray(events["t"])
+
+    def read(t0=None, t1=None):
+        lo = 0 if t0 is None else int(np.searchsorted(t, t0, "left"))
+        hi = len(t) if t1 is None else int(np.searchsorted(t, t1, "left"))
+        out = np.empty(hi - lo, EVENT_DTYPE)
+        for k in "txyp":
+            out[k] = events[k][lo:hi]
+        return out
+
+    width = int(events["x"].max()) + 1 if len(events) else None
+    height = int(events["y"].max()) + 1 if len(events) else None
+    return EventSource(path, "structured .npy", width, height, int(t[0]) if len(t) else None,
+                       int(t[-1]) if len(t) else None, len(t), read)
+
+
+_OPENERS = {".dat": _dat, ".raw": _raw, ".npy": _npy}
+
+
+def open_events(path: str | os.PathLike) -> EventSource:
+    """Open an event file of any supported format (by suffix); errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: event file not found")
+    opener = _OPENERS.get(path.suffix.lower())
+    if opener is None:
+        raise ValueError(f"{path}: not an event file, expected one of {', '.join(EVENT_FILE_SUFFIXES)}")
+    return opener(path)
+
+
+def read_events(path: str | os.PathLike, t_start: int | None = None, t_end: int | None = None) -> np.ndarray:
+    """EVENT_DTYPE events of any supported file with t_start <= t < t_end (µs; None = unbounded)."""
+    return open_events(path).read(t_start, t_end)
+
+
+def write_events(path: str | os.PathLike, events: np.ndarray, width: int, height: int) -> Path:
+    """Write events as `.dat` (Event2D) or `.raw` (EVT 2.0) by the target's suffix (atomic)."""
+    path = Path(path)
+    if path.suffix == ".raw":
+        return write_raw_evt2(path, events, width, height)
+    if path.suffix == ".dat":
+        write_dat(path, events, width, height)
+        return path
+    raise ValueError(f"{path}: cannot write events there, expected a .dat or .raw target")
+
+
+def convert_events(source: str | os.PathLike, out: str | os.PathLike, width: int | None = None,
+                   height: int | None = None) -> tuple[Path, int]:
+    """Re-encode an event file (any readable format) as `.dat` or EVT 2.0 `.raw`; returns (file, event count).
+    The sensor size is the source's unless `width`/`height` are given (they must be for a file that does not say)."""
+    if Path(out).suffix not in (".dat", ".raw"):
+        raise ValueError(f"{out}: cannot write events there, expected a .dat or .raw target")
+    src = open_events(source)
+    width, height = width or src.width, height or src.height
+    if width is None or height is None:
+        raise ValueError(f"{src.path}: the sensor size is unknown (its header has none), expected width= and height=")
+    events = src.read(None, None)
+    return write_events(out, events, int(width), int(height)), len(events)
