@@ -176,6 +176,17 @@ def test_real_video_to_events(tmp_path):
 
 
 @needs_video
+def test_simulated_events_can_be_written_as_evt2_raw(tmp_path):
+    from ems_yolo.events.raw import read_raw, read_raw_header
+
+    out = tmp_path / "x.raw"
+    events = video_to_events(VIDEO, out=out, width=64, height=48, max_frames=10)
+    assert read_raw_header(out).encoding == "EVT2" and (read_raw_header(out).width, read_raw_header(out).height) == (
+        64, 48)
+    np.testing.assert_array_equal(read_raw(out), events)
+
+
+@needs_video
 def test_real_video_max_frames_and_size():
     events = video_to_events(VIDEO, width=64, height=48, max_frames=10)
     assert events.size > 0

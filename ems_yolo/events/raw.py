@@ -259,62 +259,68 @@ def decode_evt21(words: np.ndarray, state: DecoderState, header: RawHeader) -> D
     return Decoded(events, triggers, state)
 
 
+_EVT3_EMITS = _type_table((0x2, 0x4, 0x5))  # words that carry CD events
+_EVT3_VECTOR_STREAM = _type_table((0x3, 0x4, 0x5))  # the words that set or advance the vector base
+_EVT3_TIME = _type_table((0x6, 0x8))
+
+
+def _evt3_time(kind, payload, state: DecoderState, header: RawHeader, n: int) -> np.ndarray:
+    """The 64-bit µs time of every word, from the TIME_HIGH / TIME_LOW words only (then one repeat)."""
+    tw = np.flatnonzero(_EVT3_TIME[kind])
+    is_hi = kind[tw] == 0x8
+    hi = tw[is_hi]
+    initial_high, initial_low = state.time_high, state.time_low
+    ext = _time_high(payload[hi], hi, 12, state, header)
+    high = _ffill(np.flatnonzero(is_hi), ext, initial_high, tw.size)
+    low = _ffill(np.flatnonzero(~is_hi), payload[tw[~is_hi]], initial_low, tw.size)
+    if tw.size:
+        state.time_low = int(low[-1])
+    return _ffill(tw, (high << 12) | low, (initial_high << 12) | initial_low, n)
+
+
 def decode_evt3(words: np.ndarray, state: DecoderState, header: RawHeader) -> Decoded:
     """EVT 3.0 words (uint16) -> CD events (single and vector events in file order) and triggers."""
     state = replace(state)
     n = words.size
     kind = (words >> 12).astype(np.uint8)
     _check_types(kind, _EVT3_TYPES, state, header)
-    payload = (words & 0xFFF).astype(np.int64)
-    hi = np.flatnonzero(kind == 0x8)
-    initial = state.time_high
-    high = _ffill(hi, _time_high(payload[hi], hi, 12, state, header), initial, n)
-    lo = np.flatnonzero(kind == 0x6)
-    t = (high << 12) | _ffill(lo, payload[lo], state.time_low, n)
+    payload = (words & 0xFFF).astype(np.int32)
+    t = _evt3_time(kind, payload, state, header, n)
     ys = np.flatnonzero(kind == 0x0)
     y = _ffill(ys, payload[ys] & 0x7FF, state.y, n)
-    # vector base: the last VECT_BASE_X plus 12 / 8 per vector word since then (exclusive of the word itself)
-    vec = np.flatnonzero((kind == 0x4) | (kind == 0x5))
-    bases = np.flatnonzero(kind == 0x3)
-    step = np.where(kind[vec] == 0x4, 12, 8)
-    before = np.cumsum(step) - step  # vector words' advance, counted over the vector words only
-    # index of the last base before each vector word, and the advance already made when that base came
-    last_base = np.searchsorted(bases, vec, "right") - 1
-    advance_at_base = np.searchsorted(vec, bases, "left")  # vector words before each base
-    start_adv = np.where(last_base >= 0, np.concatenate((before, [0]))[advance_at_base[last_base]] if bases.size
-                         else 0, 0)
-    base_val = np.where(last_base >= 0, (payload[bases] & 0x7FF)[last_base] if bases.size else 0, state.base_x)
-    vx = base_val + before - start_adv
-    vpol = np.where(last_base >= 0, (payload[bases] >> 11)[last_base] if bases.size else 0, state.polarity)
-    vmask = np.where(kind[vec] == 0x4, payload[vec], payload[vec] & 0xFF)
-    # one output slot per event, in file order: single events (ADDR_X) take one, vectors their popcount
-    single = np.flatnonzero(kind == 0x2)
-    counts = np.zeros(n, np.int64)
-    counts[single] = 1
-    counts[vec] = _POPCOUNT_12[vmask]
-    start = np.cumsum(counts) - counts
-    total = int(start[-1] + counts[-1]) if n else 0
-    tx = np.empty(total, np.int64)
-    xs = np.empty(total, np.int64)
-    ps = np.empty(total, np.int64)
-    rows = np.empty(total, np.int64)
-    at = start[single]
-    xs[at], ps[at], rows[at] = payload[single] & 0x7FF, payload[single] >> 11, single
-    r, c = np.nonzero((vmask.astype(np.uint16)[:, None] >> _BITS_12) & 1)
-    first_in_row = np.cumsum(counts[vec]) - counts[vec]
-    at = start[vec][r] + (np.arange(r.size) - first_in_row[r])
-    xs[at], ps[at], rows[at] = vx[r] + c, vpol[r], vec[r]
-    tx = t[rows]
-    events = _events(tx, xs, y[rows], ps, rows, state, header)
+    # vector base along the stream of VECT_BASE_X / VECT_12 / VECT_8 words: the last base plus 12 / 8 per vector
+    # word since it (exclusive of the word itself)
+    vs = np.flatnonzero(_EVT3_VECTOR_STREAM[kind])
+    vk, vp = kind[vs], payload[vs]
+    is_base = vk == 0x3
+    step = np.where(vk == 0x4, 12, np.where(vk == 0x5, 8, 0))
+    before = np.cumsum(step) - step
+    bases = np.flatnonzero(is_base)
+    base_x = _ffill(bases, (vp[bases] & 0x7FF) - before[bases], state.base_x, vs.size) + before
+    polarity = _ffill(bases, vp[bases] >> 11, state.polarity, vs.size)
+    if vs.size:
+        state.base_x, state.polarity = int(base_x[-1] + step[-1]), int(polarity[-1])
+    # events in file order: every emitting word repeated by its event count (1 for ADDR_X, the popcount of a
+    # vector), plus the bit position within a vector
+    emit = np.flatnonzero(_EVT3_EMITS[kind])
+    ek, ep = kind[emit], payload[emit]
+    is_vec = ek != 0x2
+    mask = np.where(ek == 0x4, ep, ep & 0xFF)
+    counts = np.where(is_vec, _POPCOUNT_12[mask], 1)
+    vec = np.flatnonzero(is_vec)
+    in_stream = np.searchsorted(vs, emit[vec])  # each vector word's place in the vector stream
+    x_word, p_word = ep & 0x7FF, ep >> 11
+    x_word[vec], p_word[vec] = base_x[in_stream], polarity[in_stream]
+    _, bit = np.nonzero((mask[vec].astype(np.uint16)[:, None] >> _BITS_12) & 1)
+    src = np.repeat(emit, counts)  # the word of each event
+    xs = np.repeat(x_word, counts)
+    xs[np.repeat(is_vec, counts)] += bit.astype(xs.dtype)
+    ps = np.repeat(p_word, counts)
+    events = _events(t[src], xs, y[src], ps, src, state, header)
     trig = np.flatnonzero(kind == 0xA)
     triggers = _triggers(t[trig], payload[trig] >> 8 & 0xF, payload[trig] & 1)
-    if n:
-        state.time_low, state.y = int(t[-1] & 0xFFF), int(y[-1])
-        if vec.size or bases.size:
-            if bases.size and (not vec.size or bases[-1] > vec[-1]):
-                state.base_x, state.polarity = int(payload[bases[-1]] & 0x7FF), int(payload[bases[-1]] >> 11)
-            else:
-                state.base_x, state.polarity = int(vx[-1] + step[-1]), int(vpol[-1])
+    if ys.size:
+        state.y = int(y[-1])
     state.offset += n * 2
     return Decoded(events, triggers, state)
 

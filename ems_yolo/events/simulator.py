@@ -21,7 +21,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ems_yolo.events.io import EVENT_DTYPE, write_dat
+from ems_yolo.events.formats import write_events
+from ems_yolo.events.io import EVENT_DTYPE
 
 __all__ = ["EventSimulator", "SimulatorConfig", "video_to_events"]
 
@@ -174,7 +175,8 @@ def video_to_events(
 
     Frames are read one at a time with OpenCV, converted to grey, stretched to the sensor size and stamped
     ``round(k * 1e6 / fps)`` µs, so the first frame is at 0. At most ``max_frames`` frames are used. With
-    ``out`` the events are also written as a Gen1-compatible Event2D `.dat` file. Returns all events.
+    ``out`` the events are also written, as a Gen1-compatible Event2D `.dat` or an EVT 2.0 `.raw` file by its
+    suffix. Returns all events.
     """
     source = Path(source)
     if not source.is_file():
@@ -213,5 +215,5 @@ def video_to_events(
         raise ValueError(f"video file {source} contains no readable frames")
     events = np.concatenate(chunks)
     if out is not None:
-        write_dat(out, events, width=width, height=height)
+        write_events(out, events, width, height)
     return events
