@@ -255,3 +255,27 @@ def test_predict_on_real_raw_recordings_writes_an_annotated_video(trained, tmp_p
     assert frames == int(span_ms // 2) + 1 or frames == int(span_ms // 2)  # one frame per 2 ms window
     assert (w, h) == {"evt3_sample": (1280, 720), "evt2_sample": (640, 480)}[stem]
     assert read_bbox(tmp_path / "raw" / f"{stem}_bbox.npy").dtype == BBOX_DTYPE
+
+
+@pytest.mark.slow
+def test_predict_on_an_rvt_hdf5_event_file(trained, tmp_path):
+    """An RVT-layout HDF5 event file (not a sample cache) goes through the same sliding windows as a .dat."""
+    import hdf5plugin
+
+    sample = SHARED_DATA / "events" / "sample_ncars.dat"
+    if not sample.exists():
+        pytest.skip("shared N-CARS sample not available")
+    ev = read_dat(sample)
+    path = tmp_path / "ncars_td.dat.h5"
+    with h5py.File(path, "w") as f:
+        g = f.create_group("events")
+        for k in "txyp":
+            g.create_dataset(k, data=ev[k], **hdf5plugin.Blosc())
+        g["width"], g["height"] = 304, 240
+    run, _ = trained
+    r = CliRunner().invoke(app, ["predict", f"model={run / 'weights' / 'last.pt'}", f"source={path}", "stride_ms=25",
+                                 "conf=0.001", "imgsz=96", f"project={tmp_path}", "name=h5"])
+    assert r.exit_code == 0, r.output
+    det = read_bbox(tmp_path / "h5" / "ncars_bbox.npy")
+    assert set(np.unique(det["t"]).tolist()) <= {25_000, 50_000, 75_000, 100_000}
+    assert (tmp_path / "h5" / "ncars.avi").is_file()

@@ -198,3 +198,43 @@ def test_read_events_opens_every_format(tmp_path):
     (tmp_path / "ref.txt").write_text("x")
     with pytest.raises(ValueError, match="not an event file"):
         read_events(tmp_path / "ref.txt")
+
+
+def _rvt_h5(path, events, width=None, height=None, p_minus=True):
+    """An HDF5 event file in RVT's layout (events/t, x, y, p, blosc-compressed; polarity -1/1 as RVT stores it)."""
+    import h5py
+    import hdf5plugin
+
+    with h5py.File(path, "w") as f:
+        g = f.create_group("events")
+        comp = hdf5plugin.Blosc(cname="zstd", clevel=5)
+        for k in "txy":
+            g.create_dataset(k, data=events[k], chunks=(256,), **comp)
+        g.create_dataset("p", data=events["p"].astype(np.int8) * 2 - 1 if p_minus else events["p"], chunks=(256,),
+                         **comp)
+        if width:
+            g["width"], g["height"] = width, height
+    return path
+
+
+@pytest.mark.skipif(not SAMPLE.exists(), reason="shared N-CARS sample not available")
+def test_rvt_hdf5_event_files_read_like_the_others(tmp_path):
+    ev = read_dat(SAMPLE)
+    path = _rvt_h5(tmp_path / "rec_td.dat.h5", ev, 304, 240)
+    src = open_events(path)
+    assert (src.width, src.height, src.count, src.t_first, src.t_last) == (304, 240, len(ev), ev["t"][0], ev["t"][-1])
+    assert np.array_equal(read_events(path), ev)  # polarity -1 read as 0
+    for a, b in ((0, 5000), (20_000, 20_500), (90_000, 200_000)):
+        assert np.array_equal(read_events(path, a, b), ev[(ev["t"] >= a) & (ev["t"] < b)])
+    out, n = convert_events(path, tmp_path / "back_td.dat")
+    assert n == len(ev) and np.array_equal(read_dat(out), ev)
+
+
+def test_hdf5_without_events_is_refused_with_its_name(tmp_path):
+    import h5py
+
+    path = tmp_path / "cache.h5"
+    with h5py.File(path, "w") as f:
+        f["samples"] = np.zeros(3)
+    with pytest.raises(ValueError, match="cache.h5: no 'events' group with t, x, y, p"):
+        read_events(path)

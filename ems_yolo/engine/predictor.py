@@ -28,7 +28,7 @@ from ultralytics.utils.torch_utils import select_device
 
 from ems_yolo.cfg import EVENT_CACHE_SUFFIXES, default_project
 from ems_yolo.events.gen1 import Gen1Cache
-from ems_yolo.events.formats import EVENT_FILE_SUFFIXES, EventSource, open_events
+from ems_yolo.events.formats import EVENT_FILE_SUFFIXES, EventSource, is_event_h5, open_events
 from ems_yolo.events.io import concat_boxes, detections_to_boxes, write_bbox
 from ems_yolo.events.representations import EventRepresentation, ems_frames, resize_channels
 from ems_yolo.events.simulator import video_to_events
@@ -81,7 +81,7 @@ class EventPredictor:
     def _windows(self, source: Path) -> tuple[str, EventRepresentation, Iterator]:
         """(output stem, representation, window iterator) of an event source."""
         trained = model_representation(self.torch_model)
-        if source.suffix in EVENT_CACHE_SUFFIXES:
+        if source.suffix in EVENT_CACHE_SUFFIXES and not is_event_h5(source):
             cache = Gen1Cache(source)
             if trained is not None and trained != cache.representation:
                 raise ValueError(f"{source}: cached as {cache.representation}, but the model was trained on {trained}")
@@ -93,7 +93,7 @@ class EventPredictor:
             )
         events = open_events(source)
         rep = replace(trained, height=events.height or trained.height, width=events.width or trained.width)
-        stem = source.name.removesuffix(source.suffix).removesuffix("_td")
+        stem = source.name.removesuffix(source.suffix).removesuffix(".dat").removesuffix("_td")  # x_td.dat.h5 -> x
         return stem, rep, stream_windows(events, rep, self.stride_us)
 
     def stream(self, source: str | Path) -> Iterator[Results]:

@@ -1,4 +1,5 @@
-"""One door for every event file: `.dat` (Event2D), `.raw` (EVT 2.0/2.1/3.0) and `.npy` structured arrays.
+"""One door for every event file: `.dat` (Event2D), `.raw` (EVT 2.0/2.1/3.0), `.npy` structured arrays and RVT's
+HDF5 event files (`events/{t,x,y,p}`, blosc-compressed through hdf5plugin: the `*_td.dat.h5` files of Gen1 / 1 Mpx).
 
 `open_events(path)` gives an `EventSource` (sensor size, time span, event count, windowed `read`) whatever the
 format, so prediction, conversion and the dataset tools take any of them; `read_events` is the one-call form and
@@ -7,6 +8,7 @@ format, so prediction, conversion and the dataset tools take any of them; `read_
 
 from __future__ import annotations
 
+import bisect
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +19,7 @@ import numpy as np
 from ems_yolo.events.io import EVENT_DTYPE, read_dat, read_dat_header, write_dat
 from ems_yolo.events.raw import RawIndex, RawReader, write_raw_evt2
 
-EVENT_FILE_SUFFIXES = (".dat", ".raw", ".npy")
+EVENT_FILE_SUFFIXES = (".dat", ".raw", ".npy", ".h5")
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,72 @@ def _npy(path: Path) -> EventSource:
                        int(t[-1]) if len(t) else None, len(t), read)
 
 
-_OPENERS = {".dat": _dat, ".raw": _raw, ".npy": _npy}
+def _h5py():
+    """h5py with the compression filters of RVT's files registered (hdf5plugin: blosc, zstd, lz4, ...)."""
+    import h5py
+    import hdf5plugin  # noqa: F401  (registers the filters on import)
+
+    return h5py
+
+
+def is_event_h5(path: str | os.PathLike) -> bool:
+    """Whether an HDF5 file holds an event stream in RVT's layout (an `events` group with t, x, y, p), as opposed
+    to an ems-yolo sample cache."""
+    h5py = _h5py()
+    try:
+        with h5py.File(path, "r") as f:
+            g = f.get("events")
+            return isinstance(g, h5py.Group) and all(k in g for k in "txyp")
+    except OSError:
+        return False
+
+
+class _Column:
+    """One element at a time of an HDF5 dataset, for `bisect` (a window search reads about log2(n) elements)."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> int:
+        return int(self.ds[i])
+
+
+def _h5(path: Path) -> EventSource:
+    h5py = _h5py()
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise ValueError(f"{path}: not a readable HDF5 file ({e}), expected an HDF5 event file") from None
+    with f:
+        g = f.get("events")
+        if not (isinstance(g, h5py.Group) and all(k in g for k in "txyp")):
+            raise ValueError(f"{path}: no 'events' group with t, x, y, p, expected an RVT-layout HDF5 event file "
+                             "(an ems-yolo sample cache is a prediction source or a dataset split, not an event file)")
+        count = len(g["t"])
+        size = [int(g[k][()]) if k in g else None for k in ("width", "height")]
+        first = int(g["t"][0]) if count else None
+        last = int(g["t"][-1]) if count else None
+
+    def read(t0=None, t1=None):
+        with h5py.File(path, "r") as f:
+            g = f["events"]
+            times = _Column(g["t"])
+            lo = 0 if t0 is None else bisect.bisect_left(times, t0)
+            hi = count if t1 is None else bisect.bisect_left(times, t1, lo)
+            out = np.empty(hi - lo, EVENT_DTYPE)
+            # as RVT reads them: times made non-decreasing, polarity -1 read as 0
+            out["t"] = np.maximum.accumulate(np.asarray(g["t"][lo:hi], np.int64)) if hi > lo else []
+            out["x"], out["y"] = g["x"][lo:hi], g["y"][lo:hi]
+            out["p"] = np.clip(np.asarray(g["p"][lo:hi]), 0, 1)
+        return out
+
+    return EventSource(path, "RVT HDF5 events", size[0], size[1], first, last, count, read)
+
+
+_OPENERS = {".dat": _dat, ".raw": _raw, ".npy": _npy, ".h5": _h5}
 
 
 def open_events(path: str | os.PathLike) -> EventSource:
