@@ -64,6 +64,12 @@ def parse_key_values(tokens: list[str], allowed: dict[str, str], command: str) -
     return check_values(out)
 
 
+def require(kv: dict[str, Any], key: str, command: str, what: str = "") -> None:
+    """A missing required key is a usage error naming it (and what it takes)."""
+    if kv.get(key) is None:
+        raise UsageError(f"{command} needs {key}=" + (f"<{what}>" if what else ""))
+
+
 def _keys_help(keys: dict[str, str]) -> str:
     return "\n\n".join(f"{k}: {v}" for k, v in keys.items())
 
@@ -107,18 +113,13 @@ def engine_overrides(tokens: list[str], mode: str) -> tuple[dict[str, Any], dict
 def run_mode(mode: str, tokens: list[str]):
     """EMSYOLO(model keys).<mode>(every other key): the facade does the work."""
     ours, kv = engine_overrides(tokens, mode)
-    if mode == "predict" and kv.get("source") is None:
-        raise UsageError("predict needs source=<image, folder, glob, video, URL, webcam index or .dat/.raw/.h5>")
+    if mode == "predict":
+        require(kv, "source", "predict", "image, folder, glob, video, URL, webcam index or .dat/.raw/.h5")
     model = _model(ours)
     if mode == "predict":
-        from ems_yolo.cfg import default_project
-        from ems_yolo.engine.model import no_half_written_runs
-
         kv.setdefault("save", True)
-        with no_half_written_runs(kv.get("project") or default_project()):
-            results = model.predict(stream=True, **ours, **kv)  # Ultralytics consumes its stream for CLI callers
-            for _ in results or ():  # bounded memory for long videos and recordings either way
-                pass
+        for _ in model.predict(stream=True, **ours, **kv) or ():  # bounded memory for long videos and recordings
+            pass
         return None
     return getattr(model, mode)(**ours, **kv)
 
@@ -162,8 +163,7 @@ def convert(ctx: typer.Context) -> None:
     from ems_yolo.engine.checkpoints import convert_original
 
     kv = parse_key_values(ctx.args, CONVERT_KEYS, "convert")
-    if "source" not in kv:
-        raise UsageError("convert needs source=<checkpoint of the original EMS-YOLO code>")
+    require(kv, "source", "convert", "checkpoint of the original EMS-YOLO code")
     out = convert_original(str(kv["source"]), kv.get("out"), kv.get("model"), kv.get("time_steps"))
     typer.echo(f"ems-yolo checkpoint -> {out}")
 
@@ -180,8 +180,7 @@ def gen1(ctx: typer.Context, action: str = typer.Argument(..., help="preprocess"
         raise UsageError(f"unknown gen1 action '{action}', expected 'preprocess'")
     kv = parse_key_values(ctx.args, GEN1_KEYS, "gen1 preprocess")
     for key in ("src", "dst"):
-        if key not in kv:
-            raise UsageError(f"gen1 preprocess needs {key}=")
+        require(kv, key, "gen1 preprocess")
     rep_keys = {"name": kv.get("representation", "ems_frames")}
     rep_keys.update({k: kv[k] for k in ("bins", "height", "width", "cutoff") if k in kv})
     if "window_ms" in kv:
@@ -202,8 +201,7 @@ def events(ctx: typer.Context) -> None:
     from ems_yolo.events.simulator import SimulatorConfig, video_to_events
 
     kv = parse_key_values(ctx.args, EVENTS_KEYS, "events")
-    if "source" not in kv:
-        raise UsageError("events needs source=<video or event file>")
+    require(kv, "source", "events", "video or event file")
     source = Path(str(kv["source"]))
     if source.suffix.lower() in EVENT_FILE_SUFFIXES:
         if kv.get("info"):

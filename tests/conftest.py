@@ -34,3 +34,18 @@ def tiny_cfg():
         return d
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_yaml_file():
+    """Factory: the path of ems-res10.yaml at reduced width, written as a derived YAML (the trainer rebuilds models
+    from the file named in its arguments)."""
+    from ems_yolo.cfg import load_model_yaml
+    from ems_yolo.engine.model import derive_model_yaml
+
+    def make(width: float = 0.25) -> str:
+        d = load_model_yaml("ems-res10.yaml")
+        d["width_multiple"] = width
+        return str(derive_model_yaml(d))
+
+    return make

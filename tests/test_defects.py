@@ -16,10 +16,8 @@ FAST = dict(batch=4, workers=0, plots=False, seed=0)
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    d = load_model_yaml("ems-res10.yaml")
-    d["width_multiple"] = 0.125
-    return str(derive_model_yaml(d))
+def tiny(tiny_yaml_file):
+    return tiny_yaml_file(0.125)
 
 
 @pytest.fixture(scope="module")

@@ -51,11 +51,9 @@ def no_network():
 
 
 @pytest.fixture(scope="module")
-def tiny_yaml():
-    """EMS-Res10 at quarter width as a YAML file (the trainer rebuilds models from files)."""
-    d = load_model_yaml("ems-res10.yaml")
-    d["width_multiple"] = 0.25
-    return str(derive_model_yaml(d))
+def tiny_yaml(tiny_yaml_file):
+    """EMS-Res10 at quarter width as a YAML file."""
+    return tiny_yaml_file(0.25)
 
 
 @pytest.fixture(scope="module")

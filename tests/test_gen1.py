@@ -147,6 +147,13 @@ def test_missing_gen1_explains_how_to_get_it(tmp_path, monkeypatch):
         resolve_data("gen1.yaml")
 
 
+def predict_cli(run: Path, source, folder: Path, *keys: str) -> None:
+    """`ems-yolo predict` with the trained event model (conf 0.001, 96 px) into `folder`; it must succeed."""
+    r = CliRunner().invoke(app, ["predict", f"model={run / 'weights' / 'last.pt'}", f"source={source}", "conf=0.001",
+                                 "imgsz=96", *keys, f"project={folder.parent}", f"name={folder.name}"])
+    assert r.exit_code == 0, r.output
+
+
 @pytest.fixture(scope="module")
 def trained(data_yaml, tmp_path_factory):
     d = load_model_yaml("ems-res10.yaml")
@@ -180,9 +187,7 @@ def test_event_training_at_T3_lowers_loss_and_scores_both_protocols(trained, dat
 def test_predict_on_recording_and_cache(trained, synth, cache_dir, tmp_path):
     run, _ = trained
     name, td, bb = find_recordings(synth / "val")[0]
-    r = CliRunner().invoke(app, ["predict", f"model={run / 'weights' / 'last.pt'}", f"source={td}", "conf=0.001",
-                                 "stride_ms=250", "imgsz=96", f"project={tmp_path}", "name=p"])
-    assert r.exit_code == 0, r.output
+    predict_cli(run, td, tmp_path / "p", "stride_ms=250")
     out = tmp_path / "p" / f"{name}_bbox.npy"
     det = read_bbox(out)
     assert len(det) and np.all(np.diff(det["t"]) >= 0) and (det["t"] % 250_000 == det["t"][0] % 250_000).all()
@@ -193,9 +198,7 @@ def test_predict_on_recording_and_cache(trained, synth, cache_dir, tmp_path):
     assert set(times[[len(r.boxes) > 0 for r in results]].tolist()) == set(det["t"].tolist())
     api = np.concatenate([r.boxes.xyxy.numpy() for r in results])  # the Python API gives the CLI's boxes
     np.testing.assert_allclose(api[:, :2], np.stack([det["x"], det["y"]], 1), atol=1e-3)
-    r = CliRunner().invoke(app, ["predict", f"model={run / 'weights' / 'last.pt'}", f"source={cache_dir / 'val.h5'}",
-                                 "conf=0.001", "imgsz=96", f"project={tmp_path}", "name=h"])
-    assert r.exit_code == 0, r.output
+    predict_cli(run, cache_dir / "val.h5", tmp_path / "h")
     det = read_bbox(tmp_path / "h" / "val_bbox.npy")
     assert set(np.unique(det["t"])) <= set(Gen1Cache(cache_dir / "val.h5").t_us.tolist())
 
@@ -223,9 +226,7 @@ def test_predict_on_video_simulates_events_first(trained, tmp_path):
     if not ESIM_VIDEO.is_file():
         pytest.skip("esim test video not present")
     run, _ = trained
-    r = CliRunner().invoke(app, ["predict", f"model={run / 'weights' / 'last.pt'}", f"source={ESIM_VIDEO}",
-                                 "events=True", "conf=0.001", "imgsz=96", f"project={tmp_path}", "name=v"])
-    assert r.exit_code == 0, r.output
+    predict_cli(run, ESIM_VIDEO, tmp_path / "v", "events=True")
     out = tmp_path / "v"
     assert len(read_dat(out / "esim_test_frames_td.dat")) > 1000
     det = read_bbox(out / "esim_test_frames_bbox.npy")
@@ -244,9 +245,7 @@ def test_predict_on_real_raw_recordings_writes_an_annotated_video(trained, tmp_p
     if not source.exists():
         pytest.skip("shared .raw sample not available")
     run, _ = trained
-    r = CliRunner().invoke(app, ["predict", f"model={run / 'weights' / 'last.pt'}", f"source={source}",
-                                 "stride_ms=2", "conf=0.001", "imgsz=96", f"project={tmp_path}", "name=raw"])
-    assert r.exit_code == 0, r.output
+    predict_cli(run, source, tmp_path / "raw", "stride_ms=2")
     stem = source.stem
     video = cv2.VideoCapture(str(tmp_path / "raw" / f"{stem}.avi"))
     frames = int(video.get(cv2.CAP_PROP_FRAME_COUNT))
@@ -273,9 +272,7 @@ def test_predict_on_an_rvt_hdf5_event_file(trained, tmp_path):
             g.create_dataset(k, data=ev[k], **hdf5plugin.Blosc())
         g["width"], g["height"] = 304, 240
     run, _ = trained
-    r = CliRunner().invoke(app, ["predict", f"model={run / 'weights' / 'last.pt'}", f"source={path}", "stride_ms=25",
-                                 "conf=0.001", "imgsz=96", f"project={tmp_path}", "name=h5"])
-    assert r.exit_code == 0, r.output
+    predict_cli(run, path, tmp_path / "h5", "stride_ms=25")
     det = read_bbox(tmp_path / "h5" / "ncars_bbox.npy")
     assert set(np.unique(det["t"]).tolist()) <= {25_000, 50_000, 75_000, 100_000}
     assert (tmp_path / "h5" / "ncars.avi").is_file()

@@ -25,7 +25,7 @@ from ultralytics.utils import DEFAULT_CFG_DICT, LOGGER
 
 from ems_yolo.cfg import load_model_yaml
 from ems_yolo.nn.model import EMSDetectionModel
-from ems_yolo.nn.original import ORIGINAL_TIME_STEPS, OriginalCheckpoint, load_original
+from ems_yolo.nn.original import ORIGINAL_MODEL, ORIGINAL_TIME_STEPS, OriginalCheckpoint, load_original
 from ems_yolo.utils.files import atomic_write
 
 ORIGINAL_FORMAT = "EMS-YOLO original (BICLab/EMS-YOLO train.py, pickled models.yolo.Model)"
@@ -74,8 +74,6 @@ def load_checkpoint_file(path: str | Path) -> dict:
     except Exception:  # not a zip archive, truncated, or not a torch file
         raise ValueError(f"{path}: not a readable PyTorch checkpoint (truncated, corrupt or another format), "
                          f"{EXPECTED}") from None
-    from ems_yolo.nn.original import ORIGINAL_MODEL
-
     if ORIGINAL_MODEL in needed:
         return load_converted(path)[1]
     classes = {name: _allowed_class(name) for name in needed}

@@ -18,7 +18,7 @@ from ultralytics.data.build import build_dataloader, build_yolo_dataset
 from ultralytics.utils import DEFAULT_CFG, LOGGER
 
 from ems_yolo.data.datasets import load_data
-from ems_yolo.data.events import build_event_dataset, is_event_split
+from ems_yolo.data.splits import build_split_dataset
 from ems_yolo.energy.report import EnergyReport, energy_report
 from ems_yolo.utils.checks import image_hw
 
@@ -27,10 +27,8 @@ def energy_dataloader(data: str | None, imgsz: int, batch: int = 8, split: str =
     """Square, unaugmented batches of a dataset split (images letterboxed to imgsz; event samples stretched)."""
     d = load_data(data, split=split)
     cfg = get_cfg(DEFAULT_CFG, {"imgsz": imgsz, "data": d["yaml_file"], "rect": False})
-    if is_event_split(d[split]):
-        dataset = build_event_dataset(d[split], cfg, mode="val")
-    else:
-        dataset = build_yolo_dataset(cfg, d[split], batch, d, mode="val", rect=False)
+    dataset = build_split_dataset(d[split], cfg, d, "val",
+                                  lambda: build_yolo_dataset(cfg, d[split], batch, d, mode="val", rect=False))
     return build_dataloader(dataset, batch, workers, shuffle=False, pin_memory=False)
 
 

@@ -15,8 +15,7 @@ named in its arguments, also in DDP workers), so the new T is what checkpoints r
 
 from __future__ import annotations
 
-import shutil
-from contextlib import contextmanager
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +47,7 @@ from ems_yolo.engine.trainer import EMSTrainer, model_for_data
 from ems_yolo.engine.validator import EMSValidator
 from ems_yolo.nn.model import EMSDetectionModel, ann_twin
 from ems_yolo.nn.original import is_original_checkpoint
-from ems_yolo.utils.files import content_addressed
+from ems_yolo.utils.files import content_addressed, no_half_written_runs
 
 YAML_OVERRIDES = ("nc", "channels", "input")  # model YAML keys that EMSYOLO(...) may override besides T
 
@@ -92,23 +91,10 @@ def resolve_model_source(
     return str(p)
 
 
-@contextmanager
-def no_half_written_runs(project: str | Path):
-    """A mode that fails removes the run folder it created under `project`, unless that folder holds a checkpoint
-    (an interrupted training run stays resumable)."""
-    project = Path(project).absolute()
-    missing = [p for p in (project, *project.parents) if not p.exists()]  # folders this mode may create
-    before = set(project.iterdir()) if project.is_dir() else set()
-    try:
-        yield
-    except BaseException:
-        for run in set(project.iterdir()) - before if project.is_dir() else ():
-            if run.is_dir() and not any(run.rglob("*.pt")):
-                shutil.rmtree(run, ignore_errors=True)
-        for folder in missing:  # innermost first
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
-        raise
+def _guarded(results, project: str | Path) -> Iterator:
+    """Iterate a prediction stream; a failure removes the run folder it created (`no_half_written_runs`)."""
+    with no_half_written_runs(project):
+        yield from results or ()
 
 
 class EMSYOLO(Model):
@@ -235,7 +221,10 @@ class EMSYOLO(Model):
             args = get_cfg(DEFAULT_CFG, {**self.overrides, "conf": 0.25, **kwargs, "source": source, "mode": "predict"})
             model = self.model if isinstance(self.model, nn.Module) else self.model_name
             return EventPredictor(model, args, stride_ms=float(stride_ms), simulate=events)(source, stream=stream)
-        return super().predict(source, stream, predictor, **kwargs)
+        if stream:  # Ultralytics' generator does its work when iterated: guard the iteration
+            return _guarded(super().predict(source, True, predictor, **kwargs), kwargs["project"])
+        with no_half_written_runs(kwargs["project"]):
+            return super().predict(source, False, predictor, **kwargs)
 
     def energy(
         self,

@@ -9,7 +9,6 @@ newest event frame. With `save=True` they are also collected as a Gen1 v2 `_bbox
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -33,6 +32,7 @@ from ems_yolo.events.io import concat_boxes, detections_to_boxes, write_bbox
 from ems_yolo.events.representations import EventRepresentation, ems_frames, resize_channels
 from ems_yolo.events.simulator import video_to_events
 from ems_yolo.utils.checks import image_hw
+from ems_yolo.utils.files import no_half_written_runs
 
 
 def model_representation(model) -> EventRepresentation | None:
@@ -102,13 +102,8 @@ class EventPredictor:
         source = Path(source)
         if not source.is_file():
             raise FileNotFoundError(f"{source}: event source not found")
-        created = not self.save_dir.exists()
-        try:
+        with no_half_written_runs(self.save_dir.parent):
             yield from self._stream(source)
-        except BaseException:
-            if created and self.save_dir.exists():
-                shutil.rmtree(self.save_dir)
-            raise
 
     def _stream(self, source: Path) -> Iterator[Results]:
         if self.simulate and source.suffix not in (*EVENT_FILE_SUFFIXES, *EVENT_CACHE_SUFFIXES):

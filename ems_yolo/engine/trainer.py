@@ -14,8 +14,7 @@ from ultralytics.utils.torch_utils import unwrap_model
 
 from ems_yolo.cfg import load_model_yaml
 from ems_yolo.data.datasets import resolve_data
-from ems_yolo.data.events import build_event_dataset, is_event_split
-from ems_yolo.data.verify import verify_image_split
+from ems_yolo.data.splits import build_split_dataset
 from ems_yolo.engine import checkpoints  # noqa: F401  (hook 7: every checkpoint read is the safe loader, DDP too)
 from ems_yolo.engine.autoanchor import check_anchors
 from ems_yolo.engine.validator import EMSValidator
@@ -72,12 +71,9 @@ class EMSTrainer(DetectionTrainer):
         return super().get_dataset()
 
     def build_dataset(self, img_path: str, mode: str = "train", batch: int | None = None):
-        """Event caches (.h5 splits) get EventDetectionDataset; image folders are checked (`verify_image_split`) and
-        go to Ultralytics."""
-        if is_event_split(img_path):
-            return build_event_dataset(img_path, self.args, mode)
-        verify_image_split(img_path, self.data["nc"])
-        return super().build_dataset(img_path, mode, batch)
+        """Event caches (.h5 splits) get EventDetectionDataset; image folders are checked and go to Ultralytics."""
+        frames = super().build_dataset
+        return build_split_dataset(img_path, self.args, self.data, mode, lambda: frames(img_path, mode, batch))
 
     def get_model(self, cfg=None, weights=None, verbose: bool = True) -> EMSDetectionModel:
         """Build the EMS model for this dataset (`model_for_data`), loading `weights` when given."""

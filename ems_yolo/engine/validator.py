@@ -18,8 +18,8 @@ from ems_yolo import ultralytics_compat  # noqa: F401  (first: offline environme
 from ultralytics.models.yolo.detect import DetectionValidator
 from ultralytics.utils import LOGGER
 
-from ems_yolo.data.events import EventDetectionDataset, build_event_dataset, is_event_split
-from ems_yolo.data.verify import verify_image_split
+from ems_yolo.data.events import EventDetectionDataset
+from ems_yolo.data.splits import build_split_dataset
 from ems_yolo.events.io import concat_boxes, detections_to_boxes
 from ems_yolo.utils.coco import coco_bbox_eval
 from ems_yolo.utils.files import atomic_write_text
@@ -43,12 +43,9 @@ class EMSValidator(DetectionValidator):
     gen1_stats: dict[str, float] | None = None
 
     def build_dataset(self, img_path: str, mode: str = "val", batch: int | None = None):
-        """Event caches (.h5 splits) get EventDetectionDataset; image folders are checked (`verify_image_split`) and
-        go to Ultralytics."""
-        if is_event_split(img_path):
-            return build_event_dataset(img_path, self.args, mode)
-        verify_image_split(img_path, self.data["nc"])
-        return super().build_dataset(img_path, mode, batch)
+        """Event caches (.h5 splits) get EventDetectionDataset; image folders are checked and go to Ultralytics."""
+        frames = super().build_dataset
+        return build_split_dataset(img_path, self.args, self.data, mode, lambda: frames(img_path, mode, batch))
 
     @property
     def events(self) -> bool:

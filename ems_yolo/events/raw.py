@@ -337,7 +337,7 @@ class RawReader:
         self.path = self.header.path
         self.size = self.path.stat().st_size
         word = self.header.word_bytes
-        self.chunk_bytes = max(word, chunk_bytes // word * word) if chunk_bytes >= word else chunk_bytes
+        self.chunk_bytes = chunk_bytes // word * word or chunk_bytes  # whole words (smaller chunks split words)
         tail = (self.size - self.header.data_offset) % word
         if tail:
             raise EventFileError(self.path, self.size - tail, f"truncated final word ({tail} of {word} bytes), "

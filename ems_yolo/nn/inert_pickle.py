@@ -109,18 +109,17 @@ def inert_load(path: str | Path) -> Any:
     return torch.load(path, map_location="cpu", pickle_module=INERT_PICKLE, weights_only=False)
 
 
-def module_tensors(module: InertObject, prefix: str = "") -> dict[str, torch.Tensor]:
+def module_tensors(module: InertObject) -> dict[str, torch.Tensor]:
     """The state dict of an inert `nn.Module` tree: parameters and persistent buffers, named as `state_dict()`
     would name them."""
     out: dict[str, torch.Tensor] = {}
-    skip = module.attr("_non_persistent_buffers_set") or set()
-    for kind in ("_parameters", "_buffers"):
-        for name, t in (module.attr(kind) or {}).items():
-            if t is not None and not (kind == "_buffers" and name in skip):
-                out[prefix + name] = t
-    for name, child in (module.attr("_modules") or {}).items():
-        if isinstance(child, InertObject):
-            out.update(module_tensors(child, f"{prefix}{name}."))
+    for path, m in module_tree(module).items():
+        prefix = f"{path}." if path else ""
+        skip = m.attr("_non_persistent_buffers_set") or set()
+        for kind in ("_parameters", "_buffers"):
+            for name, t in (m.attr(kind) or {}).items():
+                if t is not None and not (kind == "_buffers" and name in skip):
+                    out[prefix + name] = t
     return out
 
 

@@ -1,4 +1,5 @@
-"""Crash-safe file writing: atomic text files, content-addressed copies and folders built once."""
+"""Crash-safe file writing: atomic text files, content-addressed copies, folders built once, and no run folder
+left half-written by a command that fails."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import hashlib
 import os
 import secrets
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -80,3 +82,22 @@ def read_yaml_mapping(path: Path, required: tuple[str, ...] = ()) -> dict:
         if key not in d or d[key] is None:
             raise ValueError(f"{path}: missing required key '{key}'")
     return d
+
+
+@contextmanager
+def no_half_written_runs(project: str | Path) -> Iterator[None]:
+    """A command that fails removes the run folder it created under `project` (and the empty parents it created),
+    unless that folder holds a checkpoint (an interrupted training run stays resumable)."""
+    project = Path(project).absolute()
+    missing = [p for p in (project, *project.parents) if not p.exists()]  # folders the command may create
+    before = set(project.iterdir()) if project.is_dir() else set()
+    try:
+        yield
+    except BaseException:
+        for run in set(project.iterdir()) - before if project.is_dir() else ():
+            if run.is_dir() and not any(run.rglob("*.pt")):
+                shutil.rmtree(run, ignore_errors=True)
+        for folder in missing:  # innermost first
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
