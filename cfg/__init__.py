@@ -17,6 +17,7 @@ DATASETS_DIR = CFG_DIR / "datasets"
 
 BUILTIN_DATA = "shapes"  # generated frame dataset, the default of `train`
 SYNTHETIC_GEN1 = "gen1-synthetic"  # generated Gen1-shaped event dataset
+SYNTHETIC_GEN4 = "gen4-synthetic"  # generated 1 Mpx-shaped event dataset
 EVENT_SUFFIXES = (".dat", ".raw", ".h5", ".hdf5")  # prediction sources read as events
 EVENT_CACHE_SUFFIXES = (".h5", ".hdf5")  # dataset splits that are event sample caches
 DEFAULT_MODEL = "ems-res10.yaml"
@@ -47,7 +48,7 @@ def available_models() -> list[str]:
 
 def available_datasets() -> list[str]:
     """The generated dataset names plus the shipped dataset YAMLs."""
-    return [BUILTIN_DATA, SYNTHETIC_GEN1, *sorted(p.name for p in DATASETS_DIR.glob("*.yaml"))]
+    return [BUILTIN_DATA, SYNTHETIC_GEN1, SYNTHETIC_GEN4, *sorted(p.name for p in DATASETS_DIR.glob("*.yaml"))]
 
 
 def _find(name: str | Path, folder: Path) -> Path | None:
@@ -137,16 +138,18 @@ ENERGY_KEYS = {
     "name": "run folder name (default energy)",
     "device": "cpu or a CUDA device",
 }
-GEN1_KEYS = {
-    "src": "Gen1 root folder holding train/ val/ test/ with <name>_td.dat + <name>_bbox.npy",
+DATASET_KEYS = {
+    "src": "dataset root folder holding train/ val/ test/ with <name>_td.dat (or _td.raw, _td.dat.h5, _td.h5) and "
+    "<name>_bbox.npy",
     "dst": "output folder: one HDF5 sample cache per split plus data.yaml (resumed when they exist)",
     "representation": "ems_frames (default, the paper's), histogram or voxel",
     "bins": "time bins per sample = model time steps T (default 5)",
     "window_ms": "window before each label (default 250)",
-    "height": "sensor height (default 240)",
-    "width": "sensor width (default 304)",
+    "height": "sensor height (default 240 for gen1, 720 for gen4)",
+    "width": "sensor width (default 304 for gen1, 1280 for gen4)",
     "cutoff": "histogram count clip / voxel scale (default 10)",
     "splits": "splits to process (default [train, val, test])",
+    "workers": "recordings processed in parallel processes (default 1); the caches are the same for any N",
 }
 CONVERT_KEYS = {
     "source": "checkpoint written by the original EMS-YOLO code (best.pt / last.pt of its train.py)",
@@ -174,6 +177,7 @@ EVENTS_KEYS = {
 # Value rules of the user-facing keys of every command (ems-yolo's own and the Ultralytics sizes that Ultralytics
 # would silently clamp): one check, one message naming the key and what was expected.
 _POSITIVE_INT = ("time_steps", "channels", "nc", "epochs", "max_batches", "bins", "height", "width", "max_frames")
+_COUNTS = ("workers",)  # integers >= 0
 _POSITIVE = ("stride_ms", "window_ms", "cutoff", "c_on", "c_off", "e_ac", "e_mac")
 _NON_NEGATIVE = ("sigma", "refractory_us", "noise_hz")
 _BOOLS = ("ann", "checkpoint", "events", "energy", "detailed", "trust", "info")
@@ -190,11 +194,12 @@ def check_value(key: str, value: Any) -> Any:
     if value is None:
         return value
     shown = f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}"
-    if key in _POSITIVE_INT:
+    if key in _POSITIVE_INT or key in _COUNTS:
         if isinstance(value, str) and value.strip().lstrip("+").isdigit():
             value = int(value)
-        if not _is_int(value) or value < 1:
-            raise ValueError(f"{shown}: expected a positive integer")
+        low = 1 if key in _POSITIVE_INT else 0
+        if not _is_int(value) or value < low:
+            raise ValueError(f"{shown}: expected a {'positive' if low else 'non-negative'} integer")
     elif key in _POSITIVE or key in _NON_NEGATIVE:
         try:
             number = float(value) if not isinstance(value, bool) else None

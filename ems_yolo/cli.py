@@ -15,7 +15,7 @@ from ems_yolo.cfg import (
     ENERGY_KEYS,
     ENGINE_KEYS,
     EVENTS_KEYS,
-    GEN1_KEYS,
+    DATASET_KEYS,
     INFO_KEYS,
     MODE_HELP,
     MODE_ONLY_KEYS,
@@ -168,28 +168,47 @@ def convert(ctx: typer.Context) -> None:
     typer.echo(f"ems-yolo checkpoint -> {out}")
 
 
-@app.command(context_settings=KEY_VALUE, help="Gen1 tools. 'ems-yolo gen1 preprocess src=... dst=<folder>' builds "
-             "one HDF5 sample cache per split and data.yaml for training (resumable).\n\n" + _keys_help(GEN1_KEYS))
-def gen1(ctx: typer.Context, action: str = typer.Argument(..., help="preprocess")) -> None:
-    """Build the Gen1 split caches and their data YAML from the raw recordings."""
-    from ems_yolo.data.datasets import prepare_gen1
-    from ems_yolo.events.gen1 import SPLITS
-    from ems_yolo.events.representations import EventRepresentation
+def _preprocess(dataset: str, action: str, ctx: typer.Context) -> None:
+    """`ems-yolo <dataset> preprocess`: the split caches and data YAML of a Gen1 or 1 Mpx folder."""
+    from ems_yolo.data.datasets import prepare_dataset
+    from ems_yolo.events.automotive import SPLITS, default_representation
+    from ems_yolo.events.protocols import get_protocol
 
     if action != "preprocess":
-        raise UsageError(f"unknown gen1 action '{action}', expected 'preprocess'")
-    kv = parse_key_values(ctx.args, GEN1_KEYS, "gen1 preprocess")
+        raise UsageError(f"unknown {dataset} action '{action}', expected 'preprocess'")
+    kv = parse_key_values(ctx.args, DATASET_KEYS, f"{dataset} preprocess")
     for key in ("src", "dst"):
-        require(kv, key, "gen1 preprocess")
+        require(kv, key, f"{dataset} preprocess")
+    p = get_protocol(dataset)
     rep_keys = {"name": kv.get("representation", "ems_frames")}
-    rep_keys.update({k: kv[k] for k in ("bins", "height", "width", "cutoff") if k in kv})
+    rep_keys.update({k: kv[k] for k in ("bins", "cutoff") if k in kv})
+    rep_keys.update({k: kv[k] // p.downsample for k in ("height", "width") if k in kv})  # sensor -> input size
     if "window_ms" in kv:
         rep_keys["window_us"] = int(float(kv["window_ms"]) * 1000)
     splits = kv.get("splits", SPLITS)
     if isinstance(splits, str):  # splits=[train,val] or splits=train,val arrive as text
         splits = [x.strip(" '\"") for x in splits.strip("[]()").split(",") if x.strip()]
-    out = prepare_gen1(str(kv["src"]), str(kv["dst"]), EventRepresentation.from_dict(rep_keys), tuple(splits))
+    out = prepare_dataset(str(kv["src"]), str(kv["dst"]), p, default_representation(p, **rep_keys), tuple(splits),
+                          workers=kv.get("workers", 1))
     typer.echo(f"caches written; train with data={out}")
+
+
+_PREPROCESS_HELP = ("'ems-yolo {0} preprocess src=... dst=<folder>' builds one HDF5 sample cache per split and "
+                    "data.yaml for training (resumable; workers=N processes recordings in parallel).\n\n")
+
+
+@app.command(context_settings=KEY_VALUE, help="Gen1 tools (304x240, car and pedestrian). "
+             + _PREPROCESS_HELP.format("gen1") + _keys_help(DATASET_KEYS))
+def gen1(ctx: typer.Context, action: str = typer.Argument(..., help="preprocess")) -> None:
+    """Build the Gen1 split caches and their data YAML from the recordings."""
+    _preprocess("gen1", action, ctx)
+
+
+@app.command(context_settings=KEY_VALUE, help="1 Megapixel dataset tools (1280x720; RVT's protocol: pedestrian, "
+             "two-wheeler and car at half resolution). " + _PREPROCESS_HELP.format("gen4") + _keys_help(DATASET_KEYS))
+def gen4(ctx: typer.Context, action: str = typer.Argument(..., help="preprocess")) -> None:
+    """Build the 1 Mpx split caches and their data YAML from the recordings."""
+    _preprocess("gen4", action, ctx)
 
 
 @app.command(context_settings=KEY_VALUE, help="Event files: simulate an event camera from a video (a Prophesee "

@@ -208,6 +208,11 @@ CASES = [
     ("gen1 preprocess src={dir} dst={gen1_dst} bins=0", "bins=0: expected a positive integer"),
     ("gen1 preprocess src={dir} dst={gen1_dst} representation=raw", "representation='raw': expected one of"),
     ("gen1 preprocess src={dir} dst={gen1_dst} window_ms=-1", "window_ms=-1: expected a positive number"),
+    # gen4
+    ("gen4 preprocess dst={gen1_dst}", "gen4 preprocess needs src="),
+    ("gen4 preprocess src={dir}/nowhere dst={gen1_dst}", "gen4 folder"),
+    ("gen4 preprocess src={dir} dst={gen1_dst} workers=-1", "workers=-1: expected a non-negative integer"),
+    ("gen4 preprocess src={dir} dst={gen1_dst} workers=two", "workers='two': expected a non-negative integer"),
     # events
     ("events", "events needs source="),
     ("events source={missing}", "missing.pt"),
@@ -237,7 +242,7 @@ def test_the_harness_covers_every_command():
 
     commands = {c.name or c.callback.__name__ for c in app.registered_commands}
     assert commands == {c.split()[0] for c, _ in CASES} == {"info", "train", "val", "predict", "export", "energy",
-                                                          "convert", "gen1", "events"}
+                                                          "convert", "gen1", "gen4", "events"}
     assert len(CASES) >= 60
 
 

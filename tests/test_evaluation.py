@@ -1,11 +1,11 @@
-"""Tests for `ems_yolo.events.evaluation.evaluate_gen1` (Prophesee / RVT protocol A) on synthetic recordings."""
+"""Tests for `ems_yolo.events.evaluation.evaluate_detections` (Prophesee / RVT protocol A) on synthetic recordings."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from ems_yolo.events import BBOX_DTYPE, BBOX_DTYPE_V1, evaluate_gen1
+from ems_yolo.events import BBOX_DTYPE, BBOX_DTYPE_V1, evaluate_detections
 
 LABEL_TIMES = np.arange(750_000, 2_500_001, 250_000)  # every 250 ms after the first 0.5 s
 
@@ -48,7 +48,7 @@ def _shifted(gt: list[np.ndarray], dt_us: int) -> list[np.ndarray]:
 
 def test_gt_as_detections_is_perfect():
     gt = _gt()
-    metrics = evaluate_gen1(gt, [b.copy() for b in gt])
+    metrics = evaluate_detections(gt, [b.copy() for b in gt])
     assert metrics["mAP50-95"] == metrics["mAP50"] == metrics["mAP75"] == 1.0
     assert metrics["mAP_small"] == metrics["mAP_medium"] == 1.0
     assert metrics["mAP_large"] == 0.0  # no large GT: pycocotools' -1 is reported as 0
@@ -65,7 +65,7 @@ def test_v1_input_is_accepted():
         for name in ("x", "y", "w", "h", "class_id", "track_id"):
             old[name] = boxes[name]
         v1.append(old)
-    assert evaluate_gen1(v1, gt) == evaluate_gen1(gt, gt)
+    assert evaluate_detections(v1, gt) == evaluate_detections(gt, gt)
 
 
 @pytest.mark.parametrize(
@@ -73,7 +73,7 @@ def test_v1_input_is_accepted():
 )
 def test_time_tolerance_is_inclusive(shift, expected):
     gt = _gt()
-    metrics = evaluate_gen1(gt, _shifted(gt, shift))
+    metrics = evaluate_detections(gt, _shifted(gt, shift))
     assert metrics["mAP50-95"] == metrics["mAP50"] == expected
 
 
@@ -97,13 +97,13 @@ def test_filters_apply_to_both_sides():
     gt[0] = _boxes([tuple(b) for b in gt[0][["t", "x", "y", "w", "h", "class_id", "class_confidence"]]] + extra_gt)
     dt[0] = _boxes([tuple(b) for b in dt[0][["t", "x", "y", "w", "h", "class_id", "class_confidence"]]] + extra_dt)
 
-    metrics = evaluate_gen1(gt, dt)
+    metrics = evaluate_detections(gt, dt)
     assert metrics["mAP50-95"] == metrics["mAP50"] == 1.0
     assert metrics["images"] == 3 * len(LABEL_TIMES) + 1
     assert metrics["gt_boxes"] == metrics["detections"] == 3 * len(LABEL_TIMES) * 4 + 1
 
     # The same data without the filters: the extra boxes become misses and false positives.
-    unfiltered = evaluate_gen1(gt, dt, skip_us=0, min_diag=0, min_side=0)
+    unfiltered = evaluate_detections(gt, dt, skip_us=0, min_diag=0, min_side=0)
     assert unfiltered["gt_boxes"] == metrics["gt_boxes"] + 3
     assert unfiltered["mAP50"] < 1.0
 
@@ -113,7 +113,7 @@ def test_class_mismatch_scores_zero():
     dt = [b.copy() for b in gt]
     for d in dt:
         d["class_id"] = 1 - d["class_id"]
-    metrics = evaluate_gen1(gt, dt)
+    metrics = evaluate_detections(gt, dt)
     assert metrics["mAP50-95"] == metrics["mAP50"] == 0.0
     assert metrics["detections"] == metrics["gt_boxes"]
 
@@ -128,7 +128,7 @@ def test_half_detected_is_recall_limited():
             for c in (0, 1):
                 keep[np.flatnonzero((boxes["t"] == t) & (boxes["class_id"] == c))[0]] = True
         dt.append(boxes[keep])
-    metrics = evaluate_gen1(gt, dt)
+    metrics = evaluate_detections(gt, dt)
     # COCO's 101-point precision is 1 at recall thresholds 0.00 .. 0.50 (51 points) and 0 above.
     expected = 51 / 101
     assert 0.0 < metrics["mAP50-95"] < 1.0
@@ -141,15 +141,15 @@ def test_unsorted_and_mismatched_inputs_raise():
     bad = [b.copy() for b in gt]
     bad[1] = bad[1][::-1].copy()
     with pytest.raises(ValueError, match=r"ground truth of recording 1.*not sorted"):
-        evaluate_gen1(bad, gt)
+        evaluate_detections(bad, gt)
     with pytest.raises(ValueError, match=r"detections of recording 1.*not sorted"):
-        evaluate_gen1(gt, bad)
+        evaluate_detections(gt, bad)
     with pytest.raises(ValueError, match="3 recordings but dt has 2"):
-        evaluate_gen1(gt, gt[:2])
+        evaluate_detections(gt, gt[:2])
     wrong_class = [b.copy() for b in gt]
     wrong_class[0]["class_id"][0] = 2
     with pytest.raises(ValueError, match="class_id 2"):
-        evaluate_gen1(gt, wrong_class)
+        evaluate_detections(gt, wrong_class)
 
 
 def test_empty_inputs_give_zeros():
@@ -157,16 +157,16 @@ def test_empty_inputs_give_zeros():
     empty = [np.zeros(0, dtype=BBOX_DTYPE) for _ in gt]
     aps = ("mAP50-95", "mAP50", "mAP75", "mAP_small", "mAP_medium", "mAP_large")
 
-    no_detections = evaluate_gen1(gt, empty)
+    no_detections = evaluate_detections(gt, empty)
     assert all(no_detections[k] == 0.0 for k in aps)
     assert no_detections["images"] == 3 * len(LABEL_TIMES) and no_detections["detections"] == 0
 
-    no_gt = evaluate_gen1(empty, gt)
+    no_gt = evaluate_detections(empty, gt)
     assert all(no_gt[k] == 0.0 for k in aps) and no_gt["images"] == 0
 
     early = [b[b["t"] <= 500_000] for b in _shifted(gt, -1_000_000)]  # labels only in the skipped first 0.5 s
     assert all(b.size for b in early)
-    filtered_out = evaluate_gen1(early, early)
+    filtered_out = evaluate_detections(early, early)
     assert all(filtered_out[k] == 0.0 for k in aps) and filtered_out["gt_boxes"] == 0
 
-    assert evaluate_gen1([], [])["images"] == 0
+    assert evaluate_detections([], [])["images"] == 0

@@ -15,13 +15,9 @@ from ems_yolo import EMSYOLO
 from ems_yolo.cli import app
 from ems_yolo.data.datasets import resolve_data
 from ems_yolo.engine.model import derive_model_yaml
-from ems_yolo.events import gen1
-from ems_yolo.events.gen1 import (
-    Gen1Cache,
-    clean_labels,
-    find_recordings,
-    preprocess_gen1,
-)
+from ems_yolo.events import automotive
+from ems_yolo.events.automotive import EventCache, find_recordings, preprocess_dataset
+from ems_yolo.events.protocols import clean_labels
 from ems_yolo.cfg import load_model_yaml
 from ems_yolo.events.io import BBOX_DTYPE, EventFileError, read_bbox, read_dat
 from ems_yolo.events.representations import EventRepresentation
@@ -39,7 +35,8 @@ def synth(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def cache_dir(synth, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cache")
-    assert preprocess_gen1(synth, out, REP, progress=False) == {s: out / f"{s}.h5" for s in ("train", "val", "test")}
+    expected = {s: out / f"{s}.h5" for s in ("train", "val", "test")}
+    assert preprocess_dataset(synth, out, "gen1", REP, progress=False) == expected
     return out
 
 
@@ -65,13 +62,13 @@ def test_clean_labels_last_per_track_clipped_no_empty():
         (1000, 290, -5, 30, 20, 1, 2),  # extends past the right and top edges -> clipped
         (2000, 400, 10, 20, 20, 0, 3),  # fully outside -> dropped, and the timestamp vanishes
     ])
-    out = clean_labels(boxes, 304, 240)
+    out = clean_labels(boxes)
     assert list(out) == [1000]
     np.testing.assert_allclose(out[1000], [[0, 12, 10, 20, 20], [1, 290, 0, 14, 15]])
 
 
 def test_cache_holds_the_representation_and_clean_labels(synth, cache_dir):
-    c = Gen1Cache(cache_dir / "train.h5")
+    c = EventCache(cache_dir / "train.h5")
     recs = find_recordings(synth / "train")
     assert c.recordings == [r[0] for r in recs]
     expected = [(i, ts, b) for i, (_, td, bb) in enumerate(recs) for ts, b in clean_labels(read_bbox(bb)).items()]
@@ -88,28 +85,28 @@ def test_cache_holds_the_representation_and_clean_labels(synth, cache_dir):
 
 def test_preprocess_resumes_after_interruption(synth, cache_dir, tmp_path, monkeypatch):
     dst = tmp_path / "resumed"
-    real = gen1._write_recording
+    real = automotive._recording_batches
     done = []
 
-    def crash_on_second(g, name, td, bbox, rep):
+    def crash_on_second(name, *args):
         if done:  # half-write the second recording, then die
-            gen1._flush(g, [np.zeros(rep.stored_shape, np.uint8)], [1], [1], [np.zeros((1, 5), np.float32)], 7)
+            yield next(real(name, *args))
             raise KeyboardInterrupt
         done.append(name)
-        real(g, name, td, bbox, rep)
+        yield from real(name, *args)
 
-    monkeypatch.setattr(gen1, "_write_recording", crash_on_second)
+    monkeypatch.setattr(automotive, "_recording_batches", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
-        preprocess_gen1(synth, dst, REP, progress=False)
-    monkeypatch.setattr(gen1, "_write_recording", real)
-    assert len(Gen1Cache(dst / "train.h5").recordings) == 1
-    preprocess_gen1(synth, dst, REP, progress=False)
+        preprocess_dataset(synth, dst, "gen1", REP, progress=False)
+    monkeypatch.setattr(automotive, "_recording_batches", real)
+    assert len(EventCache(dst / "train.h5").recordings) == 1
+    preprocess_dataset(synth, dst, "gen1", REP, progress=False)
     for split in ("train", "val", "test"):
         with h5py.File(dst / f"{split}.h5") as a, h5py.File(cache_dir / f"{split}.h5") as b:
             for name in ("samples", "labels", "t_us", "recording", "label_count"):
                 np.testing.assert_array_equal(a[name][:], b[name][:])
     with pytest.raises(ValueError, match="representation"):
-        preprocess_gen1(synth, dst, EventRepresentation(bins=5), progress=False)
+        preprocess_dataset(synth, dst, "gen1", EventRepresentation(bins=5), progress=False)
 
 
 def test_preprocess_errors_name_the_bad_file(synth, tmp_path):
@@ -119,22 +116,22 @@ def test_preprocess_errors_name_the_bad_file(synth, tmp_path):
     (src / td.name).write_bytes(td.read_bytes() + b"\x01\x02\x03")  # truncated record
     (src / bb.name).write_bytes(bb.read_bytes())
     with pytest.raises(EventFileError, match=f"{td.name}.*byte offset"):
-        preprocess_gen1(src.parent, tmp_path / "c", REP, progress=False)
+        preprocess_dataset(src.parent, tmp_path / "c", "gen1", REP, progress=False)
     (src / bb.name).unlink()
     with pytest.raises(FileNotFoundError, match="no matching labels file"):
-        preprocess_gen1(src.parent, tmp_path / "c2", REP, progress=False)
+        preprocess_dataset(src.parent, tmp_path / "c2", "gen1", REP, progress=False)
     with pytest.raises(FileNotFoundError, match="How to get Gen1"):
-        preprocess_gen1(tmp_path / "nowhere", tmp_path / "c3", REP, progress=False)
+        preprocess_dataset(tmp_path / "nowhere", tmp_path / "c3", "gen1", REP, progress=False)
 
 
 def test_bad_cache_files_are_clear_errors(cache_dir, tmp_path):
     (tmp_path / "empty.h5").write_bytes(b"")
     with pytest.raises(ValueError, match="empty.h5: not a readable HDF5 event cache"):
-        Gen1Cache(tmp_path / "empty.h5")
+        EventCache(tmp_path / "empty.h5")
     with h5py.File(tmp_path / "old.h5", "w") as f:
         f.create_group("train")
     with pytest.raises(ValueError, match="old.h5: not an ems-yolo event cache of version 2"):
-        Gen1Cache(tmp_path / "old.h5")
+        EventCache(tmp_path / "old.h5")
     y = tmp_path / "d.yaml"
     y.write_text(f"path: {cache_dir}\ntrain: train.h5\nval: val.h5\nchannels: 4\nnames: [car, pedestrian]\n")
     with pytest.raises(ValueError, match="channels: 4' does not match the event caches.*expected channels: 9"):
@@ -177,9 +174,9 @@ def test_event_training_at_T3_lowers_loss_and_scores_both_protocols(trained, dat
         metrics = EMSYOLO(run / "weights" / "last.pt").val(data=str(data_yaml), imgsz=96, batch=8, workers=0,
                                                            plots=False, project=str(run.parent), name="val")
     assert "protocol B" in caplog.text and "Prophesee/RVT protocol" in caplog.text
-    assert set(metrics.gen1) >= {"mAP50-95", "mAP50", "mAP75"}
-    val_times = Gen1Cache(data_yaml.parent / "val.h5").t_us
-    assert metrics.gen1["images"] == int((val_times >= 500_000).sum()) > 0  # protocol A skips the first 0.5 s
+    assert set(metrics.prophesee) >= {"mAP50-95", "mAP50", "mAP75"}
+    val_times = EventCache(data_yaml.parent / "val.h5").t_us
+    assert metrics.prophesee["images"] == int((val_times >= 500_000).sum()) > 0  # protocol A skips the first 0.5 s
     assert metrics.box.map == pytest.approx(float(rows[-1]["metrics/mAP50-95(B)"]), abs=1e-4)  # = last epoch's
 
 
@@ -200,14 +197,14 @@ def test_predict_on_recording_and_cache(trained, synth, cache_dir, tmp_path):
     np.testing.assert_allclose(api[:, :2], np.stack([det["x"], det["y"]], 1), atol=1e-3)
     predict_cli(run, cache_dir / "val.h5", tmp_path / "h")
     det = read_bbox(tmp_path / "h" / "val_bbox.npy")
-    assert set(np.unique(det["t"])) <= set(Gen1Cache(cache_dir / "val.h5").t_us.tolist())
+    assert set(np.unique(det["t"])) <= set(EventCache(cache_dir / "val.h5").t_us.tolist())
 
 
 def test_cli_gen1_preprocess_and_video_to_events(synth, tmp_path):
     r = CliRunner().invoke(app, ["gen1", "preprocess", f"src={synth}", f"dst={tmp_path / 'c'}", "bins=2",
                                  "window_ms=100", "splits=[val]"])
     assert r.exit_code == 0, r.output
-    c = Gen1Cache(tmp_path / "c" / "val.h5")
+    c = EventCache(tmp_path / "c" / "val.h5")
     assert c.representation.bins == 2 and c.representation.window_us == 100_000 and len(c) > 0
     assert not (tmp_path / "c" / "train.h5").exists()
     d = yaml.safe_load((tmp_path / "c" / "data.yaml").read_text())
@@ -276,3 +273,31 @@ def test_predict_on_an_rvt_hdf5_event_file(trained, tmp_path):
     det = read_bbox(tmp_path / "h5" / "ncars_bbox.npy")
     assert set(np.unique(det["t"]).tolist()) <= {25_000, 50_000, 75_000, 100_000}
     assert (tmp_path / "h5" / "ncars.avi").is_file()
+
+
+def test_preprocess_takes_raw_and_rvt_h5_recordings(synth, cache_dir, tmp_path):
+    """A recording as EVT 2.0 .raw, or as RVT's _td.dat.h5, gives the same samples as its .dat."""
+    import hdf5plugin
+
+    from ems_yolo.events import write_raw_evt2
+
+    name, td, bb = find_recordings(synth / "val")[0]
+    events = read_dat(td)
+    for suffix in ("_td.raw", "_td.dat.h5"):
+        src = tmp_path / suffix.strip("_.") / "val"
+        src.mkdir(parents=True)
+        (src / bb.name).write_bytes(bb.read_bytes())
+        if suffix == "_td.raw":
+            write_raw_evt2(src / f"{name}{suffix}", events, 304, 240)
+        else:
+            with h5py.File(src / f"{name}{suffix}", "w") as f:
+                for k in "txyp":
+                    f.create_dataset(f"events/{k}", data=events[k], **hdf5plugin.Blosc(cname="zstd"))
+        assert [r[1].name for r in find_recordings(src)] == [f"{name}{suffix}"]
+        preprocess_dataset(src.parent, tmp_path / f"cache{suffix}", "gen1", REP, splits=("val",), progress=False)
+        ours, ref = EventCache(tmp_path / f"cache{suffix}" / "val.h5"), EventCache(cache_dir / "val.h5")
+        n = int((ref.recording == ref.recordings.index(name)).sum())
+        assert len(ours) == n > 0
+        for i in range(n):
+            np.testing.assert_array_equal(ours.stored(i), ref.stored(i))
+            np.testing.assert_array_equal(ours.boxes(i), ref.boxes(i))

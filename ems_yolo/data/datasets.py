@@ -1,6 +1,7 @@
 """Resolve the `data=` argument to a dataset YAML that exists on disk, never downloading anything.
 
-`None`/`shapes` is the built-in generated dataset and `gen1-synthetic` a generated Gen1-shaped event dataset; a
+`None`/`shapes` is the built-in generated dataset, `gen1-synthetic` / `gen4-synthetic` generated Gen1- / 1 Mpx-
+shaped event datasets; a
 bare name is looked up in the shipped cfg/datasets; any other value is a path to an Ultralytics detection YAML.
 The YAML's `path:` and splits are checked here: when images are missing the error says where to put them and how
 to get them, instead of letting Ultralytics run its `download:` hook. The resolved copy (absolute `path:`, no
@@ -16,9 +17,10 @@ from pathlib import Path
 
 import yaml
 
-from ems_yolo.cfg import BUILTIN_DATA, CFG_DIR, SYNTHETIC_GEN1, ems_home, find_dataset_yaml
-from ems_yolo.data.events import is_event_split
-from ems_yolo.events.gen1 import GEN1_NAMES, SPLITS, preprocess_gen1, read_representation, split_cache_path
+from ems_yolo.cfg import BUILTIN_DATA, CFG_DIR, SYNTHETIC_GEN1, SYNTHETIC_GEN4, ems_home, find_dataset_yaml
+from ems_yolo.data.events import is_event_split, open_event_split
+from ems_yolo.events.automotive import SPLITS, EventCache, preprocess_dataset, split_cache_path
+from ems_yolo.events.protocols import GEN1, DatasetProtocol
 from ems_yolo.events.representations import EventRepresentation
 from ems_yolo.utils.files import atomic_write_text, content_addressed, read_yaml_mapping
 
@@ -49,8 +51,9 @@ def resolve_data(data: str | Path | None) -> str:
         from ems_yolo.data.shapes import make_shapes_dataset
 
         return str(make_shapes_dataset())
-    if str(data) in (SYNTHETIC_GEN1, f"{SYNTHETIC_GEN1}.yaml"):
-        return resolve_data(make_synthetic_gen1_data())
+    for name, protocol in ((SYNTHETIC_GEN1, "gen1"), (SYNTHETIC_GEN4, "gen4")):
+        if str(data) in (name, f"{name}.yaml"):
+            return resolve_data(make_synthetic_data(protocol))
     src = find_dataset_yaml(str(data))
     resolved_dir = ems_home() / "data"
     d = read_yaml_mapping(src, ("train", "val", "names"))
@@ -73,9 +76,10 @@ def _event_fields(src: Path, d: dict, splits: dict[str, list[Path]]) -> dict:
     reps = {}
     for key, paths in splits.items():
         if len(paths) != 1 or not is_event_split(paths[0]):
-            raise ValueError(f"{src}: '{key}' must name one HDF5 event cache (.h5), got {d[key]!r}")
+            raise ValueError(f"{src}: '{key}' must name one HDF5 event cache (.h5) or one folder of RVT sequences, "
+                             f"got {d[key]!r}")
         if paths[0].exists():
-            reps[key] = read_representation(paths[0])
+            reps[key] = open_event_split(paths[0], d.get("rvt")).representation
     first = next(iter(reps.values()))
     for key, rep in reps.items():
         if rep != first:
@@ -96,15 +100,17 @@ def load_data(data: str | Path | None, split: str = "") -> dict:
     return check_det_dataset(resolve_data(data), split=split)
 
 
-def write_event_data_yaml(folder: str | Path, names: dict[int, str] = GEN1_NAMES) -> Path:
-    """Write `<folder>/data.yaml` for the split caches found in `folder` (train.h5, val.h5, test.h5)."""
+def write_event_data_yaml(folder: str | Path) -> Path:
+    """Write `<folder>/data.yaml` for the split caches found in `folder` (train.h5, val.h5, test.h5); the class
+    names are those the caches were built with."""
     folder = Path(folder).expanduser().resolve()
     present = {s: split_cache_path(folder, s) for s in SPLITS if split_cache_path(folder, s).is_file()}
     if not present:
         raise FileNotFoundError(f"{folder}: no split caches ({', '.join(f'{s}.h5' for s in SPLITS)})")
-    rep = read_representation(next(iter(present.values())))
+    cache = EventCache(next(iter(present.values())))
+    rep = cache.representation
     d = {"path": str(folder), **{s: p.name for s, p in present.items()},
-         "channels": rep.bins * rep.channels_per_bin, "names": dict(names)}
+         "channels": rep.bins * rep.channels_per_bin, "names": dict(cache.names)}
     out = folder / "data.yaml"
     text = yaml.safe_dump(d, sort_keys=False)
     if not out.is_file() or out.read_text() != text:
@@ -112,24 +118,26 @@ def write_event_data_yaml(folder: str | Path, names: dict[int, str] = GEN1_NAMES
     return out
 
 
-def prepare_gen1(
+def prepare_dataset(
     src: str | Path,
     dst: str | Path,
+    protocol: str | DatasetProtocol = GEN1,
     representation: EventRepresentation | None = None,
     splits: tuple[str, ...] = SPLITS,
     progress: bool = True,
+    workers: int = 1,
 ) -> Path:
-    """Build (or resume) the split caches of a Gen1 folder in `dst` and its data YAML; returns the YAML."""
-    preprocess_gen1(src, dst, representation, splits, progress=progress)
+    """Build (or resume) the split caches of a Gen1 or 1 Mpx folder in `dst` and its data YAML; returns the YAML."""
+    preprocess_dataset(src, dst, protocol, representation, splits, progress=progress, workers=workers)
     return write_event_data_yaml(dst)
 
 
-def make_synthetic_gen1_data() -> Path:
-    """Generate (once) the synthetic Gen1 recordings, their split caches and a data YAML; return the YAML."""
-    from ems_yolo.events.synthetic import make_synthetic_gen1
+def make_synthetic_data(protocol: str = "gen1") -> Path:
+    """Generate (once) the synthetic Gen1 or 1 Mpx recordings, their split caches and a data YAML; return the YAML."""
+    from ems_yolo.events.synthetic import make_synthetic_gen1, make_synthetic_gen4
 
-    root = make_synthetic_gen1()
-    return prepare_gen1(root, root / "cache", progress=False)
+    root = (make_synthetic_gen1 if protocol == "gen1" else make_synthetic_gen4)()
+    return prepare_dataset(root, root / "cache", protocol, progress=False)
 
 
 def _missing_message(src: Path, d: dict, root: Path, missing: list[Path]) -> str:

@@ -1,4 +1,5 @@
-"""EventDetectionDataset: samples of a Gen1-style HDF5 cache in the batch format of Ultralytics' detection engine.
+"""EventDetectionDataset: samples of a Gen1 / 1 Mpx HDF5 cache (or of an RVT preprocessed folder) in the batch
+format of Ultralytics' detection engine.
 
 Each item is the representation of one labelled window as a `[T*C, imgsz, imgsz]` uint8 image (time-major
 channels; the model's encoding layer splits them into T steps) with its boxes, stretched from the sensor size to
@@ -18,14 +19,28 @@ from ems_yolo import ultralytics_compat  # noqa: F401  (first: offline environme
 from ultralytics.data.dataset import YOLODataset
 
 from ems_yolo.cfg import EVENT_CACHE_SUFFIXES
-from ems_yolo.events.gen1 import Gen1Cache
+from ems_yolo.events.automotive import EventCache
 from ems_yolo.events.representations import resize_channels
+from ems_yolo.events.rvt import RVTSplit, is_rvt_split
 from ems_yolo.utils.checks import image_hw
 
 
 def is_event_split(path: str | Path) -> bool:
-    """Whether a dataset split path is an event sample cache (an HDF5 file) rather than images."""
-    return str(path).endswith(EVENT_CACHE_SUFFIXES)
+    """Whether a dataset split path is event samples (an HDF5 cache, or a folder of RVT sequences) rather than
+    images."""
+    return str(path).endswith(EVENT_CACHE_SUFFIXES) or is_rvt_split(path)
+
+
+def open_event_split(path: str | Path, rvt: dict | None = None) -> EventCache | RVTSplit:
+    """The samples of an event split: an ems-yolo cache, or an RVT folder read with the data YAML's `rvt:` options
+    (steps, representation, cutoff, protocol)."""
+    if is_rvt_split(path):
+        options = dict(rvt or {})
+        unknown = sorted(set(options) - {"steps", "representation", "cutoff", "protocol"})
+        if unknown:
+            raise ValueError(f"rvt: unknown keys {unknown}, expected steps, representation, cutoff, protocol")
+        return RVTSplit(path, **options)
+    return EventCache(path)
 
 
 class EventDetectionDataset(torch.utils.data.Dataset):
@@ -33,8 +48,8 @@ class EventDetectionDataset(torch.utils.data.Dataset):
 
     collate_fn = staticmethod(YOLODataset.collate_fn)
 
-    def __init__(self, cache: str | Path, imgsz: int = 320, fliplr: float = 0.0, seed: int = 0):
-        self.cache = Gen1Cache(cache)
+    def __init__(self, cache: str | Path | EventCache | RVTSplit, imgsz: int = 320, fliplr: float = 0.0, seed: int = 0):
+        self.cache = cache if isinstance(cache, (EventCache, RVTSplit)) else open_event_split(cache)
         self.rep = self.cache.representation
         self.imgsz = int(imgsz)
         self.fliplr = fliplr
@@ -80,7 +95,8 @@ class EventDetectionDataset(torch.utils.data.Dataset):
         """No mosaic here; present because the trainer calls it when `close_mosaic` is set."""
 
 
-def build_event_dataset(cache: str | Path, args, mode: str = "val") -> EventDetectionDataset:
-    """EventDetectionDataset of one split's cache at the engine's image size; horizontal flips only in training."""
+def build_event_dataset(path: str | Path, args, mode: str = "val", data: dict | None = None) -> EventDetectionDataset:
+    """EventDetectionDataset of one split at the engine's image size; horizontal flips only in training."""
     fliplr = args.fliplr if mode == "train" else 0.0
-    return EventDetectionDataset(cache, max(image_hw(args.imgsz)), fliplr=fliplr, seed=args.seed)
+    split = open_event_split(path, (data or {}).get("rvt"))
+    return EventDetectionDataset(split, max(image_hw(args.imgsz)), fliplr=fliplr, seed=args.seed)

@@ -12,6 +12,6 @@ from ems_yolo.data.verify import verify_image_split
 def build_split_dataset(img_path, args, data: dict, mode: str, frames: Callable[[], object]):
     """The dataset of split `img_path`: events from its cache, or `frames()` after the image and label checks."""
     if is_event_split(img_path):
-        return build_event_dataset(img_path, args, mode)
+        return build_event_dataset(img_path, args, mode, data)
     verify_image_split(img_path, data["nc"])
     return frames()

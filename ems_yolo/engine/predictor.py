@@ -4,7 +4,7 @@ sample cache, one window per labelled timestamp).
 For each window end t the model sees the representation it was trained on (recorded in its YAML by training on
 event data); detections are mapped back to sensor pixels and yielded as Ultralytics `Results` on the window's
 newest event frame. With `save=True` they are also collected as a Gen1 v2 `_bbox.npy` (t = window end,
-`class_confidence` = score) that `evaluate_gen1` reads, and drawn into an annotated video.
+`class_confidence` = score) that `evaluate_detections` reads, and drawn into an annotated video.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from ultralytics.utils.nms import non_max_suppression
 from ultralytics.utils.torch_utils import select_device
 
 from ems_yolo.cfg import EVENT_CACHE_SUFFIXES, default_project
-from ems_yolo.events.gen1 import Gen1Cache
+from ems_yolo.events.automotive import EventCache
 from ems_yolo.events.formats import EVENT_FILE_SUFFIXES, EventSource, is_event_h5, open_events
 from ems_yolo.events.io import concat_boxes, detections_to_boxes, write_bbox
 from ems_yolo.events.representations import EventRepresentation, ems_frames, resize_channels
@@ -54,7 +54,7 @@ def stream_windows(
         yield t_end, rep(events, t_end), newest
 
 
-def cache_windows(cache: Gen1Cache) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+def cache_windows(cache: EventCache) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Yield (t, model input, newest-bin frame) for every sample of a split cache (its label times)."""
     rep = cache.representation
     for i in range(len(cache)):
@@ -82,7 +82,7 @@ class EventPredictor:
         """(output stem, representation, window iterator) of an event source."""
         trained = model_representation(self.torch_model)
         if source.suffix in EVENT_CACHE_SUFFIXES and not is_event_h5(source):
-            cache = Gen1Cache(source)
+            cache = EventCache(source)
             if trained is not None and trained != cache.representation:
                 raise ValueError(f"{source}: cached as {cache.representation}, but the model was trained on {trained}")
             return source.stem, cache.representation, cache_windows(cache)

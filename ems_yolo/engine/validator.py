@@ -25,7 +25,7 @@ from ems_yolo.utils.coco import coco_bbox_eval
 from ems_yolo.utils.files import atomic_write_text
 
 
-def _gen1_rows(xyxy, cls, conf, t: int, scale: np.ndarray) -> np.ndarray:
+def _sensor_rows(xyxy, cls, conf, t: int, scale: np.ndarray) -> np.ndarray:
     """Boxes in network pixels (xyxy tensors) as Gen1 v2 rows in sensor pixels at time t."""
     b = xyxy.detach().cpu().numpy().reshape(-1, 4) * scale
     confidence = 1.0 if conf is None else conf.detach().cpu().numpy()
@@ -35,12 +35,13 @@ def _gen1_rows(xyxy, cls, conf, t: int, scale: np.ndarray) -> np.ndarray:
 class EMSValidator(DetectionValidator):
     """Detection validator whose COCO-format evaluation uses pycocotools (never installs anything).
 
-    On event data it also scores the Prophesee/RVT protocol (`evaluate_gen1`) in sensor coordinates, next to the
+    On event data it also scores the Prophesee/RVT protocol of the cache's dataset (`evaluate_detections`, Gen1 or
+    1 Mpx) in sensor coordinates (RVT's halved ones for 1 Mpx), next to the
     per-frame YOLO-style mAP that the EMS-YOLO paper reports.
     """
 
     coco_stats: dict[str, float] | None = None
-    gen1_stats: dict[str, float] | None = None
+    prophesee_stats: dict[str, float] | None = None
 
     def build_dataset(self, img_path: str, mode: str = "val", batch: int | None = None):
         """Event caches (.h5 splits) get EventDetectionDataset; image folders are checked and go to Ultralytics."""
@@ -54,8 +55,8 @@ class EMSValidator(DetectionValidator):
 
     def init_metrics(self, model) -> None:  # noqa: D102
         super().init_metrics(model)
-        self._gen1_gt: dict[int, list] = {}
-        self._gen1_dt: dict[int, list] = {}
+        self._event_gt: dict[int, list] = {}
+        self._event_dt: dict[int, list] = {}
 
     def update_metrics(self, preds: list[dict], batch: dict) -> None:
         """Ultralytics' metrics, plus per-recording boxes in sensor pixels for the Prophesee protocol."""
@@ -68,33 +69,38 @@ class EMSValidator(DetectionValidator):
         for si, pred in enumerate(preds):
             rec, t = batch["recording"][si], batch["t_us"][si]
             gt = self._prepare_batch(si, batch)
-            self._gen1_gt.setdefault(rec, []).append(_gen1_rows(gt["bboxes"], gt["cls"], None, t, scale))
-            self._gen1_dt.setdefault(rec, []).append(_gen1_rows(pred["bboxes"], pred["cls"], pred["conf"], t, scale))
+            self._event_gt.setdefault(rec, []).append(_sensor_rows(gt["bboxes"], gt["cls"], None, t, scale))
+            self._event_dt.setdefault(rec, []).append(_sensor_rows(pred["bboxes"], pred["cls"], pred["conf"], t, scale))
 
     def get_stats(self) -> dict[str, Any]:  # noqa: D102
         stats = super().get_stats()
         if self.events:
-            from ems_yolo.events.evaluation import evaluate_gen1
+            from ems_yolo.events.evaluation import evaluate_detections
 
-            recs = sorted(self._gen1_gt)
-            gt = [concat_boxes(self._gen1_gt[r]) for r in recs]
-            dt = [concat_boxes(self._gen1_dt.get(r, [])) for r in recs]
-            rep = self.dataloader.dataset.rep
-            self.gen1_stats = evaluate_gen1(gt, dt, height=rep.height, width=rep.width)
-            self.metrics.gen1 = self.gen1_stats
+            recs = sorted(self._event_gt)
+            gt = [concat_boxes(self._event_gt[r]) for r in recs]
+            dt = [concat_boxes(self._event_dt.get(r, [])) for r in recs]
+            cache = self.dataloader.dataset.cache
+            rep = cache.representation  # the input resolution: the sensor's, or RVT's halved 1 Mpx one
+            p = cache.protocol
+            self.prophesee_stats = evaluate_detections(gt, dt, p, p.downsample > 1, rep.height, rep.width)
+            self.metrics.prophesee = self.prophesee_stats
         return stats
 
     def print_results(self) -> None:
-        """Ultralytics' table; on event data followed by both Gen1 protocols, clearly labelled."""
+        """Ultralytics' table; on event data followed by both protocols, clearly labelled."""
         super().print_results()
-        if self.events and self.gen1_stats is not None:
-            g, m = self.gen1_stats, self.metrics.box
+        if self.events and self.prophesee_stats is not None:
+            g, m, p = self.prophesee_stats, self.metrics.box, self.dataloader.dataset.cache.protocol
+            scale = p.downsample
             LOGGER.info(
-                f"Gen1 per-frame YOLO-style mAP (protocol B, as reported in the EMS-YOLO paper): "
+                f"{p.name} per-frame YOLO-style mAP (protocol B, as reported in the EMS-YOLO paper): "
                 f"mAP50 {m.map50:.4f}, mAP50-95 {m.map:.4f}\n"
-                f"Gen1 Prophesee/RVT protocol (protocol A: first 0.5 s skipped, boxes >= 30 px diagonal and 10 px "
-                f"sides, +-50 ms matching, pycocotools): mAP50-95 {g['mAP50-95']:.4f}, mAP50 {g['mAP50']:.4f}, "
-                f"mAP75 {g['mAP75']:.4f} over {g['images']} labelled timestamps"
+                f"{p.name} Prophesee/RVT protocol (protocol A: first {p.skip_us / 1e6:g} s skipped, boxes >= "
+                f"{p.min_diag / scale:g} px diagonal and {p.min_side / scale:g} px sides at "
+                f"{p.input_width}x{p.input_height}, +-{p.time_tol_us // 1000} ms matching, pycocotools): "
+                f"mAP50-95 {g['mAP50-95']:.4f}, mAP50 {g['mAP50']:.4f}, mAP75 {g['mAP75']:.4f} over {g['images']} "
+                "labelled timestamps"
             )
 
     def __call__(self, trainer=None, model=None):

@@ -1,7 +1,7 @@
-"""Event-camera data: Prophesee `.dat` and `.raw` (EVT 2.0/2.1/3.0) events, Gen1 `_bbox.npy` boxes, event
-representations, Gen1 metrics."""
+"""Event-camera data: Prophesee `.dat` and `.raw` (EVT 2.0/2.1/3.0) events, `_bbox.npy` boxes, event
+representations, the Gen1 and 1 Mpx protocols and their metrics."""
 
-from ems_yolo.events.evaluation import evaluate_gen1
+from ems_yolo.events.evaluation import evaluate_detections
 from ems_yolo.events.formats import EventSource, convert_events, open_events, read_events, write_events
 from ems_yolo.events.io import (
     BBOX_DTYPE,
@@ -23,10 +23,17 @@ from ems_yolo.events.representations import (
     ems_frames,
     voxel_grid,
 )
+from ems_yolo.events.protocols import GEN1, GEN4, DatasetProtocol, clean_labels, get_protocol
 from ems_yolo.events.simulator import EventSimulator, SimulatorConfig, video_to_events
-from ems_yolo.events.synthetic import make_synthetic_gen1
+from ems_yolo.events.synthetic import make_synthetic_gen1, make_synthetic_gen4
 
 __all__ = [
+    "GEN1",
+    "GEN4",
+    "DatasetProtocol",
+    "clean_labels",
+    "get_protocol",
+    "make_synthetic_gen4",
     "TRIGGER_DTYPE",
     "EventSource",
     "RawHeader",
@@ -49,7 +56,7 @@ __all__ = [
     "SimulatorConfig",
     "count_histogram",
     "ems_frames",
-    "evaluate_gen1",
+    "evaluate_detections",
     "make_synthetic_gen1",
     "read_bbox",
     "read_dat",

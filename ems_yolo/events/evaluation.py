@@ -1,4 +1,5 @@
-"""Gen1 detection metrics with the Prophesee / RVT protocol (events-spec §6.1, "protocol A").
+"""Detection metrics on event recordings with the Prophesee / RVT protocol (events-spec §6.1, "protocol A"), for
+Gen1 and the 1 Mpx dataset (`ems_yolo.events.protocols` holds each dataset's numbers).
 
 Ground truth and detections are lists with one v2 box array per recording. Both sides are filtered alike
 (first ``skip_us`` ignored, minimum diagonal and side), every unique ground-truth timestamp of every recording
@@ -13,9 +14,10 @@ from typing import Any
 import numpy as np
 
 from ems_yolo.events.io import BBOX_DTYPE, convert_boxes
+from ems_yolo.events.protocols import GEN1, DatasetProtocol, get_protocol
 from ems_yolo.utils.coco import coco_bbox_eval
 
-__all__ = ["evaluate_gen1"]
+__all__ = ["evaluate_detections"]
 
 _METRICS = ("mAP50-95", "mAP50", "mAP75", "mAP_small", "mAP_medium", "mAP_large")
 
@@ -63,25 +65,39 @@ def _coco_dataset(
     return {"images": images, "annotations": annotations, "categories": categories}, results
 
 
-def evaluate_gen1(
+def evaluate_detections(
     gt: list[np.ndarray],
     dt: list[np.ndarray],
-    height: int = 240,
-    width: int = 304,
-    skip_us: int = 500_000,
-    min_diag: float = 30,
-    min_side: float = 10,
-    time_tol_us: int = 50_000,
-    classes: tuple[str, ...] = ("car", "pedestrian"),
+    protocol: str | DatasetProtocol = GEN1,
+    downsampled: bool = False,
+    height: int | None = None,
+    width: int | None = None,
+    skip_us: int | None = None,
+    min_diag: float | None = None,
+    min_side: float | None = None,
+    time_tol_us: int | None = None,
+    classes: tuple[str, ...] | None = None,
 ) -> dict[str, float]:
     """COCO AP of detections ``dt`` against ground truth ``gt`` (one box array per recording, sorted by t).
 
+    The protocol (``gen1``, ``gen4`` or a DatasetProtocol) gives the sensor size, filters, time tolerance and
+    classes; ``downsampled=True`` scores boxes at the protocol's reduced input resolution (RVT's 1 Mpx setting:
+    size and filters divided by ``downsample``). Any of the keyword values overrides the protocol's.
     Arrays may use the v2 (``BBOX_DTYPE``) or v1 layout; ``class_confidence`` is the detection score and
     ``category_id = class_id + 1``. Returns ``mAP50-95`` (the headline number), ``mAP50``, ``mAP75``,
     ``mAP_small/medium/large`` (pycocotools' "no ground truth" placeholder -1 reported as 0.0), and the counts
     ``images``, ``gt_boxes`` and ``detections`` that entered the evaluation. Without any ground-truth image
     or any matched detection every AP is 0.0.
     """
+    p = get_protocol(protocol)
+    scale = p.downsample if downsampled else 1
+    height = p.height // scale if height is None else height
+    width = p.width // scale if width is None else width
+    skip_us = p.skip_us if skip_us is None else skip_us
+    min_diag = p.min_diag / scale if min_diag is None else min_diag
+    min_side = p.min_side / scale if min_side is None else min_side
+    time_tol_us = p.time_tol_us if time_tol_us is None else time_tol_us
+    classes = p.classes if classes is None else classes
     if len(gt) != len(dt):
         raise ValueError(f"gt has {len(gt)} recordings but dt has {len(dt)}; pass one array per recording to both")
     filters = (skip_us, min_diag, min_side, len(classes))

@@ -91,7 +91,7 @@ def _npy(path: Path) -> EventSource:
                        int(t[-1]) if len(t) else None, len(t), read)
 
 
-def _h5py():
+def h5py_with_filters():
     """h5py with the compression filters of RVT's files registered (hdf5plugin: blosc, zstd, lz4, ...)."""
     import h5py
     import hdf5plugin  # noqa: F401  (registers the filters on import)
@@ -102,7 +102,7 @@ def _h5py():
 def is_event_h5(path: str | os.PathLike) -> bool:
     """Whether an HDF5 file holds an event stream in RVT's layout (an `events` group with t, x, y, p), as opposed
     to an ems-yolo sample cache."""
-    h5py = _h5py()
+    h5py = h5py_with_filters()
     try:
         with h5py.File(path, "r") as f:
             g = f.get("events")
@@ -125,7 +125,7 @@ class _Column:
 
 
 def _h5(path: Path) -> EventSource:
-    h5py = _h5py()
+    h5py = h5py_with_filters()
     try:
         f = h5py.File(path, "r")
     except OSError as e:

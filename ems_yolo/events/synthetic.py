@@ -1,6 +1,8 @@
-"""Synthetic Gen1-style event dataset: rendered street scenes turned into events by the simulator (events-spec §7.3).
+"""Synthetic Gen1- and 1 Mpx-shaped event datasets: rendered street scenes turned into events by the simulator
+(events-spec §7.3).
 
-Each recording is a 304 x 240 greyscale scene rendered at a high frame rate: a textured background (smooth
+Each recording is a greyscale scene at the dataset's sensor size (Gen1 304 x 240, 1 Mpx 1280 x 720, objects scaled
+with the sensor height) rendered at a high frame rate: a textured background (smooth
 blotches, a road band and a few building blocks) pans slowly like a moving camera, while textured "cars" (wide
 boxes with cabin, windows and wheels, moving fast and mostly horizontally) and "pedestrians" (tall ellipses or stick
 figures, moving slowly) cross it. Objects lower in the image are larger and drawn in front, so they occlude the
@@ -8,11 +10,12 @@ ones behind. The frames go through :class:`~ems_yolo.events.simulator.EventSimul
 a refractory period and shot noise, and the events are written as ``<name>_td.dat`` next to ``<name>_bbox.npy``
 (Gen1 v1 box layout).
 
-Labels follow Gen1 conventions: every 250 ms after the first 0.5 s, one box per visible object (class 0 car,
-1 pedestrian, confidence 1, track id per object), all boxes of a label time sharing its timestamp. A box is the
-bounding box of the object's pixels still visible at that instant (clipped by the sensor border and by objects in
-front); boxes narrower or shorter than 10 px, with a diagonal under 30 px, or showing less than a third of their
-object are dropped, so evaluation protocol A keeps every ground-truth box.
+Labels follow each dataset's conventions: Gen1 every 250 ms after the first 0.5 s with class 0 car, 1 pedestrian;
+1 Mpx at 60 Hz with its 7-class ids (0 pedestrian, 2 car, and 3 truck, a large car that the 1 Mpx protocol drops).
+One box per visible object (confidence 1, track id per object), all boxes of a label time sharing its timestamp.
+A box is the bounding box of the object's pixels still visible at that instant (clipped by the sensor border and by
+objects in front); boxes under the protocol's minimum side or diagonal (Gen1 10 / 30 px, 1 Mpx 20 / 60 px) or
+showing less than a third of their object are dropped, so evaluation protocol A keeps every ground-truth box.
 
 Generation is deterministic: recording ``i`` of split ``s`` draws everything from
 ``numpy.random.default_rng((seed, s, i))``. The event records and box files are identical for equal parameters;
@@ -37,19 +40,41 @@ from ems_yolo.events.simulator import EventSimulator, SimulatorConfig
 from ems_yolo.utils.checks import check_int
 from ems_yolo.utils.files import build_folder_once
 
-__all__ = ["CLASS_NAMES", "make_synthetic_gen1"]
+__all__ = ["CLASS_NAMES", "make_synthetic_gen1", "make_synthetic_gen4"]
 _DATE = datetime(2020, 1, 1)  # fixed header date: equal parameters give byte-identical files
 
 CLASS_NAMES: tuple[str, ...] = ("car", "pedestrian")
 
 _GENERATOR_VERSION = 1  # bump whenever rendering or simulation changes, so cached datasets are regenerated
-_WIDTH, _HEIGHT = 304, 240
 _SPLITS = ("train", "val", "test")
 _MARKER = ".complete"
-_LABEL_PERIOD_US = 250_000
 _SKIP_US = 500_000  # protocol A ignores labels at t <= 0.5 s, so the first label comes one period later
-_MIN_SIDE, _MIN_DIAGONAL = 10, 30
 _MIN_VISIBLE_FRACTION = 1 / 3
+
+
+@dataclass(frozen=True)
+class _Camera:
+    """What differs between the Gen1- and the 1 Mpx-shaped datasets."""
+
+    width: int
+    height: int
+    label_period_us: float
+    car: int  # class ids in the dataset's label files
+    pedestrian: int
+    truck: int | None
+    min_side: float
+    min_diagonal: float
+
+    @property
+    def scale(self) -> float:
+        """Object sizes and speeds relative to the Gen1 sensor."""
+        return self.height / 240
+
+
+_CAMERAS = {
+    "gen1": _Camera(304, 240, 250_000, car=0, pedestrian=1, truck=None, min_side=10, min_diagonal=30),
+    "gen4": _Camera(1280, 720, 1e6 / 60, car=2, pedestrian=0, truck=3, min_side=20, min_diagonal=60),
+}
 _SUPERSAMPLE = 4  # sprites are drawn this much larger and area-averaged down, for anti-aliased edges
 _SENSOR = SimulatorConfig(c_on=0.2, c_off=0.2, sigma=0.03, refractory_us=500, eps=1e-3, noise_hz=0.2)
 
@@ -75,9 +100,9 @@ class _Actor:
         return ix, iy, cv2.warpAffine(self.layers, shift, (w, h), flags=cv2.INTER_LINEAR)
 
 
-def _crop(ix: int, iy: int, h: int, w: int) -> tuple[slice, slice, slice, slice] | None:
+def _crop(ix: int, iy: int, h: int, w: int, width: int, height: int) -> tuple[slice, slice, slice, slice] | None:
     """Sensor and patch slices of an ``h x w`` patch with top-left ``(ix, iy)``, or None if it is fully outside."""
-    xa, xb, ya, yb = max(ix, 0), min(ix + w, _WIDTH), max(iy, 0), min(iy + h, _HEIGHT)
+    xa, xb, ya, yb = max(ix, 0), min(ix + w, width), max(iy, 0), min(iy + h, height)
     if xa >= xb or ya >= yb:
         return None
     return slice(ya, yb), slice(xa, xb), slice(ya - iy, yb - iy), slice(xa - ix, xb - ix)
@@ -90,21 +115,22 @@ def _smooth_noise(rng: np.random.Generator, h: int, w: int, cell: float) -> np.n
     return (field - field.mean()) / (field.std() + 1e-6)
 
 
-def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """Textured street backdrop of ``h x w``: blotches, a darker road band, building blocks, lane marks."""
+def _background(rng: np.random.Generator, h: int, w: int, s: float = 1.0) -> np.ndarray:
+    """Textured street backdrop of ``h x w`` with features ``s`` times the Gen1 size: blotches, a darker road band,
+    building blocks, lane marks."""
     mean = rng.uniform(0.3, 0.5)
-    img = mean + 0.05 * _smooth_noise(rng, h, w, 40) + 0.025 * _smooth_noise(rng, h, w, 10)
+    img = mean + 0.05 * _smooth_noise(rng, h, w, 40 * s) + 0.025 * _smooth_noise(rng, h, w, 10 * s)
     horizon = int(h * rng.uniform(0.35, 0.45))
     x = 0
     while x < w:  # building blocks above the horizon: vertical edges that move as the camera pans
-        bw = int(rng.integers(20, 70))
+        bw = int(int(rng.integers(20, 70)) * s)
         top = int(rng.integers(horizon // 4, horizon - 10))
         img[top:horizon, x : x + bw] += rng.uniform(-0.12, 0.12)
-        x += bw + int(rng.integers(0, 30))
+        x += bw + int(int(rng.integers(0, 30)) * s)
     img[horizon:] *= rng.uniform(0.6, 0.85)  # road
     lane_y = int(rng.uniform(0.62, 0.72) * h)
-    for x in range(int(rng.integers(0, 40)), w, 60):
-        img[lane_y : lane_y + 2, x : x + 25] += 0.15
+    for x in range(int(int(rng.integers(0, 40)) * s), w, int(60 * s)):
+        img[lane_y : lane_y + round(2 * s), x : x + int(25 * s)] += 0.15
     return np.clip(img, 0.02, 0.98).astype(np.float32)
 
 
@@ -183,33 +209,38 @@ def _pedestrian(rng: np.random.Generator, scale: float, backdrop: float) -> tupl
 class _Scene:
     """One recording's world: panning background plus actors in back-to-front order."""
 
-    def __init__(self, rng: np.random.Generator, duration_s: float) -> None:
-        speed = rng.uniform(3, 10) * rng.choice([-1, 1])
-        drift = rng.uniform(-1.5, 1.5)
-        tex_h = _HEIGHT + math.ceil(abs(drift) * duration_s) + 4
-        tex_w = _WIDTH + math.ceil(abs(speed) * duration_s) + 4
-        self.background = _background(rng, tex_h, tex_w)
+    def __init__(self, rng: np.random.Generator, duration_s: float, camera: _Camera) -> None:
+        self.camera = cam = camera
+        width, height, s = cam.width, cam.height, cam.scale
+        speed = rng.uniform(3, 10) * rng.choice([-1, 1]) * s
+        drift = rng.uniform(-1.5, 1.5) * s
+        tex_h = height + math.ceil(abs(drift) * duration_s) + 4
+        tex_w = width + math.ceil(abs(speed) * duration_s) + 4
+        self.background = _background(rng, tex_h, tex_w, s)
         self.pan = (speed, drift)
-        self.pan0 = (1.0 if speed > 0 else tex_w - _WIDTH - 3.0, 1.0 if drift > 0 else tex_h - _HEIGHT - 3.0)
+        self.pan0 = (1.0 if speed > 0 else tex_w - width - 3.0, 1.0 if drift > 0 else tex_h - height - 3.0)
 
-        specs = [0] * int(rng.integers(1, 5)) + [1] * int(rng.integers(1, 4))
+        kinds = [0] * int(rng.integers(1, 5)) + [1] * int(rng.integers(1, 4))  # 0 car, 1 pedestrian, 2 truck
+        if cam.truck is not None:
+            kinds += [2] * int(rng.integers(0, 2))
         actors = []
-        for track_id, class_id in enumerate(specs):
-            bottom = rng.uniform(0.5, 0.97) * _HEIGHT if class_id == 0 else rng.uniform(0.55, 1.0) * _HEIGHT
-            scale = 0.55 + 0.9 * (bottom / _HEIGHT - 0.5) / 0.47
+        for track_id, kind in enumerate(kinds):
+            bottom = rng.uniform(0.5, 0.97) * height if kind != 1 else rng.uniform(0.55, 1.0) * height
+            scale = 0.55 + 0.9 * (bottom / height - 0.5) / 0.47
             backdrop = float(self.background[min(int(bottom), tex_h - 1)].mean())
-            make = _car if class_id == 0 else _pedestrian
-            tone, alpha = make(rng, scale, backdrop)
+            make = _pedestrian if kind == 1 else _car
+            tone, alpha = make(rng, scale * s * (1.5 if kind == 2 else 1.0), backdrop)
             h, w = alpha.shape
-            if class_id == 0:
-                vx, vy = rng.uniform(40, 110) * rng.choice([-1, 1]), rng.uniform(-2, 2)
+            if kind != 1:
+                vx, vy = rng.uniform(40, 110) * rng.choice([-1, 1]) * s, rng.uniform(-2, 2) * s
             else:
-                vx, vy = rng.uniform(10, 35) * rng.choice([-1, 1]), rng.uniform(-6, 6)
+                vx, vy = rng.uniform(10, 35) * rng.choice([-1, 1]) * s, rng.uniform(-6, 6) * s
             # pass through a random point of the central part of the view during the labelled period
-            t_mid, x_mid = rng.uniform(_SKIP_US * 1e-6, duration_s), rng.uniform(0.15, 0.85) * _WIDTH
+            t_mid, x_mid = rng.uniform(_SKIP_US * 1e-6, duration_s), rng.uniform(0.15, 0.85) * width
             layers = np.zeros((h + 1, w + 1, 2), np.float32)
             layers[:h, :w, 0], layers[:h, :w, 1] = tone * alpha, alpha
             x0, y0 = x_mid - w / 2 - vx * t_mid, bottom - h - vy * t_mid
+            class_id = (cam.car, cam.pedestrian, cam.truck)[kind]
             actors.append((bottom, _Actor(class_id, track_id, layers, x0, y0, vx, vy)))
         self.actors = [actor for _, actor in sorted(actors, key=lambda item: item[0])]
 
@@ -217,11 +248,12 @@ class _Scene:
         """Greyscale float32 frame in [0, 1] at time ``t`` (s)."""
         offset = np.float32([[1, 0, self.pan0[0] + self.pan[0] * t], [0, 1, self.pan0[1] + self.pan[1] * t]])
         frame = cv2.warpAffine(
-            self.background, offset, (_WIDTH, _HEIGHT), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+            self.background, offset, (self.camera.width, self.camera.height),
+            flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
         )
         for actor in self.actors:
             ix, iy, layers = actor.placed(t)
-            crop = _crop(ix, iy, *layers.shape[:2])
+            crop = _crop(ix, iy, *layers.shape[:2], self.camera.width, self.camera.height)
             if crop is None:
                 continue
             sy, sx, py, px = crop
@@ -232,13 +264,14 @@ class _Scene:
 
     def boxes(self, t: float) -> list[tuple[int, int, int, int, int, int]]:
         """``(class_id, track_id, x, y, w, h)`` of the visible extent of every sufficiently visible actor at ``t``."""
-        owner = np.full((_HEIGHT, _WIDTH), -1, np.int16)
+        cam = self.camera
+        owner = np.full((cam.height, cam.width), -1, np.int16)
         areas = []
         for index, actor in enumerate(self.actors):
             ix, iy, layers = actor.placed(t)
             solid = layers[..., 1] >= 0.5
             areas.append(int(solid.sum()))
-            crop = _crop(ix, iy, *solid.shape)
+            crop = _crop(ix, iy, *solid.shape, cam.width, cam.height)
             if crop is not None:
                 sy, sx, py, px = crop
                 owner[sy, sx][solid[py, px]] = index
@@ -248,29 +281,30 @@ class _Scene:
             if ys.size < _MIN_VISIBLE_FRACTION * areas[index]:
                 continue
             x, y, w, h = int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)
-            if w >= _MIN_SIDE and h >= _MIN_SIDE and w * w + h * h >= _MIN_DIAGONAL**2:
+            if w >= cam.min_side and h >= cam.min_side and w * w + h * h >= cam.min_diagonal**2:
                 found.append((actor.class_id, actor.track_id, x, y, w, h))
         return found
 
 
-def _record(rng: np.random.Generator, duration_s: float, fps: int) -> tuple[np.ndarray, np.ndarray]:
+def _record(rng: np.random.Generator, duration_s: float, fps: int, camera: _Camera) -> tuple[np.ndarray, np.ndarray]:
     """Render and simulate one recording; return its events (EVENT_DTYPE) and boxes (v1 layout)."""
-    scene = _Scene(rng, duration_s)
-    simulator = EventSimulator(_WIDTH, _HEIGHT, replace(_SENSOR, seed=int(rng.integers(2**31))))
+    scene = _Scene(rng, duration_s, camera)
+    simulator = EventSimulator(camera.width, camera.height, replace(_SENSOR, seed=int(rng.integers(2**31))))
     n_frames = round(duration_s * fps) + 1
     events = np.concatenate([simulator.feed(scene.render(k / fps), round(k * 1e6 / fps)) for k in range(n_frames)])
 
     rows = []
     end_us = round(duration_s * 1e6)
-    for ts in range(_SKIP_US + _LABEL_PERIOD_US, end_us + 1, _LABEL_PERIOD_US):
+    first = math.ceil(_SKIP_US / camera.label_period_us) + 1  # the first label time after the skipped 0.5 s
+    for ts in (round(k * camera.label_period_us) for k in range(first, int(end_us / camera.label_period_us) + 1)):
         rows += [(ts, x, y, w, h, c, 1.0, track) for c, track, x, y, w, h in scene.boxes(ts * 1e-6)]
     return events, np.array(rows, dtype=BBOX_DTYPE_V1)
 
 
 def _default_root(params: dict) -> Path:
-    """``$EMS_YOLO_HOME/datasets/gen1-synthetic-<params>``."""
+    """``$EMS_YOLO_HOME/datasets/<camera>-synthetic-<params>``."""
     name = (
-        f"gen1-synthetic-g{params['generator']}-{params['n_train']}-{params['n_val']}-{params['n_test']}"
+        f"{params['camera']}-synthetic-g{params['generator']}-{params['n_train']}-{params['n_val']}-{params['n_test']}"
         f"-{params['duration_s']:g}s-{params['fps']}fps-s{params['seed']}"
     )
     return ems_home() / "datasets" / name
@@ -298,15 +332,46 @@ def _is_complete(folder: Path, params: dict) -> bool:
 
 def _write_dataset(folder: Path, params: dict) -> None:
     """Generate every recording into ``folder``; the marker file is written last."""
+    camera = _CAMERAS[params["camera"]]
     for split_id, split in enumerate(_SPLITS):
         (folder / split).mkdir()
         for i in range(params[f"n_{split}"]):
             rng = np.random.default_rng((params["seed"], split_id, i))
-            events, boxes = _record(rng, params["duration_s"], params["fps"])
+            events, boxes = _record(rng, params["duration_s"], params["fps"], camera)
             stem = folder / split / f"synth_{split}_{i:04d}"
-            write_dat(stem.with_name(stem.name + "_td.dat"), events, width=_WIDTH, height=_HEIGHT, date=_DATE)
+            write_dat(stem.with_name(stem.name + "_td.dat"), events, camera.width, camera.height, date=_DATE)
             write_bbox(stem.with_name(stem.name + "_bbox.npy"), boxes, version=1)
     (folder / _MARKER).write_text(json.dumps(params, sort_keys=True))
+
+
+def _make_synthetic(camera: str, root: str | Path | None, n_train: int, n_val: int, n_test: int,
+                    duration_s: float, fps: int, seed: int) -> Path:
+    """Generate (once) the synthetic dataset of one camera; see `make_synthetic_gen1`."""
+    for name, value in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test), ("seed", seed)):
+        check_int(name, value, 0)
+    check_int("fps", fps, 100, " (slower rendering bunches events up)")
+    period = _CAMERAS[camera].label_period_us
+    first_label_s = (math.ceil(_SKIP_US / period) + 1) * period * 1e-6
+    if not (math.isfinite(duration_s) and duration_s >= first_label_s):
+        raise ValueError(f"duration_s must be >= {first_label_s:g} s so that recordings get labels, got {duration_s!r}")
+    params = {
+        "camera": camera,
+        "generator": _GENERATOR_VERSION,
+        "n_train": int(n_train),
+        "n_val": int(n_val),
+        "n_test": int(n_test),
+        "duration_s": float(duration_s),
+        "fps": int(fps),
+        "seed": int(seed),
+    }
+    final = (Path(root).expanduser() if root is not None else _default_root(params)).resolve()
+    if _is_complete(final, params):
+        return final
+    if final.exists() and not (final.is_dir() and {p.name for p in final.iterdir()} <= {*_SPLITS, _MARKER}):
+        raise FileExistsError(f"{final} exists and is not a synthetic {camera} dataset; refusing to overwrite it")
+
+    build_folder_once(final, lambda f: _is_complete(f, params), lambda tmp: _write_dataset(tmp, params))
+    return final
 
 
 def make_synthetic_gen1(
@@ -326,26 +391,19 @@ def make_synthetic_gen1(
     an incomplete or differently parametrised dataset (any other existing content raises FileExistsError).
     ``root`` defaults to ``$EMS_YOLO_HOME/datasets/gen1-synthetic-<params>``.
     """
-    for name, value in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test), ("seed", seed)):
-        check_int(name, value, 0)
-    check_int("fps", fps, 100, " (slower rendering bunches events up)")
-    first_label_s = (_SKIP_US + _LABEL_PERIOD_US) * 1e-6
-    if not (math.isfinite(duration_s) and duration_s >= first_label_s):
-        raise ValueError(f"duration_s must be >= {first_label_s} s so that recordings get labels, got {duration_s!r}")
-    params = {
-        "generator": _GENERATOR_VERSION,
-        "n_train": int(n_train),
-        "n_val": int(n_val),
-        "n_test": int(n_test),
-        "duration_s": float(duration_s),
-        "fps": int(fps),
-        "seed": int(seed),
-    }
-    final = (Path(root).expanduser() if root is not None else _default_root(params)).resolve()
-    if _is_complete(final, params):
-        return final
-    if final.exists() and not (final.is_dir() and {p.name for p in final.iterdir()} <= {*_SPLITS, _MARKER}):
-        raise FileExistsError(f"{final} exists and is not a synthetic Gen1 dataset; refusing to overwrite it")
+    return _make_synthetic("gen1", root, n_train, n_val, n_test, duration_s, fps, seed)
 
-    build_folder_once(final, lambda f: _is_complete(f, params), lambda tmp: _write_dataset(tmp, params))
-    return final
+
+def make_synthetic_gen4(
+    root: str | Path | None = None,
+    n_train: int = 2,
+    n_val: int = 1,
+    n_test: int = 1,
+    duration_s: float = 1.0,
+    fps: int = 300,
+    seed: int = 0,
+) -> Path:
+    """Generate (once) a 1 Mpx-shaped synthetic dataset (1280x720, labels at 60 Hz, 1 Mpx class ids) and return
+    its root folder; layout and reuse as in `make_synthetic_gen1`, default root
+    ``$EMS_YOLO_HOME/datasets/gen4-synthetic-<params>``."""
+    return _make_synthetic("gen4", root, n_train, n_val, n_test, duration_s, fps, seed)
