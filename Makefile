@@ -25,6 +25,7 @@ bench: install
 	$(PY) -m pip install -q -e ".[bench]" || echo "expelliarmus unavailable: bench_events.py reports ems-yolo's .raw rates only"
 	$(PY) tools/bench_learning.py
 	$(PY) tools/bench_events.py
+	$(PY) tools/bench_preprocess.py
 	$(PY) tools/bench_speed.py
 
 clean:

@@ -106,13 +106,15 @@ ENGINE_KEYS = {
     "time_steps": "simulation time steps T; overrides the model YAML or checkpoint (PyTorch models only)",
     "ann": "build the ANN twin of the model YAML: LIF replaced by ReLU, T=1 (default False)",
     "checkpoint": "train: activation checkpointing, recompute each layer in backward to save memory (default False)",
+    "sync_bn": "train, distributed: tdBN statistics over the batches of all processes (default False)",
     "trust": "load a .pt that needs classes outside ems-yolo, Ultralytics and torch.nn (a pickle can run code; "
     "default False)",
     "events": "predict: simulate events from a video source first, then detect on them (default False)",
     "energy": "val: also measure firing rates and the energy estimate on the validation data (default False)",
     "stride_ms": "predict on events: step of the sliding window along a .dat recording (default 50)",
 }
-MODEL_KEYS = ("model", "time_steps", "ann", "checkpoint", "trust")  # keys that choose the model, not mode settings
+# keys that choose the model, not mode settings
+MODEL_KEYS = ("model", "time_steps", "ann", "checkpoint", "sync_bn", "trust")
 MODE_ONLY_KEYS = {"events": "predict", "stride_ms": "predict", "energy": "val"}  # the one mode each key applies to
 MODE_HELP = {
     "train": "Train a spiking detector. data= defaults to the built-in shapes dataset (also data=shapes).",
@@ -180,7 +182,7 @@ _POSITIVE_INT = ("time_steps", "channels", "nc", "epochs", "max_batches", "bins"
 _COUNTS = ("workers",)  # integers >= 0
 _POSITIVE = ("stride_ms", "window_ms", "cutoff", "c_on", "c_off", "e_ac", "e_mac")
 _NON_NEGATIVE = ("sigma", "refractory_us", "noise_hz")
-_BOOLS = ("ann", "checkpoint", "events", "energy", "detailed", "trust", "info")
+_BOOLS = ("ann", "checkpoint", "sync_bn", "events", "energy", "detailed", "trust", "info")
 _CHOICES = {"input": ("frames", "events"), "preset": ("fp32", "fp16", "int8"), "split": ("train", "val", "test"),
             "representation": ("ems_frames", "histogram", "voxel")}
 

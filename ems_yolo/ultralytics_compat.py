@@ -133,3 +133,23 @@ def ems_yolo_hints():
         yield
     finally:
         LOGGER.removeFilter(rewrite)
+
+
+@contextmanager
+def cpu_ddp():
+    """Hook 9 (trainer). `BaseTrainer._setup_train` wraps the model as `DistributedDataParallel(model,
+    device_ids=[self.device.index])`, which is `[None]` on the CPU and refused by DDP (CPU modules take
+    `device_ids=None`); within this context the DDP class it finds in `torch.nn.parallel` passes None instead."""
+    import torch
+
+    real = torch.nn.parallel.DistributedDataParallel
+
+    class CPUDistributedDataParallel(real):
+        def __init__(self, module, device_ids=None, *args, **kwargs):
+            super().__init__(module, None if device_ids == [None] else device_ids, *args, **kwargs)
+
+    torch.nn.parallel.DistributedDataParallel = CPUDistributedDataParallel
+    try:
+        yield
+    finally:
+        torch.nn.parallel.DistributedDataParallel = real

@@ -148,6 +148,8 @@ CASES = [
     ("train model={channels4} imgsz=64 epochs=1", "channels4.yaml: channels: 4, but the data"),
     ("train energy=True", "'energy' applies to 'val' only"),
     ("train model={missing}", "missing.pt: model weights not found"),
+    ("train sync_bn=maybe", "sync_bn='maybe': expected True or False"),
+    ("train model={finished} sync_bn=True", "sync_bn"),
     ("train model={tiny_yaml} data={bad_label_data} imgsz=64 epochs=1", "a.txt:2: 4 fields '1 0.5 0.5 0.2'"),
     ("train model={tiny_yaml} data={bad_class_data} imgsz=64 epochs=1",
      "a.txt:1: class 7, expected an integer in 0..1"),

@@ -301,3 +301,11 @@ def test_preprocess_takes_raw_and_rvt_h5_recordings(synth, cache_dir, tmp_path):
         for i in range(n):
             np.testing.assert_array_equal(ours.stored(i), ref.stored(i))
             np.testing.assert_array_equal(ours.boxes(i), ref.boxes(i))
+
+
+def test_parallel_preprocessing_writes_the_same_caches(synth, cache_dir, tmp_path):
+    preprocess_dataset(synth, tmp_path / "w2", "gen1", REP, progress=False, workers=2)
+    for split in ("train", "val", "test"):
+        with h5py.File(tmp_path / "w2" / f"{split}.h5") as a, h5py.File(cache_dir / f"{split}.h5") as b:
+            for name in ("samples", "labels", "t_us", "recording", "label_count", "recordings"):
+                np.testing.assert_array_equal(a[name][:], b[name][:])

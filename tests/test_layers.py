@@ -24,6 +24,7 @@ LAYERS = {
     "ems_yolo.engine": 5,
     "ems_yolo.cli": 6,
     "ems_yolo": 6,  # the package's __init__ (lazy re-exports)
+    "ems_yolo.__main__": 7,  # `python -m ems_yolo`: the CLI
 }
 
 

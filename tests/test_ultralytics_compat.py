@@ -100,3 +100,15 @@ def test_hook8_exporter_logs_the_commands_it_rewrites(caplog):
     with caplog.at_level(logging.INFO), ems_yolo_hints():
         LOGGER.info("Predict:         yolo predict task=detect model=a.onnx imgsz=64")
     assert "Predict:         ems-yolo predict model=a.onnx imgsz=64" in caplog.text
+
+
+def test_hook9_setup_train_wraps_ddp_with_the_device_index_that_cpu_ddp_maps():
+    import torch
+
+    assert "DistributedDataParallel(" in inspect.getsource(BaseTrainer._setup_train)
+    assert "device_ids=[self.device.index]" in inspect.getsource(BaseTrainer._setup_train)
+    real = torch.nn.parallel.DistributedDataParallel
+    with compat.cpu_ddp():
+        patched = torch.nn.parallel.DistributedDataParallel
+        assert issubclass(patched, real) and patched is not real
+    assert torch.nn.parallel.DistributedDataParallel is real

@@ -24,7 +24,13 @@ def label_sizes(dataset, imgsz: int) -> np.ndarray:
     stretch = isinstance(dataset, EventDetectionDataset)
     sizes = []
     for label in dataset.labels:
-        h, w = label["shape"]
+        if "shape" in label:
+            h, w = label["shape"]
+        else:  # rect=True: Ultralytics' set_rectangle took the shapes out of the labels
+            from PIL import Image
+
+            with Image.open(label["im_file"]) as im:
+                w, h = im.size
         scale = np.array([imgsz, imgsz]) if stretch else np.array([w, h]) * imgsz / max(h, w)
         sizes.append(np.asarray(label["bboxes"])[:, 2:4] * scale)
     wh = np.concatenate(sizes) if sizes else np.zeros((0, 2))

@@ -7,7 +7,8 @@
     EMSYOLO("original-best.pt", time_steps=4).val(data="coco.yaml")  # a checkpoint of the original EMS-YOLO code
 
 `ann=True` builds the ANN twin of a YAML (LIF replaced by ReLU, T = 1), trained and used the same way;
-`checkpoint=True` recomputes activations in backward (less training memory, more compute); `nc`, `channels` and
+`checkpoint=True` recomputes activations in backward (less training memory, more compute); `sync_bn=True` shares
+tdBN batch statistics across the processes of a distributed run; `nc`, `channels` and
 `input` override those keys of a YAML. Time steps come from the model YAML or checkpoint and can be overridden with
 `time_steps=`; an override of a YAML is written to a derived YAML file (the trainer rebuilds models from the file
 named in its arguments, also in DDP workers), so the new T is what checkpoints record.
@@ -59,12 +60,14 @@ def derive_model_yaml(cfg: dict) -> Path:
 
 
 def resolve_model_source(
-    model: str | Path, time_steps: int | None = None, ann: bool = False, checkpoint: bool = False, **overrides
+    model: str | Path, time_steps: int | None = None, ann: bool = False, checkpoint: bool = False,
+    sync_bn: bool = False, **overrides
 ) -> str:
     """Map a model argument to a YAML path or an existing weights file; errors early for missing files.
 
-    `time_steps`, `ann` (the ANN twin: ReLU, T=1), `checkpoint` (activation checkpointing) and YAML `overrides`
-    (nc, channels, input) on a YAML are written to a derived YAML.
+    `time_steps`, `ann` (the ANN twin: ReLU, T=1), `checkpoint` (activation checkpointing), `sync_bn` (tdBN over
+    all processes of a distributed run) and YAML `overrides` (nc, channels, input) on a YAML are written to a
+    derived YAML.
     """
     unknown = set(overrides) - set(YAML_OVERRIDES)
     if unknown:
@@ -75,17 +78,18 @@ def resolve_model_source(
     p = Path(text).expanduser()
     if p.suffix in (".yaml", ".yml") or (not p.suffix and not p.exists()):
         path = find_model_yaml(text)
-        if time_steps or ann or checkpoint or overrides:
+        if time_steps or ann or checkpoint or sync_bn or overrides:
             cfg = {**load_model_yaml(path), **overrides}
             if time_steps:
                 cfg["time_steps"] = int(time_steps)
-            if checkpoint:
-                cfg["checkpoint"] = True
+            for key, on in (("checkpoint", checkpoint), ("sync_bn", sync_bn)):
+                if on:
+                    cfg[key] = True
             path = derive_model_yaml(ann_twin(cfg) if ann else cfg)
         return str(path)
-    if ann or checkpoint or overrides:
-        raise ValueError(f"ann, checkpoint, {', '.join(YAML_OVERRIDES)} are model YAML settings; '{text}' is a "
-                         "weights file")
+    if ann or checkpoint or sync_bn or overrides:
+        raise ValueError(f"ann, checkpoint, sync_bn, {', '.join(YAML_OVERRIDES)} are model YAML settings; '{text}' is "
+                         "a weights file")
     if not p.exists():
         raise FileNotFoundError(f"{text}: model weights not found (ems-yolo does not download weights)")
     return str(p)
@@ -108,13 +112,14 @@ class EMSYOLO(Model):
         time_steps: int | None = None,
         ann: bool = False,
         checkpoint: bool = False,
+        sync_bn: bool = False,
         trust: bool = False,
         **overrides,
     ):
-        check_values({"ann": ann, "checkpoint": checkpoint, "trust": trust})
+        check_values({"ann": ann, "checkpoint": checkpoint, "sync_bn": sync_bn, "trust": trust})
         overrides = check_values(overrides)
         time_steps = check_values({"time_steps": time_steps})["time_steps"]
-        source = resolve_model_source(model, time_steps, ann, checkpoint, **overrides)
+        source = resolve_model_source(model, time_steps, ann, checkpoint, sync_bn, **overrides)
         if trust:  # the user vouches for the file: unpickle it without the allow-list
             trust_file(source)
         self._conversion_time_steps = time_steps  # read by _load if `source` is an original EMS-YOLO checkpoint

@@ -1,24 +1,33 @@
-"""EMSTrainer: Ultralytics' DetectionTrainer building EMS models, with an offline AMP check and atomic checkpoints."""
+"""EMSTrainer: Ultralytics' DetectionTrainer building EMS models, with an offline AMP check and atomic checkpoints.
+
+Distributed training is Ultralytics': `device=0,1,...` launches its DDP workers (nccl). Processes started by
+`torchrun` (any number per machine, any number of machines) are workers too: their world is torchrun's
+WORLD_SIZE (Ultralytics counts only this machine's devices), and with `device=cpu` they join over gloo, so the
+same distributed code path (sampler, gradient averaging, rank-0 checkpoints, EMA, resume) runs without a GPU.
+"""
 
 from __future__ import annotations
 
+import os
 import time
 from copy import copy, deepcopy
+from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 
 from ems_yolo import ultralytics_compat as compat  # first: offline environment before Ultralytics loads
 from ultralytics.models.yolo.detect import DetectionTrainer
-from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK
-from ultralytics.utils.torch_utils import unwrap_model
+from ultralytics.utils import DEFAULT_CFG, LOCAL_RANK, LOGGER, RANK
+from ultralytics.utils.torch_utils import strip_optimizer, torch_distributed_zero_first, unwrap_model
 
 from ems_yolo.cfg import load_model_yaml
 from ems_yolo.data.datasets import resolve_data
 from ems_yolo.data.splits import build_split_dataset
-from ems_yolo.engine import checkpoints  # noqa: F401  (hook 7: every checkpoint read is the safe loader, DDP too)
+from ems_yolo.engine.checkpoints import load_checkpoint_file  # also hook 7: every checkpoint read is the safe loader
 from ems_yolo.engine.autoanchor import check_anchors
 from ems_yolo.engine.validator import EMSValidator
-from ems_yolo.nn.model import EMSDetectionModel, frozen_bn_stats
+from ems_yolo.nn.model import EMSDetectionModel, local_bn_stats
 from ems_yolo.utils.checks import image_hw
 
 
@@ -64,6 +73,15 @@ class EMSTrainer(DetectionTrainer):
     def __init__(self, cfg=DEFAULT_CFG, overrides: dict | None = None, _callbacks=None):
         super().__init__(cfg, overrides, _callbacks)
         compat.atomic_checkpoints(self)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if LOCAL_RANK != -1 and world > 1:  # a DDP worker (torchrun's or Ultralytics' launcher's): all processes
+            self.world_size = world
+
+    def _setup_ddp(self) -> None:
+        """Ultralytics' process group on accelerators; gloo for CPU workers (the device stays the CPU)."""
+        if self.device.type != "cpu":
+            return super()._setup_ddp()
+        dist.init_process_group("gloo", timeout=timedelta(hours=3), rank=RANK, world_size=self.world_size)
 
     def get_dataset(self) -> dict:
         """Resolve `data=` offline (built-in data, cfg/datasets names, clear errors), then Ultralytics' checks."""
@@ -85,21 +103,44 @@ class EMSTrainer(DetectionTrainer):
             model.load(weights)
         return model
 
+    def final_eval(self) -> None:
+        """Ultralytics' final validation of best.pt. Its stand-alone validator puts every DDP rank on an
+        accelerator, so CPU workers validate best.pt's weights through the path every epoch uses (all ranks, each
+        on its shard, statistics gathered on rank 0) after Ultralytics' stripping of last.pt and best.pt."""
+        if not (self.device.type == "cpu" and self.world_size > 1 and self.best.exists()):
+            return super().final_eval()
+        with torch_distributed_zero_first(LOCAL_RANK):
+            if RANK in {-1, 0}:
+                ckpt = strip_optimizer(self.last) if self.last.exists() else {}
+                strip_optimizer(self.best, updates={"train_results": ckpt.get("train_results")})
+        LOGGER.info(f"\nValidating {self.best}...")
+        ema = self.ema.ema
+        self.ema.ema = load_checkpoint_file(self.best)["model"].float().to(self.device).eval()
+        try:
+            self.metrics = self.validator(trainer=self)
+        finally:
+            self.ema.ema = ema
+        if RANK in {-1, 0}:
+            self.metrics.pop("fitness", None)
+            self.epoch += 1  # as Ultralytics: the best metrics logged at step epochs + 1
+            self.run_callbacks("on_fit_epoch_end")
+            self.epoch -= 1
+
     def get_validator(self) -> EMSValidator:
         """Validator used after every epoch."""
         return EMSValidator(self.test_loader, save_dir=self.save_dir, args=copy(self.args), _callbacks=self.callbacks)
 
     def _cpu_time_note(self, model: EMSDetectionModel) -> None:
         """Say before the first batch what an epoch will cost on this CPU: one image's forward and backward at the
-        training size is timed (BatchNorm statistics untouched) and scaled to the training set."""
+        training size is timed on a copy of the model (so neither BatchNorm statistics, gradients nor, under DDP,
+        the gradient hooks of the trained parameters see it) and scaled to the training set."""
         h, w = image_hw(self.args.imgsz)
         x = torch.rand(1, int(model.yaml.get("channels", 3)), h, w, device=self.device)
+        probe = deepcopy(model)
         start = time.perf_counter()
-        with frozen_bn_stats(model):
-            sum(o.float().mean() for o in model(x)).backward()
+        with local_bn_stats(probe):  # rank 0 alone: no collective
+            sum(o.float().mean() for o in probe(x)).backward()
         seconds = time.perf_counter() - start
-        for p in model.parameters():
-            p.grad = None
         n = len(self.train_loader.dataset)
         epoch_min = seconds * n / 60
         total_h = epoch_min * self.epochs / 60
@@ -114,7 +155,7 @@ class EMSTrainer(DetectionTrainer):
     def _setup_train(self) -> None:
         """Ultralytics' set-up with its AMP check replaced by an offline one, then AutoAnchor on the training labels
         (unless `autoanchor: false` in the model YAML or when resuming)."""
-        with compat.offline_amp_check(check_amp_offline):
+        with compat.offline_amp_check(check_amp_offline), compat.cpu_ddp():
             super()._setup_train()
         model = unwrap_model(self.model)
         if self.device.type == "cpu" and RANK in {-1, 0}:

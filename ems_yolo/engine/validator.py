@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch.distributed as dist
 
 from ems_yolo import ultralytics_compat  # noqa: F401  (first: offline environment before Ultralytics loads)
 from ultralytics.models.yolo.detect import DetectionValidator
-from ultralytics.utils import LOGGER
+from ultralytics.utils import LOGGER, RANK
 
 from ems_yolo.data.events import EventDetectionDataset
 from ems_yolo.data.splits import build_split_dataset
@@ -71,6 +72,21 @@ class EMSValidator(DetectionValidator):
             gt = self._prepare_batch(si, batch)
             self._event_gt.setdefault(rec, []).append(_sensor_rows(gt["bboxes"], gt["cls"], None, t, scale))
             self._event_dt.setdefault(rec, []).append(_sensor_rows(pred["bboxes"], pred["cls"], pred["conf"], t, scale))
+
+    def gather_stats(self) -> None:
+        """Ultralytics' gathering of every DDP rank's statistics on rank 0, and the event boxes with them (each rank
+        validates a shard; the Prophesee protocol is scored on rank 0 over all of them)."""
+        super().gather_stats()
+        if not (self.events and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        parts = [None] * dist.get_world_size() if RANK == 0 else None
+        dist.gather_object((self._event_gt, self._event_dt), parts, dst=0)
+        if RANK == 0:
+            self._event_gt, self._event_dt = {}, {}
+            for gt, dt in parts:
+                for mine, theirs in ((self._event_gt, gt), (self._event_dt, dt)):
+                    for rec, boxes in theirs.items():
+                        mine.setdefault(rec, []).extend(boxes)
 
     def get_stats(self) -> dict[str, Any]:  # noqa: D102
         stats = super().get_stats()

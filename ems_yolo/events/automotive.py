@@ -76,10 +76,10 @@ def default_representation(protocol: str | DatasetProtocol = GEN1, **keys) -> Ev
     return EventRepresentation(**{"height": p.input_height, "width": p.input_width, **keys})
 
 
-def _create_datasets(g, stored_shape: tuple[int, ...]):
+def _create_datasets(g, stored_shape: tuple[int, ...], compression: str | None = "lzf"):
     if "samples" not in g:
         g.create_dataset("samples", (0, *stored_shape), np.uint8, maxshape=(None, *stored_shape),
-                         chunks=(1, *stored_shape), compression="lzf")
+                         chunks=(1, *stored_shape), compression=compression)
         for name, dtype in (("t_us", np.int64), ("recording", np.int32), ("label_count", np.int32),
                             ("done_samples", np.int64), ("done_labels", np.int64)):
             g.create_dataset(name, (0,), dtype, maxshape=(None,), chunks=(4096,))
@@ -218,7 +218,7 @@ def _write_part(path: Path, job: tuple) -> Path:
         return path
     tmp = path.with_name(f".{path.name}.tmp")
     with h5py.File(tmp, "w") as f:
-        _create_datasets(f, job[3].stored_shape)
+        _create_datasets(f, job[3].stored_shape, compression=None)  # compressed once, when merged
         for samples, times, counts, rows in _recording_batches(*job):
             for name, values in (("samples", samples), ("t_us", times), ("label_count", counts), ("labels", rows)):
                 _append(f[name], values)

@@ -7,6 +7,7 @@ expands it to T steps.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -29,16 +30,60 @@ def memory_format(x: torch.Tensor) -> torch.memory_format:
         torch.contiguous_format)
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum of a tensor over all processes; the gradient is summed likewise (every process's loss depends on it)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        y = x.clone()
+        dist.all_reduce(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 class TDBatchNorm2d(nn.BatchNorm2d):
     """tdBN (Zheng et al. 2021): BatchNorm over (T, B, H, W) jointly with gamma initialised to alpha * V_th.
 
     On the folded tensor this is plain BatchNorm2d. Being a subclass, Ultralytics' `initialize_weights` (which
     rewrites eps/momentum of exact `nn.BatchNorm2d` instances) leaves it at eps 1e-5 / momentum 0.1.
+    With `sync = True` (the model YAML's `sync_bn: true`) and a process group of several processes, training
+    batches are normalised with the statistics of every process's batch together (on CPU/gloo too, where
+    `nn.SyncBatchNorm` does not run); otherwise it is the plain layer.
     """
+
+    sync = False
 
     def __init__(self, num_features: int, alpha: float = 1.0, vth: float = 0.5):
         self.alpha, self.vth = alpha, vth  # read by reset_parameters() during the base __init__
         super().__init__(num_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        if self.sync and self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return self._synced(x)
+        return super().forward(x)
+
+    def _synced(self, x: torch.Tensor) -> torch.Tensor:
+        """Batch statistics summed over all processes (an autograd-aware all-reduce, so gradients flow to every
+        process's inputs as in one large batch); running statistics updated as BatchNorm2d does."""
+        c = x.shape[1]
+        xf = x.float()
+        count = xf.new_full((1,), x.numel() // c)
+        stats = _AllReduceSum.apply(torch.cat((xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), count)))
+        n = stats[-1]
+        mean = stats[:c] / n
+        var = (stats[c : 2 * c] / n - mean * mean).clamp_min(0)
+        with torch.no_grad():
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / (n - 1).clamp_min(1), self.momentum)
+            self.num_batches_tracked += 1
+        scale = self.weight * torch.rsqrt(var + self.eps)
+        shift = self.bias - mean * scale
+        return x * scale.view(1, c, 1, 1).to(x.dtype) + shift.view(1, c, 1, 1).to(x.dtype)
 
     def reset_parameters(self) -> None:  # noqa: D102
         super().reset_parameters()

@@ -16,10 +16,24 @@ from ultralytics.utils.torch_utils import initialize_weights, intersect_dicts
 
 from ems_yolo.cfg import check_value, load_model_yaml
 from ems_yolo.nn.head import EMSDetect
+from ems_yolo.nn.layers import TDBatchNorm2d
 from ems_yolo.nn.loss import YOLOv5Loss
 from ems_yolo.nn.parser import parse_model
 
 STRIDE_PROBE = 256  # probe input size; 2x the largest stride
+
+
+@contextmanager
+def local_bn_stats(module: torch.nn.Module):
+    """tdBN with this process's statistics only (`sync_bn` off), for a pass that only one process makes."""
+    bns = [m for m in module.modules() if isinstance(m, TDBatchNorm2d) and m.sync]
+    for m in bns:
+        m.sync = False
+    try:
+        yield
+    finally:
+        for m in bns:
+            m.sync = True
 
 
 @contextmanager
@@ -95,6 +109,9 @@ class EMSDetectionModel(DetectionModel):
         head.set_stride(self._probe_strides(ch))
         self.stride = head.stride
         initialize_weights(self)
+        for m in self.modules():  # `sync_bn: true`: tdBN statistics over all processes of a distributed run
+            if isinstance(m, TDBatchNorm2d):
+                m.sync = bool(self.yaml.get("sync_bn", False))
         if verbose:
             self.log_layers()
             self.info()
