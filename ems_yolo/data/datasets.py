@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from ems_yolo.cfg import BUILTIN_DATA, CFG_DIR, SYNTHETIC_GEN1, SYNTHETIC_GEN4, ems_home, find_dataset_yaml
-from ems_yolo.data.events import is_event_split, open_event_split
+from ems_yolo.data.events import is_event_split, split_representation
 from ems_yolo.events.automotive import SPLITS, EventCache, preprocess_dataset, split_cache_path
 from ems_yolo.events.protocols import GEN1, DatasetProtocol
 from ems_yolo.events.representations import EventRepresentation
@@ -79,7 +79,7 @@ def _event_fields(src: Path, d: dict, splits: dict[str, list[Path]]) -> dict:
             raise ValueError(f"{src}: '{key}' must name one HDF5 event cache (.h5) or one folder of RVT sequences, "
                              f"got {d[key]!r}")
         if paths[0].exists():
-            reps[key] = open_event_split(paths[0], d.get("rvt")).representation
+            reps[key] = split_representation(paths[0], d.get("rvt"))
     first = next(iter(reps.values()))
     for key, rep in reps.items():
         if rep != first:

@@ -19,8 +19,8 @@ from ems_yolo import ultralytics_compat  # noqa: F401  (first: offline environme
 from ultralytics.data.dataset import YOLODataset
 
 from ems_yolo.cfg import EVENT_CACHE_SUFFIXES
-from ems_yolo.events.automotive import EventCache
-from ems_yolo.events.representations import resize_channels
+from ems_yolo.events.automotive import EventCache, read_representation
+from ems_yolo.events.representations import EventRepresentation, resize_channels
 from ems_yolo.events.rvt import RVTSplit, is_rvt_split
 from ems_yolo.utils.checks import image_hw
 
@@ -41,6 +41,11 @@ def open_event_split(path: str | Path, rvt: dict | None = None) -> EventCache | 
             raise ValueError(f"rvt: unknown keys {unknown}, expected steps, representation, cutoff, protocol")
         return RVTSplit(path, **options)
     return EventCache(path)
+
+
+def split_representation(path: str | Path, rvt: dict | None = None) -> EventRepresentation:
+    """The representation of an event split: a cache's attributes (no labels read), or an RVT folder's."""
+    return open_event_split(path, rvt).representation if is_rvt_split(path) else read_representation(path)
 
 
 class EventDetectionDataset(torch.utils.data.Dataset):

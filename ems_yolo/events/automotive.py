@@ -284,6 +284,12 @@ def _protocol(f, rep: EventRepresentation) -> DatasetProtocol:
     return p
 
 
+def read_representation(path: str | Path) -> EventRepresentation:
+    """The representation a split cache was built with (reads the file's attributes only)."""
+    with open_cache(path) as f:
+        return _representation(f)
+
+
 class EventCache:
     """Read-only view of one split's cache file; opens the HDF5 file lazily (safe with DataLoader workers)."""
 
