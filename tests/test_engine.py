@@ -165,7 +165,8 @@ def test_predict_video_keeps_every_frame(shapes_run, tmp_path):
 def test_predict_images_gives_results(shapes_run):
     run, _, data = shapes_run
     images = sorted((data.parent / "images" / "val").glob("*.png"))[:3]
-    results = EMSYOLO(run / "weights" / "best.pt").predict([str(p) for p in images], imgsz=96, conf=0.001, verbose=False)
+    results = EMSYOLO(run / "weights" / "best.pt").predict([str(p) for p in images], imgsz=96, conf=0.001,
+                                                           verbose=False)
     assert len(results) == 3
     assert sum(len(r.boxes) for r in results) > 0
     assert all(r.boxes.xyxy.shape[1] == 4 for r in results)

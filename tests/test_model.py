@@ -164,7 +164,8 @@ def test_bf16_autocast_training_step(tiny_cfg):
     model = EMSDetectionModel(tiny_cfg("ems-res10.yaml", width=0.25, nc=2, time_steps=2), verbose=False).train()
     seen = []
     model.model[1].residual[0].conv.register_forward_pre_hook(lambda m, inp: seen.append(inp[0]))
-    batch = {"img": torch.rand(2, 3, 64, 64), "batch_idx": torch.tensor([0.0, 1.0]), "cls": torch.tensor([[0.0], [1.0]]),
+    batch = {"img": torch.rand(2, 3, 64, 64), "batch_idx": torch.tensor([0.0, 1.0]),
+             "cls": torch.tensor([[0.0], [1.0]]),
              "bboxes": torch.tensor([[0.5, 0.5, 0.4, 0.4], [0.3, 0.6, 0.3, 0.5]])}
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss, _ = model.loss(batch)

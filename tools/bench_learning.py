@@ -25,7 +25,8 @@ def train(cfg: dict, data: str, args: argparse.Namespace, name: str, project: st
     t = time.time()
     metrics = EMSYOLO(str(derive_model_yaml(cfg))).train(
         data=data, epochs=args.epochs, imgsz=args.imgsz, batch=args.batch, optimizer=args.optimizer, lr0=args.lr0,
-        warmup_epochs=1, warmup_bias_lr=0.0, nbs=args.batch, mosaic=args.mosaic, seed=args.seed, workers=2, plots=False, verbose=False,
+        warmup_epochs=1, warmup_bias_lr=0.0, nbs=args.batch, mosaic=args.mosaic, seed=args.seed, workers=2,
+        plots=False, verbose=False,
         project=project, name=name,
     )
     return metrics.box.map, metrics.box.map50, time.time() - t
@@ -56,7 +57,8 @@ def main() -> None:
         "ANN": train(ann_twin(snn), data, args, "ann", project),
     }
     print(f"\n{args.model} width {args.width}, T={args.time_steps} (ANN twin: ReLU, T=1); {args.epochs} epochs, "
-          f"imgsz {args.imgsz}, {args.optimizer} lr0 {args.lr0}, built-in shapes {args.n_train}/{args.n_val}; runs in {project}")
+          f"imgsz {args.imgsz}, {args.optimizer} lr0 {args.lr0}, built-in shapes {args.n_train}/{args.n_val}; "
+          f"runs in {project}")
     print(f"{'model':<6}{'mAP50-95':>10}{'mAP50':>10}{'train s':>10}")
     for name, (m, m50, sec) in results.items():
         print(f"{name:<6}{m:>10.4f}{m50:>10.4f}{sec:>10.0f}")

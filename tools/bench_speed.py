@@ -263,7 +263,8 @@ def bench_memory_cpu(s: Settings, argv: list[str]) -> dict[int, dict[str, float]
         for impl in impls if i % 2 == 0 else impls[::-1]:
             results[T][impl] = memory_run(impl, T, argv, {**env, **LIVE_MALLOC})
         ours, naive, ckpt = results[T]["ours"], results[T]["naive"], results[T]["ckpt"]
-        rows.append([f"T={T}", f"{ours:.0f}", f"{naive:.0f}", f"{ours / naive:.2f}x", f"{ckpt:.0f}", f"{ckpt / naive:.2f}x"])
+        rows.append([f"T={T}", f"{ours:.0f}", f"{naive:.0f}", f"{ours / naive:.2f}x", f"{ckpt:.0f}",
+                     f"{ckpt / naive:.2f}x"])
     print_table(["", "ours MiB", "naive MiB", "ours/naive", "ours+checkpoint MiB", "ckpt/naive"], rows)
     T = s.memory_time_steps[-1]
     default = {impl: memory_run(impl, T, argv, env) for impl in IMPLS}

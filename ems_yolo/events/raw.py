@@ -14,16 +14,19 @@ Layouts (Prophesee's "EVT 2.0/2.1/3.0 Format" pages; words little-endian, type i
   24-bit µs time that wraps every 16.8 s (extended here to 64 bits); CONTINUED_4 0x7, EXT_TRIGGER 0xA = [11:8] id,
   [0] value; OTHERS 0xE, CONTINUED_12 0xF.
 
-Decoding is vectorised per chunk (state forward-filled with cumulative maxima of word indices, vector masks
-expanded as bit matrices); the decoder state (time base, y, vector base, polarity) carries across chunks, so a
-file of any size is read in bounded memory and chunked decoding equals whole-file decoding. A time high that goes
-back by less than half its range is an error (a real wrap goes from near the top to near zero).
+Decoding is vectorised per chunk and allocates by the event, not by the word: a chunk splits into the words
+that emit events and the words that set state, each state value (time, row, vector base) is repeated once over
+the events that follow it, and no per-word time or coordinate array is built. The decoder state (time base, y,
+vector base, polarity) carries across chunks, so a file of any size is read in bounded memory and chunked
+decoding equals whole-file decoding. A time high that goes back by less than half its range is an error (a
+real wrap goes from near the top to near zero).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -43,7 +46,8 @@ SENSOR_SIZES = {"gen31": (640, 480), "gen3": (640, 480), "gen41": (1280, 720), "
                 "imx636": (1280, 720), "imx646": (1280, 720), "genx320": (320, 320), "imx8": (320, 320),
                 "atis": (304, 240), "gen1": (304, 240)}
 DEFAULT_CHUNK_BYTES = 1 << 20  # also the granularity of the sparse index (windowed reads decode about one chunk)
-FULL_READ_CHUNK_BYTES = 1 << 24  # unbounded reads return everything anyway: fewer chunks, fewer copies
+FULL_READ_CHUNK_BYTES = 1 << 22  # whole reads: few chunks (fewer copies), scratch memory bounded by one
+SCRATCH_MAX_BYTES = 1 << 24  # the largest decoder temporary kept per thread (a 4 MiB chunk: about 50 MiB in all)
 
 
 @dataclass(frozen=True)
@@ -187,17 +191,25 @@ def _time_high(words_hi: np.ndarray, pos: np.ndarray, bits: int, state: DecoderS
     return ext
 
 
-def _events(t, x, y, p, rows: np.ndarray, state: DecoderState, header: RawHeader) -> np.ndarray:
-    """CD events (`rows`: the word index of each), checked against the sensor size."""
-    if header.width is not None and len(x):
-        outside = np.flatnonzero((x >= header.width) | (y >= header.height))
-        if outside.size:
-            i = int(outside[0])
-            raise EventFileError(header.path, state.offset + int(rows[i]) * header.word_bytes,
-                                 f"event at x={int(x[i])}, y={int(y[i])} is outside the {header.width}x"
-                                 f"{header.height} sensor, expected coordinates inside it")
+def _pack(t: np.ndarray, xyp: np.ndarray, word_of, state: DecoderState, header: RawHeader) -> np.ndarray:
+    """CD events from their times and `x | p << 15 | y << 16` words (uint32, consumed): x and y go out in one
+    4-byte store. Checked against the sensor size with two max() reductions; `word_of(i)`, the word
+    index of event i, is asked for the error message only."""
+    x = xyp & 0x7FFF
+    if header.width is not None and xyp.size and (int(x.max()) >= header.width
+                                                  or int(xyp.max()) >> 16 >= header.height):
+        y = xyp >> 16
+        i = int(np.flatnonzero((x >= header.width) | (y >= header.height))[0])
+        raise EventFileError(header.path, state.offset + int(word_of(i)) * header.word_bytes,
+                             f"event at x={int(x[i])}, y={int(y[i])} is outside the {header.width}x"
+                             f"{header.height} sensor, expected coordinates inside it")
     out = np.empty(len(t), EVENT_DTYPE)
-    out["t"], out["x"], out["y"], out["p"] = t, x, y, p
+    out["t"] = t
+    np.right_shift(xyp, 15, out=x)
+    x &= 1
+    out["p"] = x
+    xyp &= 0xFFFF7FFF
+    out.view(np.uint8).reshape(-1, EVENT_DTYPE.itemsize)[:, 8:12].view("<u4")[:, 0] = xyp  # <u2 x, then <u2 y
     return out
 
 
@@ -207,28 +219,63 @@ def _triggers(t, ids, values) -> np.ndarray:
     return out
 
 
+def _narrow(times: np.ndarray, low_bits: int = 0) -> np.ndarray:
+    """`times` (µs, with `low_bits` still to be OR-ed in) as uint32 when they all stay below 2^32 µs, the first 71
+    minutes of a recording: half the bytes to spread over the events, and a cheaper store. Else as they are."""
+    if times.size and int(times.min()) >= 0 and int(times.max()) | ((1 << low_bits) - 1) < 1 << 32:
+        return times.astype(np.uint32)
+    return times
+
+
+def _runs(starts: np.ndarray, total: int) -> np.ndarray:
+    """Lengths of the runs that `starts` (non-decreasing positions in 0..total) cut 0..total into, the run before
+    the first start included: the repeat counts that spread one value per run over the positions."""
+    return np.diff(starts, prepend=0, append=total)
+
+
 _EVT2_TYPES = _type_table((0x0, 0x1, 0x8, 0xA, 0xE, 0xF))
 _EVT3_TYPES = _type_table((0x0, 0x2, 0x3, 0x4, 0x5, 0x6, 0x7, 0x8, 0xA, 0xE, 0xF))
-_POPCOUNT_12 = np.array([bin(v).count("1") for v in range(4096)], np.int64)
 _BITS_32 = np.arange(32, dtype=np.uint32)
-_BITS_12 = np.arange(12, dtype=np.uint16)
 
 
 def decode_evt2(words: np.ndarray, state: DecoderState, header: RawHeader) -> Decoded:
-    """EVT 2.0 words (uint32) -> CD events and triggers."""
+    """EVT 2.0 words (uint32) -> CD events and triggers. The CD words are compressed out once; their time highs are
+    one repeat of the TIME_HIGH values over the runs of CD words between them (no per-word time array)."""
     state = replace(state)  # the caller's state is left as it was (the index keeps it)
-    kind = (words >> 28).astype(np.uint8)
-    _check_types(kind, _EVT2_TYPES, state, header)
-    hi = np.flatnonzero(kind == 0x8)
-    initial = state.time_high
-    high = _ffill(hi, _time_high(words[hi] & 0x0FFFFFFF, hi, 28, state, header), initial, words.size)
-    cd = np.flatnonzero(kind <= 1)
-    w = words[cd]
-    t = (high[cd] << 6) | (w >> 22 & 0x3F)
-    events = _events(t, w >> 11 & 0x7FF, w & 0x7FF, kind[cd], cd, state, header)
-    trig = np.flatnonzero(kind == 0xA)
-    tw = words[trig]
-    triggers = _triggers((high[trig] << 6) | (tw >> 22 & 0x3F), tw >> 8 & 0x1F, tw & 1)
+    n = words.size
+    is_cd = np.less(words, 0x20000000, out=_scratch("is_cd", n, bool))  # CD_OFF 0x0, CD_ON 0x1
+    is_hi = np.greater_equal(words, 0x80000000, out=_scratch("is_hi", n, bool))  # TIME_HIGH 0x8 and the kinds above
+    n_cd = int(np.count_nonzero(is_cd))
+    others = None  # EXT_TRIGGER, OTHERS, CONTINUED (rare): looked at only when present
+    if n_cd + int(np.count_nonzero(is_hi)) != n or (n_cd < n and int(words.max()) >= 0x90000000):
+        kind = words >> 28
+        _check_types(kind.astype(np.uint8), _EVT2_TYPES, state, header)
+        np.equal(kind, 0x8, out=is_hi)
+        others = np.flatnonzero(kind >= 0xA)
+    hi = np.flatnonzero(is_hi)
+    highs = np.concatenate(([state.time_high], _time_high(words[hi] & 0x0FFFFFFF, hi, 28, state, header)))
+    cd_before = hi - np.arange(hi.size)  # CD words before each TIME_HIGH
+    if others is not None:
+        cd_before -= np.searchsorted(others, hi)
+    w = words[is_cd]  # (boolean indexing: three times np.compress here, where nearly every word is kept)
+    t = np.repeat(_narrow(highs << 6, low_bits=6), _runs(cd_before, n_cd))
+    a = np.right_shift(w, 22, out=_scratch("a", n_cd, np.uint32))
+    a &= 0x3F
+    t |= a
+    np.right_shift(w, 11, out=a)  # a = x | p << 15, w = y << 16
+    a &= 0x7FF
+    pbit = np.right_shift(w, 13, out=_scratch("pbit", n_cd, np.uint32))  # p, from bit 28 to bit 15
+    pbit &= 0x8000
+    a |= pbit
+    w &= 0x7FF
+    w <<= 16
+    w |= a
+    events = _pack(t, w, lambda i: np.flatnonzero(is_cd)[i], state, header)
+    triggers = np.empty(0, TRIGGER_DTYPE)
+    if others is not None:
+        trig = others[words[others] >> 28 == 0xA]
+        tw = words[trig]
+        triggers = _triggers((highs[np.searchsorted(hi, trig)] << 6) | (tw >> 22 & 0x3F), tw >> 8 & 0x1F, tw & 1)
     state.offset += words.size * 4
     return Decoded(events, triggers, state)
 
@@ -250,7 +297,8 @@ def decode_evt21(words: np.ndarray, state: DecoderState, header: RawHeader) -> D
     t = (high[cd][row] << 6) | ((w >> np.uint64(54)) & np.uint64(0x3F)).astype(np.int64)
     x = ((w >> np.uint64(43)) & np.uint64(0x7FF)).astype(np.int64) + col
     y = ((w >> np.uint64(32)) & np.uint64(0x7FF)).astype(np.int64)
-    events = _events(t, x, y, kind[cd][row], cd[row], state, header)
+    xyp = (x | kind[cd][row].astype(np.int64) << 15 | y << 16).astype(np.uint32)
+    events = _pack(t, xyp, lambda i: cd[row[i]], state, header)
     trig = np.flatnonzero(kind == 0xA)
     tw = words[trig]
     triggers = _triggers((high[trig] << 6) | ((tw >> np.uint64(54)) & np.uint64(0x3F)).astype(np.int64),
@@ -259,70 +307,133 @@ def decode_evt21(words: np.ndarray, state: DecoderState, header: RawHeader) -> D
     return Decoded(events, triggers, state)
 
 
-_EVT3_EMITS = _type_table((0x2, 0x4, 0x5))  # words that carry CD events
-_EVT3_VECTOR_STREAM = _type_table((0x3, 0x4, 0x5))  # the words that set or advance the vector base
-_EVT3_TIME = _type_table((0x6, 0x8))
-
-
-def _evt3_time(kind, payload, state: DecoderState, header: RawHeader, n: int) -> np.ndarray:
-    """The 64-bit µs time of every word, from the TIME_HIGH / TIME_LOW words only (then one repeat)."""
-    tw = np.flatnonzero(_EVT3_TIME[kind])
-    is_hi = kind[tw] == 0x8
-    hi = tw[is_hi]
+def _evt3_times(sk: np.ndarray, sp: np.ndarray, spos: np.ndarray, state: DecoderState, header: RawHeader):
+    """The TIME_LOW / TIME_HIGH words of the state stream (kinds `sk`, payloads `sp`, word indices `spos`): their
+    indices in it and the 64-bit µs time from each on, with the carried time first."""
+    ti = np.flatnonzero((sk == 0x6) | (sk == 0x8))
+    is_hi = sk[ti] == 0x8
     initial_high, initial_low = state.time_high, state.time_low
-    ext = _time_high(payload[hi], hi, 12, state, header)
-    high = _ffill(np.flatnonzero(is_hi), ext, initial_high, tw.size)
-    low = _ffill(np.flatnonzero(~is_hi), payload[tw[~is_hi]], initial_low, tw.size)
-    if tw.size:
+    ext = _time_high(sp[ti[is_hi]], spos[ti[is_hi]], 12, state, header)
+    high = _ffill(np.flatnonzero(is_hi), ext, initial_high, ti.size)
+    low = _ffill(np.flatnonzero(~is_hi), sp[ti[~is_hi]], initial_low, ti.size)
+    if ti.size:
         state.time_low = int(low[-1])
-    return _ffill(tw, (high << 12) | low, (initial_high << 12) | initial_low, n)
+    return ti, np.concatenate(([(initial_high << 12) | initial_low], (high << 12) | low))
 
 
 def decode_evt3(words: np.ndarray, state: DecoderState, header: RawHeader) -> Decoded:
-    """EVT 3.0 words (uint16) -> CD events (single and vector events in file order) and triggers."""
+    """EVT 3.0 words (uint16) -> CD events (single and vector events in file order) and triggers.
+
+    The words split into two streams: the emitting ones (ADDR_X, VECT_12, VECT_8) and the state ones (ADDR_Y,
+    VECT_BASE_X, TIME_LOW/HIGH, triggers). Each state word knows how many emitting words, hence events, come
+    before it, so time and row are one repeat each over the events, and the vector base one over the vector
+    words; a vector's pixels are its set bits, taken lowest first, one pass per bit rank (rarely more than 4)."""
     state = replace(state)
     n = words.size
-    kind = (words >> 12).astype(np.uint8)
-    _check_types(kind, _EVT3_TYPES, state, header)
-    payload = (words & 0xFFF).astype(np.int32)
-    t = _evt3_time(kind, payload, state, header, n)
-    ys = np.flatnonzero(kind == 0x0)
-    y = _ffill(ys, payload[ys] & 0x7FF, state.y, n)
-    # vector base along the stream of VECT_BASE_X / VECT_12 / VECT_8 words: the last base plus 12 / 8 per vector
-    # word since it (exclusive of the word itself)
-    vs = np.flatnonzero(_EVT3_VECTOR_STREAM[kind])
-    vk, vp = kind[vs], payload[vs]
-    is_base = vk == 0x3
-    step = np.where(vk == 0x4, 12, np.where(vk == 0x5, 8, 0))
-    before = np.cumsum(step) - step
-    bases = np.flatnonzero(is_base)
-    base_x = _ffill(bases, (vp[bases] & 0x7FF) - before[bases], state.base_x, vs.size) + before
-    polarity = _ffill(bases, vp[bases] >> 11, state.polarity, vs.size)
-    if vs.size:
-        state.base_x, state.polarity = int(base_x[-1] + step[-1]), int(polarity[-1])
-    # events in file order: every emitting word repeated by its event count (1 for ADDR_X, the popcount of a
-    # vector), plus the bit position within a vector
-    emit = np.flatnonzero(_EVT3_EMITS[kind])
-    ek, ep = kind[emit], payload[emit]
-    is_vec = ek != 0x2
-    mask = np.where(ek == 0x4, ep, ep & 0xFF)
-    counts = np.where(is_vec, _POPCOUNT_12[mask], 1)
-    vec = np.flatnonzero(is_vec)
-    in_stream = np.searchsorted(vs, emit[vec])  # each vector word's place in the vector stream
-    x_word, p_word = ep & 0x7FF, ep >> 11
-    x_word[vec], p_word[vec] = base_x[in_stream], polarity[in_stream]
-    _, bit = np.nonzero((mask[vec].astype(np.uint16)[:, None] >> _BITS_12) & 1)
-    src = np.repeat(emit, counts)  # the word of each event
-    xs = np.repeat(x_word, counts)
-    xs[np.repeat(is_vec, counts)] += bit.astype(xs.dtype)
-    ps = np.repeat(p_word, counts)
-    events = _events(t[src], xs, y[src], ps, src, state, header)
-    trig = np.flatnonzero(kind == 0xA)
-    triggers = _triggers(t[trig], payload[trig] >> 8 & 0xF, payload[trig] & 1)
-    if ys.size:
-        state.y = int(y[-1])
+    kind = np.right_shift(words, 12, out=_scratch("kind", n, np.uint16))
+    is_emit = np.equal(kind, 0x2, out=_scratch("is_emit", n, bool))  # ADDR_X, VECT_12, VECT_8
+    vector = np.less(np.subtract(kind, 0x4, out=kind), 2, out=_scratch("mask", n, bool))  # kinds below 4 wrap
+    is_emit |= vector
+    ew = np.compress(is_emit, words, out=_scratch("ew", int(np.count_nonzero(is_emit)), np.uint16))
+    spos = np.flatnonzero(np.logical_not(is_emit, out=vector))  # word index of each state word
+    sw = words[spos]
+    sk, sp = sw >> 12, sw & 0xFFF
+    if not _EVT3_TYPES[sk].all():
+        _check_types((words >> 12).astype(np.uint8), _EVT3_TYPES, state, header)
+    emit_before = spos - np.arange(spos.size)  # emitting words before each state word
+    # events per emitting word: 1 for ADDR_X, the set bits of a vector's mask
+    ek = np.right_shift(ew, 12, out=_scratch("ek", ew.size, np.uint16))
+    vec = np.flatnonzero(ek != 0x2)
+    vk, vmask = ek[vec], ew[vec] & 0xFFF
+    vmask[vk == 0x5] &= 0xFF
+    ev_before = _scratch("ev_before", ew.size + 1, np.intp)  # events before emitting word j
+    counts = ev_before[1:]
+    counts.fill(1)
+    counts[vec] = np.bitwise_count(vmask)
+    ev_before[0] = 0
+    np.cumsum(counts, out=counts)
+    n_ev = int(ev_before[-1])
+    # time, from the state stream, over the events
+    ti, times = _evt3_times(sk, sp, spos, state, header)
+    t = np.repeat(_narrow(times), _runs(ev_before[emit_before[ti]], n_ev))
+    # x | p << 15 | y << 16 of each emitting word: the last ADDR_Y's row, and x and p of an ADDR_X
+    yi = np.flatnonzero(sk == 0x0)
+    rows = sp[yi] & 0x7FF
+    xyp = np.repeat(np.concatenate(([state.y], rows)).astype(np.uint32) << 16, _runs(emit_before[yi], ew.size))
+    xyp |= ew & 0x7FF
+    xyp |= (ew & 0x800) << 4
+    if yi.size:
+        state.y = int(rows[-1])
+    # vector base and polarity: the last VECT_BASE_X (state stream), plus 12 / 8 per vector word since it
+    bi = np.flatnonzero(sk == 0x3)
+    bases = np.concatenate(([state.base_x], sp[bi] & 0x7FF))
+    polarities = np.concatenate(([state.polarity], sp[bi] >> 11))
+    after_base = _runs(np.searchsorted(vec, emit_before[bi]), vec.size)  # vector words after each base
+    which = np.repeat(np.arange(bi.size + 1), after_base)  # the base of each vector word (0: carried)
+    step = np.where(vk == 0x4, 12, 8)
+    stepped = np.cumsum(step) - step  # steps before each vector word
+    first = np.concatenate(([0], np.cumsum(after_base)))[which]  # the first vector word of its base
+    base_x = bases[which] + stepped - stepped[first]
+    if vec.size and int(base_x.max()) > 0x7FFF - 12:
+        i = int(np.flatnonzero(base_x > 0x7FFF - 12)[0])
+        raise EventFileError(header.path, state.offset + int(np.flatnonzero(is_emit)[vec[i]]) * 2,
+                             f"vector base x={int(base_x[i])} after {i} vector words, expected an x address below "
+                             "2048 (a VECT_BASE_X before the vectors)")
+    if bi.size:
+        state.polarity = int(polarities[-1])
+    if vec.size and which[-1] == bi.size:  # the last base has vectors after it
+        state.base_x = int(base_x[-1] + step[-1])
+    elif bi.size:
+        state.base_x = int(bases[-1])
+    # the events: each ADDR_X at its slot (vector words to a spare slot past the end), then the vectors' pixels,
+    # their set bits lowest first, one pass per bit rank
+    at = _scratch("at", ew.size, np.intp)
+    at[:] = ev_before[:-1]
+    at[vec] = n_ev
+    packed = _scratch("packed", n_ev + 1, np.uint32)
+    packed[at] = xyp
+    lit = np.flatnonzero(vmask)
+    slot, masks = ev_before[vec[lit]], vmask[lit]
+    head = (xyp[vec[lit]] & 0xFFFF0000) | (base_x[lit] | polarities[which[lit]] << 15).astype(np.uint32)
+    while slot.size:
+        packed[slot] = head + np.bitwise_count((masks & (~masks + 1)) - 1)
+        masks &= masks - 1
+        more = np.flatnonzero(masks)
+        slot, masks, head = slot[more] + 1, masks[more], head[more]
+    events = _pack(t, packed[:n_ev], lambda i: _evt3_word_of_event(i, is_emit, ev_before), state, header)
+    tri = np.flatnonzero(sk == 0xA)
+    triggers = _triggers(times[np.searchsorted(ti, tri)], sp[tri] >> 8 & 0xF, sp[tri] & 1)
     state.offset += n * 2
     return Decoded(events, triggers, state)
+
+
+def _evt3_word_of_event(i: int, is_emit: np.ndarray, ev_before: np.ndarray) -> int:
+    """The word index of event i: its emitting word (the last with fewer events before it)."""
+    j = int(np.searchsorted(ev_before, i, side="right")) - 1
+    return int(np.flatnonzero(is_emit)[j])
+
+
+class _Scratch(threading.local):
+    """Per-thread scratch memory of the decoders, kept from chunk to chunk and read to read. A decode's temporaries
+    are several times its output, and fresh pages cost a page fault each (microseconds in a virtual machine): the
+    cost a C decoder writing into one buffer does not pay. Buffers over SCRATCH_MAX_BYTES are not kept."""
+
+    def __init__(self):
+        self.buffers: dict[str, np.ndarray] = {}
+
+    def __call__(self, name: str, n: int, dtype) -> np.ndarray:
+        """An uninitialised array of n `dtype` items, valid until the next call with the same name."""
+        dtype = np.dtype(dtype)
+        nbytes = n * dtype.itemsize
+        if nbytes > SCRATCH_MAX_BYTES:
+            return np.empty(n, dtype)
+        buf = self.buffers.get(name)
+        if buf is None or buf.size < nbytes:
+            buf = self.buffers[name] = np.empty(max(nbytes, 64), np.uint8)
+        return buf[:nbytes].view(dtype)
+
+
+_scratch = _Scratch()
 
 
 DECODERS = {"EVT2": (decode_evt2, "<u4"), "EVT21": (decode_evt21, "<u8"), "EVT3": (decode_evt3, "<u2")}
@@ -361,7 +472,7 @@ class RawReader:
         with self.path.open("rb") as f:
             f.seek(state.offset)
             while True:
-                data = f.read(size)
+                data = f.read(min(size, self.size - f.tell()))  # never more than is left: no oversized buffer
                 if not data:
                     break
                 data = pending + data
@@ -376,7 +487,7 @@ class RawReader:
              triggers: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Events with t_start <= t < t_end (µs; None = unbounded), and the triggers of that window if asked.
         Time windows start decoding at the indexed chunk before `t_start` and stop after `t_end`."""
-        start, size = None, max(self.chunk_bytes, FULL_READ_CHUNK_BYTES)  # a whole read: few, large chunks
+        start, size = None, FULL_READ_CHUNK_BYTES  # a whole read: few, large chunks
         if t_start is not None:
             start, size = RawIndex.for_reader(self).state_before(t_start), None
         events, trig = [], []
