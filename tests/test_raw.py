@@ -340,3 +340,21 @@ def test_interleaved_readers_and_threads_get_their_own_events(evt3):
     with ThreadPoolExecutor(2) as pool:
         got = list(pool.map(read_raw, [EVT3, EVT2] * 3))
     assert all(np.array_equal(g, evt3 if i % 2 == 0 else evt2) for i, g in enumerate(got))
+
+
+def test_evt2_pixel_outside_the_sensor_is_found_first_in_file_order_with_threads(tmp_path):
+    """A chunk large enough to be decoded in pieces on several threads still reports the first bad event."""
+    rng = np.random.default_rng(0)
+    ev = np.zeros(300_000, EVENT_DTYPE)
+    ev["t"] = np.sort(rng.integers(0, 2_000_000, ev.size))
+    ev["x"], ev["y"], ev["p"] = rng.integers(0, 16, ev.size), rng.integers(0, 16, ev.size), rng.integers(0, 2, ev.size)
+    ev["x"][[100_000, 250_000]] = 20  # both beyond a 16-pixel-wide sensor, in different pieces
+    path = write_raw_evt2(tmp_path / "wide.raw", ev, 32, 32)
+    data = path.read_bytes().replace(b"height=32;width=32", b"height=16;width=16").replace(b"32x32", b"16x16")
+    path.write_bytes(data)
+    head = read_raw_header(path)
+    words = np.frombuffer(data[head.data_offset:], "<u4")
+    cd = np.flatnonzero(words < 0x20000000)
+    with pytest.raises(EventFileError, match="event at x=20, y=.* is outside the 16x16 sensor") as e:
+        read_raw(path)
+    assert e.value.offset == head.data_offset + int(cd[100_000]) * 4

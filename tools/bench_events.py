@@ -7,7 +7,7 @@ Gen1) is written to a temporary `.dat`, then:
   - representations: EMS frames / histogram / voxel of the 250 ms window before random label times (frames/s).
 The real Prophesee sample of ../shared/data is decoded too when present, and the real `.raw` recordings
 (EVT 3.0, EVT 2.0) side by side with the `expelliarmus` C reader when it is installed (a benchmark-only extra:
-`pip install expelliarmus`; runs interleaved, best of 30, with the page faults each read took: fresh pages are
+`pip install expelliarmus`; runs interleaved, best of 100, with the page faults each read took: fresh pages are
 what a numpy decoder pays for beyond its passes, and they vary with the allocator's state), plus a written EVT 2.0
 copy of the synthetic file for decode rate and windowed reads.
 
@@ -30,7 +30,7 @@ from ems_yolo.events.raw import RawReader, read_raw, write_raw_evt2
 
 EVENTS_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "events"
 SAMPLE = EVENTS_DIR / "sample_ncars.dat"
-RAW_REPEATS = 30
+RAW_REPEATS = 100
 RAW_SAMPLES = {"evt3": EVENTS_DIR / "evt3_sample.raw", "evt2": EVENTS_DIR / "evt2_sample.raw"}
 
 

@@ -16,10 +16,11 @@ Layouts (Prophesee's "EVT 2.0/2.1/3.0 Format" pages; words little-endian, type i
 
 Decoding is vectorised per chunk and allocates by the event, not by the word: a chunk splits into the words
 that emit events and the words that set state, each state value (time, row, vector base) is repeated once over
-the events that follow it, and no per-word time or coordinate array is built. The decoder state (time base, y,
-vector base, polarity) carries across chunks, so a file of any size is read in bounded memory and chunked
-decoding equals whole-file decoding. A time high that goes back by less than half its range is an error (a
-real wrap goes from near the top to near zero).
+the events that follow it, and no per-word time or coordinate array is built. The big temporaries live in
+per-thread scratch memory reused from chunk to chunk (fresh pages cost a fault each), and large EVT 2.0 chunks are
+decoded in pieces on a few threads. The decoder state (time base, y, vector base, polarity) carries across chunks,
+so a file of any size is read in bounded memory and chunked decoding equals whole-file decoding. A time high
+that goes back by less than half its range is an error (a real wrap goes from near the top to near zero).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import os
 import re
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -45,6 +47,8 @@ _EVT_VERSIONS = {"2.0": "EVT2", "2.1": "EVT21", "3.0": "EVT3"}
 SENSOR_SIZES = {"gen31": (640, 480), "gen3": (640, 480), "gen41": (1280, 720), "gen4": (1280, 720),
                 "imx636": (1280, 720), "imx646": (1280, 720), "genx320": (320, 320), "imx8": (320, 320),
                 "atis": (304, 240), "gen1": (304, 240)}
+DECODE_THREADS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+PARALLEL_MIN_EVENTS = 1 << 17  # chunks with fewer CD events decode in the calling thread only
 DEFAULT_CHUNK_BYTES = 1 << 20  # also the granularity of the sparse index (windowed reads decode about one chunk)
 FULL_READ_CHUNK_BYTES = 1 << 22  # whole reads: few chunks (fewer copies), scratch memory bounded by one
 SCRATCH_MAX_BYTES = 1 << 24  # the largest decoder temporary kept per thread (a 4 MiB chunk: about 50 MiB in all)
@@ -191,26 +195,59 @@ def _time_high(words_hi: np.ndarray, pos: np.ndarray, bits: int, state: DecoderS
     return ext
 
 
-def _pack(t: np.ndarray, xyp: np.ndarray, word_of, state: DecoderState, header: RawHeader) -> np.ndarray:
-    """CD events from their times and `x | p << 15 | y << 16` words (uint32, consumed): x and y go out in one
-    4-byte store. Checked against the sensor size with two max() reductions; `word_of(i)`, the word
-    index of event i, is asked for the error message only."""
-    x = xyp & 0x7FFF
-    if header.width is not None and xyp.size and (int(x.max()) >= header.width
-                                                  or int(xyp.max()) >> 16 >= header.height):
-        y = xyp >> 16
-        i = int(np.flatnonzero((x >= header.width) | (y >= header.height))[0])
-        raise EventFileError(header.path, state.offset + int(word_of(i)) * header.word_bytes,
-                             f"event at x={int(x[i])}, y={int(y[i])} is outside the {header.width}x"
-                             f"{header.height} sensor, expected coordinates inside it")
-    out = np.empty(len(t), EVENT_DTYPE)
+def _outside(x: np.ndarray, xy: np.ndarray, header: RawHeader) -> int | None:
+    """The first event outside the sensor (x coordinates, and words with y in the high 16 bits), found with two
+    max() reductions when there is none."""
+    if header.width is None or not x.size:
+        return None
+    if int(x.max()) < header.width and int(xy.max()) >> 16 < header.height:
+        return None
+    return int(np.flatnonzero((x >= header.width) | (xy >> 16 >= header.height))[0])
+
+
+def _outside_error(x: np.ndarray, xy: np.ndarray, i: int, word: int, state: DecoderState,
+                   header: RawHeader) -> EventFileError:
+    return EventFileError(header.path, state.offset + word * header.word_bytes,
+                          f"event at x={int(x[i])}, y={int(xy[i]) >> 16} is outside the {header.width}x"
+                          f"{header.height} sensor, expected coordinates inside it")
+
+
+def _store(out: np.ndarray, t: np.ndarray, xy: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """Write CD events into `out`: times, `x | y << 16` words (x and y in one 4-byte store) and polarities."""
     out["t"] = t
-    np.right_shift(xyp, 15, out=x)
-    x &= 1
-    out["p"] = x
-    xyp &= 0xFFFF7FFF
-    out.view(np.uint8).reshape(-1, EVENT_DTYPE.itemsize)[:, 8:12].view("<u4")[:, 0] = xyp  # <u2 x, then <u2 y
+    out["p"] = p
+    out.view(np.uint8).reshape(-1, EVENT_DTYPE.itemsize)[:, 8:12].view("<u4")[:, 0] = xy  # <u2 x, then <u2 y
     return out
+
+
+def _pack(t: np.ndarray, xyp: np.ndarray, word_of, state: DecoderState, header: RawHeader) -> np.ndarray:
+    """CD events from times and `x | p << 15 | y << 16` words (consumed), checked against the sensor size;
+    `word_of(i)`, the word index of event i, is asked for the error message only."""
+    x = xyp & 0x7FFF
+    bad = _outside(x, xyp, header)
+    if bad is not None:
+        raise _outside_error(x, xyp, bad, int(word_of(bad)), state, header)
+    p = np.right_shift(xyp, 15, out=x)
+    p &= 1
+    xyp &= 0xFFFF7FFF
+    return _store(np.empty(len(t), EVENT_DTYPE), t, xyp, p)
+
+
+_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (the process that made it, the pool)
+
+
+def _in_threads(fn, items: list) -> list:
+    """`[fn(item) for item in items]`, the first in the calling thread and the others in the decoder's thread pool
+    (numpy lets go of the GIL in its loops). The pool belongs to one process: a forked DataLoader worker makes its
+    own."""
+    global _POOL
+    if len(items) == 1:
+        return [fn(items[0])]
+    if _POOL is None or _POOL[0] != os.getpid():
+        _POOL = (os.getpid(), ThreadPoolExecutor(DECODE_THREADS - 1, thread_name_prefix="ems-yolo-decode"))
+    futures = [_POOL[1].submit(fn, item) for item in items[1:]]
+    first = fn(items[0])
+    return [first, *(f.result() for f in futures)]
 
 
 def _triggers(t, ids, values) -> np.ndarray:
@@ -233,6 +270,18 @@ def _runs(starts: np.ndarray, total: int) -> np.ndarray:
     return np.diff(starts, prepend=0, append=total)
 
 
+def _spread(values: np.ndarray, starts: np.ndarray, initial: int, n: int) -> np.ndarray:
+    """int32 array of n: `initial`, then from each (non-decreasing) start on the value starting there (the last of
+    equal starts). A cumulative sum of the changes, in scratch memory: cheaper than a repeat of many short runs."""
+    keep = np.flatnonzero(np.diff(starts, append=n) != 0)  # the last value of each start before n
+    out = _scratch("spread", n, np.int32)
+    out.fill(0)
+    if n:
+        out[starts[keep]] = np.diff(values[keep], prepend=initial)
+        out[0] += initial
+    return np.cumsum(out, dtype=np.int32, out=out)
+
+
 _EVT2_TYPES = _type_table((0x0, 0x1, 0x8, 0xA, 0xE, 0xF))
 _EVT3_TYPES = _type_table((0x0, 0x2, 0x3, 0x4, 0x5, 0x6, 0x7, 0x8, 0xA, 0xE, 0xF))
 _BITS_32 = np.arange(32, dtype=np.uint32)
@@ -240,7 +289,8 @@ _BITS_32 = np.arange(32, dtype=np.uint32)
 
 def decode_evt2(words: np.ndarray, state: DecoderState, header: RawHeader) -> Decoded:
     """EVT 2.0 words (uint32) -> CD events and triggers. The CD words are compressed out once; their time highs are
-    one repeat of the TIME_HIGH values over the runs of CD words between them (no per-word time array)."""
+    one repeat of the TIME_HIGH values over the runs of CD words between them (no per-word time array). A large
+    chunk is cut at TIME_HIGH words into pieces decoded on DECODE_THREADS threads, straight into one output."""
     state = replace(state)  # the caller's state is left as it was (the index keeps it)
     n = words.size
     is_cd = np.less(words, 0x20000000, out=_scratch("is_cd", n, bool))  # CD_OFF 0x0, CD_ON 0x1
@@ -257,20 +307,14 @@ def decode_evt2(words: np.ndarray, state: DecoderState, header: RawHeader) -> De
     cd_before = hi - np.arange(hi.size)  # CD words before each TIME_HIGH
     if others is not None:
         cd_before -= np.searchsorted(others, hi)
-    w = words[is_cd]  # (boolean indexing: three times np.compress here, where nearly every word is kept)
-    t = np.repeat(_narrow(highs << 6, low_bits=6), _runs(cd_before, n_cd))
-    a = np.right_shift(w, 22, out=_scratch("a", n_cd, np.uint32))
-    a &= 0x3F
-    t |= a
-    np.right_shift(w, 11, out=a)  # a = x | p << 15, w = y << 16
-    a &= 0x7FF
-    pbit = np.right_shift(w, 13, out=_scratch("pbit", n_cd, np.uint32))  # p, from bit 28 to bit 15
-    pbit &= 0x8000
-    a |= pbit
-    w &= 0x7FF
-    w <<= 16
-    w |= a
-    events = _pack(t, w, lambda i: np.flatnonzero(is_cd)[i], state, header)
+    runs = _runs(cd_before, n_cd)  # CD events under each time high (the carried one first)
+    events = np.empty(n_cd, EVENT_DTYPE)
+    pieces = _evt2_pieces(hi, runs, n, DECODE_THREADS if n_cd >= PARALLEL_MIN_EVENTS else 1)
+    bad = _in_threads(lambda piece: _evt2_piece(words, is_cd, highs, runs, events, header, *piece), pieces)
+    for (w0, w1, *_), b in zip(pieces, bad):
+        if b is not None:
+            i, x, xy = b
+            raise _outside_error(x, xy, i, w0 + int(np.flatnonzero(is_cd[w0:w1])[i]), state, header)
     triggers = np.empty(0, TRIGGER_DTYPE)
     if others is not None:
         trig = others[words[others] >> 28 == 0xA]
@@ -278,6 +322,38 @@ def decode_evt2(words: np.ndarray, state: DecoderState, header: RawHeader) -> De
         triggers = _triggers((highs[np.searchsorted(hi, trig)] << 6) | (tw >> 22 & 0x3F), tw >> 8 & 0x1F, tw & 1)
     state.offset += words.size * 4
     return Decoded(events, triggers, state)
+
+
+def _evt2_pieces(hi: np.ndarray, runs: np.ndarray, n: int, parts: int) -> list[tuple[int, int, int, int, int]]:
+    """Up to `parts` pieces of about equal CD counts, cut at TIME_HIGH words: (first word, end word, first time
+    high, end time high, first CD event)."""
+    before = np.concatenate(([0], np.cumsum(runs)))  # CD events before each time high's run
+    cuts = np.unique(np.searchsorted(before, np.arange(1, parts) * before[-1] / parts).clip(1, runs.size - 1))
+    cuts = [0, *cuts.tolist(), runs.size] if runs.size > 1 else [0, runs.size]
+    word = [0, *(int(hi[v - 1]) for v in cuts[1:-1]), n]
+    return [(word[k], word[k + 1], cuts[k], cuts[k + 1], int(before[cuts[k]])) for k in range(len(cuts) - 1)]
+
+
+def _evt2_piece(words, is_cd, highs, runs, events, header, w0, w1, v0, v1, c0):
+    """Decode the CD words of words[w0:w1] (time highs v0:v1) into events[c0:...]; the first event outside the
+    sensor comes back (with the x and x | y << 16 words) instead of being written."""
+    w = words[w0:w1][is_cd[w0:w1]]  # (boolean indexing: three times np.compress, where nearly every word is kept)
+    n_cd = w.size
+    t = np.repeat(_narrow(highs[v0:v1] << 6, low_bits=6), runs[v0:v1])
+    a = np.right_shift(w, 22, out=_scratch("a", n_cd, np.uint32))
+    a &= 0x3F
+    t |= a
+    p = np.right_shift(w, 28, out=_scratch("p", n_cd, np.uint32))  # CD_OFF 0, CD_ON 1
+    x = np.right_shift(w, 11, out=a)
+    x &= 0x7FF
+    w <<= 16  # y (bits 10:0) up to bits 26:16
+    w &= 0x07FF0000
+    w |= x
+    bad = _outside(x, w, header)
+    if bad is not None:
+        return bad, x, w
+    _store(events[c0:c0 + n_cd], t, w, p)
+    return None
 
 
 def decode_evt21(words: np.ndarray, state: DecoderState, header: RawHeader) -> Decoded:
@@ -359,7 +435,7 @@ def decode_evt3(words: np.ndarray, state: DecoderState, header: RawHeader) -> De
     # x | p << 15 | y << 16 of each emitting word: the last ADDR_Y's row, and x and p of an ADDR_X
     yi = np.flatnonzero(sk == 0x0)
     rows = sp[yi] & 0x7FF
-    xyp = np.repeat(np.concatenate(([state.y], rows)).astype(np.uint32) << 16, _runs(emit_before[yi], ew.size))
+    xyp = _spread(rows.astype(np.int32) << 16, emit_before[yi], state.y << 16, ew.size).view(np.uint32)
     xyp |= ew & 0x7FF
     xyp |= (ew & 0x800) << 4
     if yi.size:
@@ -454,16 +530,17 @@ class RawReader:
             raise EventFileError(self.path, self.size - tail, f"truncated final word ({tail} of {word} bytes), "
                                  f"expected whole {self.header.encoding} words")
 
-    def _words(self, raw: bytes) -> np.ndarray:
+    def _words(self, raw: np.ndarray) -> np.ndarray:
         dtype = DECODERS[self.header.encoding][1]
         if self.header.encoding == "EVT21" and self.header.legacy_evt21:
-            halves = np.frombuffer(raw, "<u4").astype(np.uint64)
+            halves = raw.view("<u4").astype(np.uint64)
             return (halves[0::2] << np.uint64(32)) | halves[1::2]
-        return np.frombuffer(raw, dtype)
+        return raw.view(dtype)
 
     def chunks(self, state: DecoderState | None = None, chunk_bytes: int | None = None) -> Iterator[Decoded]:
         """Decoded chunks (of `chunk_bytes`, default the reader's) from `state` (default: the start of the data) to
-        the end of the file."""
+        the end of the file. The bytes are read into the thread's scratch memory (a chunk is decoded before the
+        next is read), a word cut by a chunk border completed from the next."""
         decode = DECODERS[self.header.encoding][0]
         size = chunk_bytes or self.chunk_bytes
         state = state or DecoderState(offset=self.header.data_offset)
@@ -471,15 +548,14 @@ class RawReader:
         word = self.header.word_bytes
         with self.path.open("rb") as f:
             f.seek(state.offset)
-            while True:
-                data = f.read(min(size, self.size - f.tell()))  # never more than is left: no oversized buffer
-                if not data:
-                    break
-                data = pending + data
-                whole = len(data) // word * word
-                pending = data[whole:]
+            while (want := min(size, self.size - f.tell())) > 0:  # never more than is left
+                buf = _scratch("read", len(pending) + want, np.uint8)
+                buf[:len(pending)] = np.frombuffer(pending, np.uint8)
+                got = len(pending) + f.readinto(memoryview(buf)[len(pending):])
+                whole = got // word * word
+                pending = buf[whole:got].tobytes()
                 if whole:
-                    decoded = decode(self._words(data[:whole]), state, self.header)
+                    decoded = decode(self._words(buf[:whole]), state, self.header)
                     state = decoded.state
                     yield decoded
 
