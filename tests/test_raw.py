@@ -358,3 +358,20 @@ def test_evt2_pixel_outside_the_sensor_is_found_first_in_file_order_with_threads
     with pytest.raises(EventFileError, match="event at x=20, y=.* is outside the 16x16 sensor") as e:
         read_raw(path)
     assert e.value.offset == head.data_offset + int(cd[100_000]) * 4
+
+
+def test_times_across_2_to_the_32_us_stay_exact(tmp_path):
+    """Times are spread as uint32 while they fit (the first 71 minutes), as int64 past it: a chunk on each side and
+    one straddling 2^32 us decode exactly, in EVT 2.0 and EVT 3.0 (256 wraps of the 24-bit time)."""
+    ev = np.zeros(6, EVENT_DTYPE)
+    ev["t"] = [(1 << 32) - 70, (1 << 32) - 1, 1 << 32, (1 << 32) + 64, (1 << 32) + 4096, (1 << 33) + 7]
+    ev["x"], ev["y"], ev["p"] = [1, 2, 3, 4, 5, 6], [6, 5, 4, 3, 2, 1], [0, 1, 0, 1, 0, 1]
+    path = write_raw_evt2(tmp_path / "long.raw", ev, 16, 16)
+    assert np.array_equal(read_raw(path), ev)
+    for chunk in (4, 8, 12):
+        assert np.array_equal(np.concatenate([d.events for d in RawReader(path, chunk_bytes=chunk).chunks()]), ev)
+    words = [0x8000, 0x8801] * 256  # TIME_HIGH 0 and 2049 in each 24-bit period: 256 periods = 2^32 us
+    words += [0x8000, 0x6005, 0x0003, 0x2000 | 7, 0x8001, 0x6000, 0x2800 | 9]
+    path = tmp_path / "long3.raw"
+    path.write_bytes(b"% evt 3.0\n% geometry 16x16\n% end\n" + np.array(words, "<u2").tobytes())
+    assert read_raw(path).tolist() == [((1 << 32) | 5, 7, 3, 0), ((1 << 32) | 4096, 9, 3, 1)]
