@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ems_yolo import ultralytics_compat  # noqa: F401  (first: offline environment before Ultralytics loads)
+from ultralytics.data.utils import exif_size
 from ultralytics.utils import LOGGER
 
 from ems_yolo.data.events import EventDetectionDataset
@@ -26,11 +28,9 @@ def label_sizes(dataset, imgsz: int) -> np.ndarray:
     for label in dataset.labels:
         if "shape" in label:
             h, w = label["shape"]
-        else:  # rect=True: Ultralytics' set_rectangle took the shapes out of the labels
-            from PIL import Image
-
+        else:  # rect=True: Ultralytics' set_rectangle took the shapes out of the labels; measured as it does
             with Image.open(label["im_file"]) as im:
-                w, h = im.size
+                w, h = exif_size(im)
         scale = np.array([imgsz, imgsz]) if stretch else np.array([w, h]) * imgsz / max(h, w)
         sizes.append(np.asarray(label["bboxes"])[:, 2:4] * scale)
     wh = np.concatenate(sizes) if sizes else np.zeros((0, 2))

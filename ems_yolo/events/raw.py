@@ -153,8 +153,7 @@ def _ffill(pos: np.ndarray, values: np.ndarray, initial: int, n: int) -> np.ndar
     (`values[k]` belongs to word `pos[k]`), else `initial`: one `np.repeat`, no per-word search."""
     if not pos.size:
         return np.full(n, initial, dtype=np.int64)
-    lengths = np.diff(pos, prepend=0, append=n)
-    return np.repeat(np.concatenate(([initial], values)).astype(np.int64), lengths)
+    return np.repeat(np.concatenate(([initial], values)).astype(np.int64), _runs(pos, n))
 
 
 def _type_table(allowed: tuple) -> np.ndarray:
@@ -272,7 +271,8 @@ def _runs(starts: np.ndarray, total: int) -> np.ndarray:
 
 def _spread(values: np.ndarray, starts: np.ndarray, initial: int, n: int) -> np.ndarray:
     """int32 array of n: `initial`, then from each (non-decreasing) start on the value starting there (the last of
-    equal starts). A cumulative sum of the changes, in scratch memory: cheaper than a repeat of many short runs."""
+    equal starts). A cumulative sum of the changes, in scratch memory (valid until the next call): cheaper than
+    `_ffill`'s repeat when the runs are many and short."""
     keep = np.flatnonzero(np.diff(starts, append=n) != 0)  # the last value of each start before n
     out = _scratch("spread", n, np.int32)
     out.fill(0)
@@ -563,7 +563,7 @@ class RawReader:
              triggers: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Events with t_start <= t < t_end (µs; None = unbounded), and the triggers of that window if asked.
         Time windows start decoding at the indexed chunk before `t_start` and stop after `t_end`."""
-        start, size = None, FULL_READ_CHUNK_BYTES  # a whole read: few, large chunks
+        start, size = None, max(self.chunk_bytes, FULL_READ_CHUNK_BYTES)  # a whole read: few, large chunks
         if t_start is not None:
             start, size = RawIndex.for_reader(self).state_before(t_start), None
         events, trig = [], []
