@@ -128,5 +128,6 @@ def raw_side_by_side() -> None:
             line += f", ratio ems-yolo/expelliarmus {best['expelliarmus'] / best['ems-yolo']:.2f}"
         print(line)
 
+
 if __name__ == "__main__":
     main()
