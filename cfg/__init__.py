@@ -150,6 +150,11 @@ DATASET_KEYS = {
     "height": "sensor height (default 240 for gen1, 720 for gen4)",
     "width": "sensor width (default 304 for gen1, 1280 for gen4)",
     "cutoff": "histogram count clip / voxel scale (default 10)",
+    "bin_ms": "histogram only: length of each bin, for bins spaced apart as RVT's (default window_ms / bins)",
+    "spacing_ms": "histogram only: distance between bin ends (default bin_ms); window_ms then defaults to "
+    "(bins - 1) x spacing_ms + bin_ms. RVT's Gen1 layout: bin_ms=50 spacing_ms=125 closed=True",
+    "closed": "histogram only: each bin also counts the events at its end time, end - bin_ms <= t <= end, as RVT "
+    "(default False)",
     "splits": "splits to process (default [train, val, test])",
     "workers": "recordings processed in parallel processes (default 1); the caches are the same for any N",
 }
@@ -180,9 +185,9 @@ EVENTS_KEYS = {
 # would silently clamp): one check, one message naming the key and what was expected.
 _POSITIVE_INT = ("time_steps", "channels", "nc", "epochs", "max_batches", "bins", "height", "width", "max_frames")
 _COUNTS = ("workers",)  # integers >= 0
-_POSITIVE = ("stride_ms", "window_ms", "cutoff", "c_on", "c_off", "e_ac", "e_mac")
+_POSITIVE = ("stride_ms", "window_ms", "bin_ms", "spacing_ms", "cutoff", "c_on", "c_off", "e_ac", "e_mac")
 _NON_NEGATIVE = ("sigma", "refractory_us", "noise_hz")
-_BOOLS = ("ann", "checkpoint", "sync_bn", "events", "energy", "detailed", "trust", "info")
+_BOOLS = ("ann", "checkpoint", "sync_bn", "events", "energy", "detailed", "trust", "info", "closed")
 _CHOICES = {"input": ("frames", "events"), "preset": ("fp32", "fp16", "int8"), "split": ("train", "val", "test"),
             "representation": ("ems_frames", "histogram", "voxel")}
 

@@ -185,6 +185,9 @@ def _preprocess(dataset: str, action: str, ctx: typer.Context) -> None:
     rep_keys.update({k: kv[k] // p.downsample for k in ("height", "width") if k in kv})  # sensor -> input size
     if "window_ms" in kv:
         rep_keys["window_us"] = int(float(kv["window_ms"]) * 1000)
+    rep_keys.update({f"{k}_us": int(round(float(kv[f"{k}_ms"]) * 1000)) for k in ("bin", "spacing") if f"{k}_ms" in kv})
+    if "closed" in kv:
+        rep_keys["closed"] = bool(kv["closed"])
     splits = kv.get("splits", SPLITS)
     if isinstance(splits, str):  # splits=[train,val] or splits=train,val arrive as text
         splits = [x.strip(" '\"") for x in splits.strip("[]()").split(",") if x.strip()]

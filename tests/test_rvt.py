@@ -1,5 +1,6 @@
 """RVT's preprocessed folders (stacked histograms, blosc HDF5, labels_v2) read in place as a dataset: samples equal
-ems-yolo's histogram representation of the same events, boxes as RVT loads them, training and validation on them."""
+ems-yolo's histogram representation of the same events in the layout the folder records, boxes as RVT loads them,
+training and validation on them. (RVT's real output, with histograms 125 ms apart: tests/test_rvt_layout.py.)"""
 
 import shutil
 from pathlib import Path
@@ -25,8 +26,9 @@ DT_US, NBINS = 50_000, 10
 
 def write_rvt_sequence(folder: Path, events: np.ndarray, boxes: np.ndarray, width: int, height: int,
                        halve: bool = False) -> None:
-    """One sequence in RVT's layout: a 10-bin stacked histogram per 50 ms (polarity-major, clipped at 10) and the
-    label frames pointing at the histogram that ends at each label time."""
+    """One sequence in RVT's layout: a 10-bin stacked histogram every 50 ms (polarity-major, clipped at 10), each of
+    the 50 ms before its end, closed at both ends as RVT's, and the label frames pointing at the histogram that ends
+    at each label time."""
     frames = np.unique(boxes["t"])
     ends = np.arange(DT_US, frames[-1] + 1, DT_US)
     h, w = (height // 2, width // 2) if halve else (height, width)
@@ -34,7 +36,7 @@ def write_rvt_sequence(folder: Path, events: np.ndarray, boxes: np.ndarray, widt
     if halve:
         ev["x"] //= 2
         ev["y"] //= 2
-    data = np.stack([count_histogram(ev, t - DT_US, t, NBINS, h, w, cutoff=10).transpose(1, 0, 2, 3)
+    data = np.stack([count_histogram(ev, t - DT_US, t + 1, NBINS, h, w, cutoff=10).transpose(1, 0, 2, 3)
                      .reshape(2 * NBINS, h, w) for t in ends]).astype(np.uint8)
     rdir = folder / "event_representations_v2" / f"stacked_histogram_dt={DT_US // 1000}_nbins={NBINS}"
     rdir.mkdir(parents=True)
@@ -82,12 +84,14 @@ def test_samples_are_the_histogram_representation_of_the_same_events(rvt_root, s
     split = RVTSplit(rvt_root / "train", steps=3)
     rep = split.representation
     assert (rep.name, rep.bins, rep.window_us, rep.width, rep.height) == ("histogram", 3, 150_000, 304, 240)
+    assert (rep.bin_us, rep.spacing_us, rep.closed) == (50_000, 50_000, True)  # this folder's histograms: every 50 ms
     assert split.protocol.name == "gen1" and split.names == {0: "car", 1: "pedestrian"} and len(split) > 0
-    ours = EventRepresentation("histogram", bins=3, window_us=150_000, cutoff=10)
+    ours = EventRepresentation("histogram", bins=3, window_us=150_000, cutoff=10, bin_us=50_000, closed=True)
+    assert ours == rep
     for i in (0, len(split) // 2, len(split) - 1):
         name = split.recordings[split.recording[i]]
         t = int(split.t_us[i])
-        events = read_dat(synth / "train" / f"{name}_td.dat", t - 150_000, t)
+        events = read_dat(synth / "train" / f"{name}_td.dat", *rep.event_range(t))
         np.testing.assert_array_equal(split.stored(i), ours.stored(events, t))
         rows = convert_boxes(read_bbox(synth / "train" / f"{name}_bbox.npy"), BBOX_DTYPE, name)
         rows = rows[rows["t"] == t]

@@ -49,8 +49,8 @@ def stream_windows(
     if not source.count:
         return
     for t_end in range(source.t_first + stride_us, source.t_last + stride_us + 1, stride_us):
-        events = source.read(max(t_end - rep.window_us, 0), t_end)
-        newest = ems_frames(events, t_end, rep.window_us // rep.bins, 1, rep.height, rep.width)[0]
+        events = source.read(*rep.event_range(t_end))
+        newest = ems_frames(events, t_end, rep.bin_length_us, 1, rep.height, rep.width)[0]
         yield t_end, rep(events, t_end), newest
 
 

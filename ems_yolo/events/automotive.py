@@ -28,7 +28,7 @@ import os
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +73,7 @@ def downsample_events(events: np.ndarray, factor: int) -> np.ndarray:
 def default_representation(protocol: str | DatasetProtocol = GEN1, **keys) -> EventRepresentation:
     """The EMS-YOLO representation at the protocol's input resolution; `keys` override its fields."""
     p = get_protocol(protocol)
-    return EventRepresentation(**{"height": p.input_height, "width": p.input_width, **keys})
+    return EventRepresentation.from_dict({"height": p.input_height, "width": p.input_width, **keys})
 
 
 def _create_datasets(g, stored_shape: tuple[int, ...], compression: str | None = "lzf"):
@@ -137,7 +137,7 @@ def preprocess_dataset(
     present = [s for s in splits if (src / s).is_dir()]
     if not present:
         raise FileNotFoundError(f"{p.name} folder '{src}' has none of the split folders {list(splits)}.\n{p.help}")
-    rep_json = json.dumps(asdict(rep), sort_keys=True)
+    rep_json = json.dumps(rep.to_dict(), sort_keys=True)
     out = {}
     for split in present:
         path = split_cache_path(dst, split)
@@ -191,7 +191,7 @@ def _recording_batches(name: str, events_path: Path, bbox: Path, rep: EventRepre
     labels = clean_labels(read_bbox(bbox), p, split, str(bbox))
     batch: list[list] = [[], [], [], []]
     for ts, boxes in labels.items():
-        events = downsample_events(source.read(max(ts - rep.window_us, 0), ts), p.downsample)
+        events = downsample_events(source.read(*rep.event_range(ts)), p.downsample)
         try:
             sample = rep.stored(events, ts)
         except ValueError as e:  # an event outside the sensor

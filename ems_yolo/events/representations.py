@@ -8,6 +8,10 @@ Time bins. A window ``[t_start, t_end)`` of length ``L`` is split into ``bins`` 
 exactly ``t_end``; when ``L`` is not divisible by ``bins`` the bins differ in length by at most 1 µs instead of
 the window being shortened or stretched. An event at ``t`` falls in bin ``k`` when ``e_k <= t < e_{k+1}``.
 
+Spaced bins (histograms only). RVT's Gen1 samples are not contiguous: bin ``k`` of ``bins`` ends at
+``t_end - (bins - 1 - k) * spacing`` and covers the ``bin`` µs before its end, closed at both ends. The histogram
+takes that layout through :func:`window_counts` (any list of windows; an event inside several counts in each).
+
 :class:`EventRepresentation` is the configuration the datasets use: it produces a compact ``uint8`` array for
 caching (:meth:`EventRepresentation.stored`) and expands it to the model input with time-major channels
 (:meth:`EventRepresentation.to_model`, channel = ``t * C + c``, events-spec §5.4).
@@ -21,7 +25,9 @@ from typing import Any
 import cv2
 import numpy as np
 
-__all__ = ["EventRepresentation", "count_histogram", "ems_frames", "resize_channels", "voxel_grid"]
+__all__ = [
+    "EventRepresentation", "count_histogram", "ems_frames", "resize_channels", "voxel_grid", "window_counts",
+]
 
 _NO_EVENT = 127
 _ON = 255
@@ -115,19 +121,43 @@ def count_histogram(
     to the number of events in the window; with it every count is clipped to ``cutoff``.
     """
     _check_sizes(bins, height, width)
+    if t_end < t_start:
+        raise ValueError(f"t_end ({t_end}) is before t_start ({t_start})")
+    edges = t_start + (np.arange(bins + 1, dtype=np.int64) * (t_end - t_start)) // bins
+    return window_counts(events, edges[:-1], edges[1:], height, width, cutoff)
+
+
+def window_counts(
+    events: np.ndarray,
+    starts: np.ndarray,
+    ends: np.ndarray,
+    height: int = 240,
+    width: int = 304,
+    cutoff: int | None = None,
+    closed: bool = False,
+) -> np.ndarray:
+    """Per-polarity event counts of each window ``starts[k] <= t < ends[k]`` (``<= ends[k]`` if ``closed``) as
+    int32 ``[len(ends), 2, height, width]``, OFF then ON, each count clipped to ``cutoff`` when given.
+
+    Windows may leave gaps or overlap (an event counts in every window holding it), as RVT's histograms do.
+    """
+    starts, ends = np.asarray(starts, np.int64), np.asarray(ends, np.int64)
+    _check_sizes(len(ends), height, width)
     if cutoff is not None and cutoff < 1:
         raise ValueError(f"cutoff must be a positive integer or None, got {cutoff}")
-    window = _window(events, t_start, t_end)
+    if starts.shape != ends.shape or np.any(ends < starts):
+        raise ValueError(f"expected as many window starts as ends, none after its end, got {starts} and {ends}")
+    window = _window(events, int(starts.min()), int(ends.max()), inclusive_end=closed)
+    t = window["t"].astype(np.int64)
     plane = height * width
-    flat = (
-        _bin_index(window["t"], t_start, t_end, bins) * (2 * plane)
-        + (window["p"] > 0).astype(np.int64) * plane
-        + _pixel_index(window, height, width)
-    )
-    counts = np.bincount(flat, minlength=bins * 2 * plane)
+    flat = (window["p"] > 0).astype(np.int64) * plane + _pixel_index(window, height, width)
+    counts = np.zeros((len(ends), 2 * plane), np.int64)
+    side = "right" if closed else "left"
+    for k, (lo, hi) in enumerate(zip(np.searchsorted(t, starts, "left"), np.searchsorted(t, ends, side))):
+        counts[k] = np.bincount(flat[lo:hi], minlength=2 * plane)
     if cutoff is not None:
         np.minimum(counts, cutoff, out=counts)
-    return counts.astype(np.int32).reshape(bins, 2, height, width)
+    return counts.astype(np.int32).reshape(len(ends), 2, height, width)
 
 
 def voxel_grid(
@@ -173,6 +203,9 @@ def voxel_grid(
 _NAMES = ("ems_frames", "histogram", "voxel")
 
 
+_LAYOUT = {"bin_us": None, "spacing_us": None, "closed": False}  # the contiguous layout, absent from old records
+
+
 @dataclass(frozen=True)
 class EventRepresentation:
     """Which tensor a dataset builds from the events before each label time, and how it is cached.
@@ -187,6 +220,12 @@ class EventRepresentation:
       0 maps exactly to 127 and ``±s`` (or beyond) to 0 / 254. The voxel time span is the nominal window
       ``[t_end - window_us, t_end]``, not the events' own first and last time, so scaling is the same for
       every sample.
+
+    The histogram may instead take RVT's layout: bins of ``bin_us`` whose ends are ``spacing_us`` apart (either
+    alone means both are equal), the newest ending at ``t_end``, and with ``closed`` each bin also holds the events
+    at its end (``end - bin_us <= t <= end``). ``window_us`` is then the span the bins cover,
+    ``(bins - 1) * spacing_us + bin_us``. Left at None / False they keep the contiguous bins above, and records
+    without them (caches and models written before) read as before.
     """
 
     name: str = "ems_frames"
@@ -195,26 +234,89 @@ class EventRepresentation:
     height: int = 240
     width: int = 304
     cutoff: int = 10
+    bin_us: int | None = None
+    spacing_us: int | None = None
+    closed: bool = False
 
     def __post_init__(self) -> None:
         if self.name not in _NAMES:
             raise ValueError(f"name must be one of {list(_NAMES)}, got {self.name!r}")
-        for key in ("bins", "window_us", "height", "width", "cutoff"):
+        for key in ("bins", "bin_us", "spacing_us", "window_us", "height", "width", "cutoff"):
             value = getattr(self, key)
+            if value is None and key in _LAYOUT:
+                continue
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        if self.spaced:  # either alone means both are equal: record both, so equal layouts compare equal
+            object.__setattr__(self, "bin_us", int(self.bin_us or self.spacing_us))
+            object.__setattr__(self, "spacing_us", int(self.spacing_us or self.bin_us))
+        if not isinstance(self.closed, (bool, np.bool_)):
+            raise ValueError(f"closed must be true or false, got {self.closed!r}")
+        object.__setattr__(self, "closed", bool(self.closed))  # numpy's bool does not go to JSON
+        if self.name != "histogram" and self.layout != _LAYOUT:
+            raise ValueError(f"bin_us, spacing_us and closed apply to the histogram representation only, got "
+                             f"{self.layout} for {self.name!r}")
         if self.window_us < self.bins:
             raise ValueError(f"window_us ({self.window_us}) must be at least bins ({self.bins}) so no bin is empty")
+        if self.spaced:
+            span = (self.bins - 1) * self.bin_spacing_us + self.bin_length_us
+            if self.window_us != span:
+                raise ValueError(f"window_us must be (bins - 1) * spacing_us + bin_us = {span} for {self.bins} bins "
+                                 f"of {self.bin_length_us} us whose ends are {self.bin_spacing_us} us apart, got "
+                                 f"{self.window_us}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> EventRepresentation:
-        """Build from a config mapping (None = defaults); unknown keys raise ValueError listing the valid ones."""
+        """Build from a config mapping (None = defaults); unknown keys raise ValueError listing the valid ones. With
+        `bin_us` or `spacing_us` and no `window_us`, the window is the span of those bins."""
         d = dict(d or {})
         valid = [f.name for f in fields(cls)]
         unknown = sorted(set(d) - set(valid))
         if unknown:
             raise ValueError(f"unknown event representation keys {unknown}; valid keys are {valid}")
+        if "window_us" not in d and (d.get("bin_us") or d.get("spacing_us")):
+            bin_us, spacing_us = d.get("bin_us") or d["spacing_us"], d.get("spacing_us") or d["bin_us"]
+            d["window_us"] = (d.get("bins", cls.bins) - 1) * spacing_us + bin_us
         return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a plain mapping, leaving out the layout fields at their defaults, so a contiguous
+        representation records exactly as before they existed (caches built then still resume and compare equal)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {k: v for k, v in d.items() if k not in _LAYOUT or v != _LAYOUT[k]}
+
+    @property
+    def layout(self) -> dict[str, Any]:
+        """The three layout fields: bin_us, spacing_us, closed."""
+        return {k: getattr(self, k) for k in _LAYOUT}
+
+    @property
+    def spaced(self) -> bool:
+        """Whether the bins have an explicit length and spacing (RVT's layout) instead of splitting the window."""
+        return self.bin_us is not None or self.spacing_us is not None
+
+    @property
+    def bin_length_us(self) -> int:
+        """Time each bin covers (the contiguous layout's bins differ by at most 1 µs; this is the shortest)."""
+        return self.bin_us if self.bin_us is not None else self.window_us // self.bins
+
+    @property
+    def bin_spacing_us(self) -> int:
+        """Distance between the ends of consecutive bins."""
+        return self.spacing_us if self.spacing_us is not None else self.window_us // self.bins
+
+    def bin_windows(self, t_end: int) -> tuple[np.ndarray, np.ndarray]:
+        """(starts, ends) in µs of the bins of the sample ending at ``t_end``, oldest first."""
+        if not self.spaced:
+            edges = t_end - self.window_us + (np.arange(self.bins + 1, dtype=np.int64) * self.window_us) // self.bins
+            return edges[:-1], edges[1:]
+        ends = t_end - np.arange(self.bins - 1, -1, -1, dtype=np.int64) * self.bin_spacing_us
+        return ends - self.bin_length_us, ends
+
+    def event_range(self, t_end: int) -> tuple[int, int]:
+        """Half-open ``[t0, t1)`` of the event times the sample ending at ``t_end`` needs (``t0 >= 0``), what a
+        reader must load: ``window_us`` before ``t_end``, plus ``t_end`` itself when the bins are closed."""
+        return max(t_end - self.window_us, 0), t_end + 1 if self.closed else t_end
 
     @property
     def channels_per_bin(self) -> int:
@@ -239,7 +341,7 @@ class EventRepresentation:
         if self.name == "ems_frames":
             return ems_frames(events, t_end, self.window_us, self.bins, self.height, self.width)
         if self.name == "histogram":
-            counts = count_histogram(events, t_start, t_end, self.bins, self.height, self.width, self.cutoff)
+            counts = window_counts(events, *self.bin_windows(t_end), self.height, self.width, self.cutoff, self.closed)
             return ((2 * 255 * counts.astype(np.int64) + self.cutoff) // (2 * self.cutoff)).astype(np.uint8)
         window = _window(events, t_start, t_end)
         grid = voxel_grid(window, self.bins, self.height, self.width, t_start=t_start, t_end=t_end)

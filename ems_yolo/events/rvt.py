@@ -6,15 +6,27 @@ Layout written by RVT (github.com/uzh-rpg/RVT, scripts/genx/preprocess_dataset.p
                                                        objframe_idx_2_label_idx (first row of each label frame)
     <split>/<sequence>/labels_v2/timestamps_us.npy     time of each label frame
     <split>/<sequence>/event_representations_v2/<name>/event_representations[_ds2_nearest].h5
-                                                       'data' uint8 [N, 2 * nbins, H, W] (blosc), one stacked
-                                                       histogram per `dt` ms, polarity-major (OFF bins, ON bins)
+                                                       'data' uint8 [N, 2 * nbins, H, W] (blosc), N stacked
+                                                       histograms, polarity-major (OFF bins, ON bins)
     <split>/<sequence>/event_representations_v2/<name>/objframe_idx_2_repr_idx.npy
                                                        the histogram that ends at each label frame
+    <split>/<sequence>/event_representations_v2/<name>/timestamps_us.npy
+                                                       the end time of each histogram
 
-`<name>` is e.g. `stacked_histogram_dt=50_nbins=10`. A sample is the label frame's histogram and the `steps - 1`
-before it, each summed over its bins and clipped at `cutoff` counts: exactly ems-yolo's `histogram`
-representation with `steps` bins over `steps * dt` ms (a bin's count reaches the cutoff in both or in neither), so
-the model sees the same input as from an ems-yolo cache. Histograms before the first of a sequence are empty.
+`<name>` is e.g. `stacked_histogram_dt=50_nbins=10`. Each histogram holds the events of the `dt` ms before its end,
+closed at both ends (`end - dt <= t <= end`), in `nbins` sub-bins each clipped at 10 counts. The histograms are not
+contiguous: before the first label frame their ends are `dt` apart, from it on RVT spreads a fixed number per label
+period evenly between label frames (`np.linspace`), for Gen1 2 per 250 ms, so ends 125 ms apart. A sample is the
+label frame's histogram and the `steps - 1` before it, each summed over its sub-bins and clipped at `cutoff`
+counts: for Gen1 `steps` windows of 50 ms spread over `(steps - 1) x 125 + 50` ms, with gaps. The split records
+that layout in its representation (`histogram` with `bin_us` = dt, `closed`, and `spacing_us` = the most common
+distance between histogram ends from each sequence's first label frame on, over all sequences), so training
+records it in the model and prediction on a recording builds the same windows. For every label frame whose
+`steps` histograms are evenly spaced the sample equals that representation of the recording's events (a sum of
+sub-bins clipped at 10, then clipped at `cutoff` <= 10, is the window's count clipped at `cutoff`, as long as no
+sub-bin reaches 256 events at one pixel, where RVT's uint8 wraps). Earlier
+label frames (whose histograms reach back into the `dt`-spaced ones) are read as stored, as RVT's loader does;
+histograms before the first of a sequence are empty.
 `_ds2_nearest` files (RVT's 1 Mpx at 640x360) have their boxes halved, as RVT loads them.
 """
 
@@ -55,6 +67,27 @@ def _representation_dir(seq: Path, name: str | None) -> Path:
     return parent / name
 
 
+def _label_frame_spacings(rdir: Path, frame_repr: np.ndarray) -> np.ndarray:
+    """Distances between consecutive histogram ends from the sequence's first label frame on (RVT's label-frame
+    region; the histograms before it are `dt` apart whatever the label period)."""
+    path = rdir / "timestamps_us.npy"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found, expected the end time of each histogram (RVT writes it)")
+    ends = np.load(path).astype(np.int64)
+    if len(frame_repr) and (frame_repr.min() < 0 or frame_repr.max() >= len(ends)):
+        raise ValueError(f"{rdir / 'objframe_idx_2_repr_idx.npy'}: histogram indices outside the {len(ends)} "
+                         f"histograms of timestamps_us.npy")
+    return np.diff(ends[frame_repr[0]:]) if len(frame_repr) else ends[:0]
+
+
+def _most_common(values: np.ndarray, default: int) -> int:
+    """The most frequent value (the smallest among ties), or `default` when there is none."""
+    if not len(values):
+        return default
+    unique, counts = np.unique(values, return_counts=True)
+    return int(unique[np.argmax(counts)])
+
+
 class RVTSplit:
     """One split of an RVT preprocessed folder, with the interface of `EventCache` (len, boxes, stored, t_us,
     recording, recordings, names, representation, protocol); opens the HDF5 files lazily."""
@@ -67,7 +100,7 @@ class RVTSplit:
         sequences = sorted(s for s in self.path.iterdir() if (s / "labels_v2" / "labels.npz").is_file())
         self.recordings = [s.name for s in sequences]
         self.files: list[Path] = []
-        t_us, recording, repr_index, labels, offsets = [], [], [], [], [0]
+        t_us, recording, repr_index, labels, offsets, spacings = [], [], [], [], [0], []
         shapes = set()
         for index, seq in enumerate(sequences):
             rdir = _representation_dir(seq, representation)
@@ -81,6 +114,7 @@ class RVTSplit:
                 raise FileNotFoundError(f"{rdir}: no event_representations.h5 (or _ds2_nearest.h5)")
             self.files.append(h5[0])
             frame_repr = np.load(rdir / "objframe_idx_2_repr_idx.npy").astype(np.int64)
+            spacings.append(_label_frame_spacings(rdir, frame_repr))
             frame_t = np.load(seq / "labels_v2" / "timestamps_us.npy").astype(np.int64)
             with np.load(seq / "labels_v2" / "labels.npz") as npz:
                 rows, first = npz["labels"], npz["objframe_idx_2_label_idx"].astype(np.int64)
@@ -107,8 +141,11 @@ class RVTSplit:
         self.scale = 2 if halved else 1
         self.names = dict(self.protocol.names)
         self.steps = int(steps)
-        self.representation = EventRepresentation("histogram", bins=self.steps, window_us=self.steps * dt_ms * 1000,
-                                                  height=height, width=width, cutoff=cutoff)
+        bin_us = dt_ms * 1000
+        spacing_us = _most_common(np.concatenate(spacings), default=bin_us)
+        self.representation = EventRepresentation(
+            "histogram", bins=self.steps, window_us=(self.steps - 1) * spacing_us + bin_us, height=height,
+            width=width, cutoff=cutoff, bin_us=bin_us, spacing_us=spacing_us, closed=True)
         self.t_us = np.concatenate(t_us) if t_us else np.zeros(0, np.int64)
         self.recording = np.concatenate(recording) if recording else np.zeros(0, np.int32)
         self.repr_index = np.concatenate(repr_index) if repr_index else np.zeros(0, np.int64)
