@@ -144,3 +144,28 @@ def test_bad_rvt_folders_are_clear_errors(rvt_root, tmp_path):
         RVTSplit(bad, representation="mixeddensity_stack_nbins=10_cutoff=10")
     with pytest.raises(ValueError, match=r"rvt: unknown keys \['bins'\]"):
         open_event_split(bad, {"bins": 3})
+
+
+def test_the_recorded_spacing_is_that_of_the_label_frames(tmp_path):
+    """RVT's histograms are dt apart before a sequence's first label frame and spread between label frames after
+    it; the split records the most common spacing from the first label frame on, over all sequences, so a late
+    first label frame or 1 µs of linspace jitter does not change it."""
+    from shared_data import SHARED_DATA
+
+    real = SHARED_DATA / "rvt" / "preprocessed" / "val" / "synth_val_0000"
+    if not real.is_dir():
+        pytest.skip("../shared/data/rvt not present")
+    rdir = Path("event_representations_v2") / "stacked_histogram_dt=50_nbins=10"
+    late = np.concatenate((np.arange(100_000, 2_000_001, 50_000), 2_000_000 + 125_000 * np.arange(1, 10)))
+    jittered = np.concatenate((np.arange(100_000, 750_001, 50_000), 750_000 + 125_000 * np.arange(1, 19)))
+    jittered[[15, 20]] += (1, -1)
+    for name, ends, first in (("late", late, 38), ("jittered", jittered, 13)):
+        shutil.copytree(real, tmp_path / "val" / name)
+        np.save(tmp_path / "val" / name / rdir / "timestamps_us.npy", ends)
+        np.save(tmp_path / "val" / name / rdir / "objframe_idx_2_repr_idx.npy", first + np.arange(10))
+    assert np.sum(np.diff(late) == 50_000) > np.sum(np.diff(late) == 125_000)  # not the most common of all ends
+    rep = RVTSplit(tmp_path / "val", steps=4).representation
+    assert (rep.bin_us, rep.spacing_us, rep.closed, rep.window_us) == (50_000, 125_000, True, 425_000)
+    np.save(tmp_path / "val" / "late" / rdir / "timestamps_us.npy", late[:40])
+    with pytest.raises(ValueError, match="objframe_idx_2_repr_idx.npy: histogram indices outside the 40 histograms"):
+        RVTSplit(tmp_path / "val")

@@ -264,3 +264,40 @@ def _predict_args(tmp_path: Path):
     from ultralytics.utils import DEFAULT_CFG
 
     return get_cfg(DEFAULT_CFG, {"imgsz": 64, "save": False, "device": "cpu", "project": str(tmp_path)})
+
+
+@needs_rvt
+@pytest.mark.parametrize("keys, message", [
+    (["bin_ms=-5"], "bin_ms=-5: expected a positive number"),
+    (["spacing_ms=abc"], "spacing_ms"),
+    (["closed=maybe"], "closed"),
+    (["representation=ems_frames", "bin_ms=50", "spacing_ms=125"], "histogram representation only"),
+])
+def test_bad_layout_keys_are_one_line_errors(tmp_path, keys, message):
+    dst = tmp_path / "cache"
+    r = subprocess.run([str(EXE), "gen1", "preprocess", f"src={RVT / 'input'}", f"dst={dst}", "splits=[val]",
+                        *([] if keys[0].startswith("representation") else ["representation=histogram"]), *keys],
+                       capture_output=True, text=True, env=os.environ.copy(), timeout=300)
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not dst.exists()
+
+
+@needs_rvt
+def test_contiguous_caches_record_and_resume_as_before_the_layout_fields(tmp_path):
+    """A cache of today's layout stores the same representation attribute as before the new fields existed, so a
+    cache built then resumes (its attribute is compared as text) and reads back equal."""
+    from ems_yolo.events.automotive import preprocess_dataset
+
+    rep = EventRepresentation("histogram", bins=2, window_us=100_000)
+    (path,) = preprocess_dataset(RVT / "input", tmp_path, representation=rep, splits=("val",), progress=False).values()
+    before = {"bins": 2, "cutoff": 10, "height": 240, "name": "histogram", "width": 304, "window_us": 100_000}
+    with h5py.File(path, "r") as f:
+        assert f.attrs["representation"] == json.dumps(before, sort_keys=True)
+    with h5py.File(path, "a") as f:  # as an interrupted run of the former code left it: one recording, not done
+        f["done_samples"].resize(0, axis=0)
+        f["done_labels"].resize(0, axis=0)
+        f["recordings"].resize(0, axis=0)
+    preprocess_dataset(RVT / "input", tmp_path, representation=EventRepresentation(**before), splits=("val",),
+                       progress=False)
+    cache = EventCache(path)
+    assert cache.representation == rep and len(cache) == 10 and cache.recordings == ["synth_val_0000"]

@@ -134,6 +134,11 @@ def clean_labels(boxes: np.ndarray, protocol: str | DatasetProtocol = GEN1, spli
     out: dict[int, np.ndarray] = {}
     if len(boxes) == 0:
         return out
+    # Clipped at width / height, not RVT's width - 1 / height - 1 (RVT scripts/genx/preprocess_dataset.py,
+    # crop_to_fov_filter): boxes are continuous coordinates on a width x height image. Prophesee's toolbox crops
+    # nothing (src/io/box_filtering.py, filter_boxes only drops boxes) and scores them as COCO boxes on an image of
+    # width x height (src/metrics/coco_eval.py, _to_coco_format), where a box may end at x + w = width; the Gen1
+    # labels themselves end at 304.
     x0 = np.clip(boxes["x"], 0, p.width)
     y0 = np.clip(boxes["y"], 0, p.height)
     w = np.clip(boxes["x"] + boxes["w"], 0, p.width) - x0
