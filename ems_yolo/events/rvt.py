@@ -24,9 +24,9 @@ distance between histogram ends from each sequence's first label frame on, over 
 records it in the model and prediction on a recording builds the same windows. For every label frame whose
 `steps` histograms are evenly spaced the sample equals that representation of the recording's events (a sum of
 sub-bins clipped at 10, then clipped at `cutoff` <= 10, is the window's count clipped at `cutoff`, as long as no
-sub-bin reaches 256 events at one pixel, where RVT's uint8 wraps). Earlier
-label frames (whose histograms reach back into the `dt`-spaced ones) are read as stored, as RVT's loader does;
-histograms before the first of a sequence are empty.
+sub-bin reaches 256 events at one pixel, where RVT's uint8 wraps). Earlier label frames (whose histograms reach
+back into the `dt`-spaced ones) are read as stored, as RVT's loader does; histograms before the first of a
+sequence are empty.
 `_ds2_nearest` files (RVT's 1 Mpx at 640x360) have their boxes halved, as RVT loads them.
 """
 
