@@ -103,7 +103,7 @@ def event_model(tmp_path_factory):
     rep = EventRepresentation(bins=2, window_us=20_000, height=48, width=64)
     cfg = load_model_yaml("ems-res10.yaml")
     cfg.update(width_multiple=0.125, input="events", time_steps=2, events=vars(rep).copy())
-    model = EMSDetectionModel(cfg, nc=2, ch=2, verbose=False)
+    model = EMSDetectionModel(cfg, nc=2, ch=rep.bins * rep.channels_per_bin, verbose=False)
     pt = write_checkpoint({"model": model, "optimizer": None, "epoch": -1, "train_args": {"task": "detect"}},
                           d / "ev.pt")
     rng = np.random.default_rng(0)

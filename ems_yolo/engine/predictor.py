@@ -126,8 +126,8 @@ class EventPredictor:
         the annotated video they make."""
         n = events.duration_us // self.stride_us + 1 if events.count else 0
         if n > MAX_WINDOWS:
-            gb = n * (events.width or 304) * (events.height or 240) * 3 * VIDEO_BYTES_PER_PIXEL / 1e9
-            video = f" and an annotated video of about {gb:.1f} GB" if self.args.save is not False else ""
+            mb = n * (events.width or 304) * (events.height or 240) * 3 * VIDEO_BYTES_PER_PIXEL / 1e6
+            video = f" and an annotated video of about {mb:,.0f} MB" if self.args.save is not False else ""
             LOGGER.warning(f"{events.path}: stride_ms={self.stride_us / 1000:g} gives {n:,} windows{video} over "
                            f"{events.duration_us / 1e6:.1f} s; a larger stride_ms gives fewer (stride_ms="
                            f"{events.duration_us / MAX_WINDOWS / 1000:.0f} gives {MAX_WINDOWS:,})")
