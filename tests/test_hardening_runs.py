@@ -126,8 +126,8 @@ def test_interrupting_a_training_keeps_the_runs_other_processes_finished_meanwhi
     try:
         wait_for(lambda: (project / "trainA" / "args.yaml").exists(), train)
         for mode, extra in (("predict", f"source={COCO8_IMAGES}"), ("val", f"data={data}")):
-            other = ems_yolo_process(mode, f"model={model_yaml}", extra, "imgsz=64", "batch=2", "workers=0", "device=cpu",
-                                     f"project={project}", f"name={mode}B", "plots=False")
+            other = ems_yolo_process(mode, f"model={model_yaml}", extra, "imgsz=64", "batch=2", "workers=0",
+                                     "device=cpu", f"project={project}", f"name={mode}B", "plots=False")
             out, _ = other.communicate(timeout=600)
             assert other.returncode == 0, out
         assert train.poll() is None, "the training ended before it could be interrupted"
@@ -357,7 +357,8 @@ def test_temporaries_of_live_writers_and_other_files_are_kept(tmp_path):
     mine = temporary_sibling(target)
     mine.write_bytes(b"")
     assert str(os.getpid()) in mine.name
-    others = [tmp_path / ".a.pt.zz.tmp", tmp_path / ".a.ptx.0123456789abcdef.tmp", tmp_path / ".b.pt.1-0123456789abcdef.tmp"]
+    others = [tmp_path / ".a.pt.zz.tmp", tmp_path / ".a.ptx.0123456789abcdef.tmp",
+              tmp_path / ".b.pt.1-0123456789abcdef.tmp"]
     for p in others:
         p.write_bytes(b"")
     dead = tmp_path / f".a.pt.{dead_pid()}-0123456789abcdef.tmp.avi"
