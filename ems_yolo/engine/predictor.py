@@ -130,11 +130,13 @@ class EventPredictor:
             video = f" and an annotated video of about {mb:,.0f} MB" if self.args.save is not False else ""
             LOGGER.warning(f"{events.path}: stride_ms={self.stride_us / 1000:g} gives {n:,} windows{video} over "
                            f"{events.duration_us / 1e6:.1f} s; a larger stride_ms gives fewer (stride_ms="
-                           f"{events.duration_us / MAX_WINDOWS / 1000:.0f} gives {MAX_WINDOWS:,})")
+                           f"{-(-events.duration_us // (MAX_WINDOWS * 1000))} gives at most {MAX_WINDOWS:,})")
 
     def stream(self, source: str | Path) -> Iterator[Results]:
-        """Yield one `Results` per window (boxes in sensor pixels); files are written when the stream ends. A
-        prediction that fails removes the run folder it created, so no half-written run is left."""
+        """Yield one `Results` per window (boxes in sensor pixels); files are written when the stream ends (the
+        video under a temporary name until then). A prediction that fails or is interrupted (Ctrl-C, SIGTERM)
+        removes the run folder it created, so no half-written run is left; a run folder that is the source's own
+        folder is refused."""
         source = Path(source)
         if not source.is_file():
             raise FileNotFoundError(f"{source}: event source not found")
