@@ -25,7 +25,7 @@ from ems_yolo.cli import run
 from ems_yolo.data.shapes import make_shapes_dataset
 from ems_yolo.engine.checkpoints import load_checkpoint_file, write_checkpoint
 from ems_yolo.engine.model import derive_model_yaml
-from ems_yolo.events.io import EVENT_DTYPE, read_dat
+from ems_yolo.events.io import EVENT_DTYPE, read_dat, write_dat
 from ems_yolo.events.raw import write_raw_evt2
 from ems_yolo.events.representations import EventRepresentation
 from ems_yolo.nn import EMSDetectionModel
@@ -455,10 +455,13 @@ def _recording(path: Path, n: int) -> Path:
     ev = np.zeros(n, EVENT_DTYPE)
     ev["t"] = np.arange(n) // 4
     ev["x"], ev["y"], ev["p"] = rng.integers(0, 304, n), rng.integers(0, 240, n), rng.integers(0, 2, n)
+    if path.suffix == ".dat":
+        write_dat(path, ev, 304, 240)
+        return path
     return write_raw_evt2(path, ev, 304, 240) if path.suffix == ".raw" else np.save(path, ev) or path
 
 
-@pytest.mark.parametrize("src_suffix,out_suffix", [(".raw", ".dat"), (".npy", ".raw")])
+@pytest.mark.parametrize("src_suffix,out_suffix", [(".raw", ".dat"), (".npy", ".raw"), (".dat", ".raw")])
 def test_event_conversion_peak_memory_does_not_grow_with_the_file(tmp_path, src_suffix, out_suffix):
     n = 2_000_000
     peaks = []
@@ -468,7 +471,25 @@ def test_event_conversion_peak_memory_does_not_grow_with_the_file(tmp_path, src_
         peaks.append(_peak_kb(src, out))
         from ems_yolo.events.formats import open_events
 
-        assert open_events(out).count == k * n
+        converted = open_events(out)
+        assert converted.count == k * n and (converted.t_first, converted.t_last) == (0, (k * n - 1) // 4)
         src.unlink()
         out.unlink()
     assert peaks[1] < 1.15 * peaks[0], peaks
+
+
+@pytest.mark.parametrize("times", [[0, 1, 2, 3, 10, 11, 12, 13, 4, 5, 6, 7, 20, 21, 22, 23],
+                                   [5, 6, 7, 8, 9, 9, 9, 9, 0, 1, 2, 3, 10, 11, 12, 13]])
+def test_chunked_conversion_of_unordered_times_fails_without_output(tmp_path, monkeypatch, capsys, times):
+    from ems_yolo.events import formats
+    from ems_yolo.events.io import dat_header
+
+    monkeypatch.setattr(formats, "CHUNK_EVENTS", 4)
+    src = tmp_path / "unordered.dat"
+    records = np.zeros(len(times), [("t", "<u4"), ("w", "<u4")])
+    records["t"] = times
+    src.write_bytes(dat_header(304, 240) + records.tobytes())
+    assert cli("events", f"source={src}", f"out={tmp_path / 'out.raw'}") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(src) in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["unordered.dat"]

@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ems_yolo.events.io import EVENT_DTYPE, DatReader, dat_header, dat_records, read_dat, read_dat_header, write_dat
+from ems_yolo.events.io import EVENT_DTYPE, dat_header, dat_records, read_dat, read_dat_header, write_dat
 from ems_yolo.events.raw import RawIndex, RawReader, encode_evt2, evt2_header, write_raw_evt2
 from ems_yolo.utils.files import atomic_write, refuse_overwriting_inputs, sigterm_as_interrupt
 
@@ -58,10 +58,12 @@ def _dat(path: Path) -> EventSource:
         first, last = int(times[0]), int(times[-1])
     else:
         first = last = None
-    def chunks():
-        reader = DatReader(path)
-        while not reader.done:
-            yield reader.load_n_events(CHUNK_EVENTS)
+
+    def chunks():  # time windows of about CHUNK_EVENTS events, each read through a memory map of its own
+        starts = range(0, header.num_events, CHUNK_EVENTS)
+        bounds = sorted({int(times[i]) for i in starts})
+        for t0, t1 in zip(bounds, [*bounds[1:], None]):
+            yield read_dat(path, t0, t1)
 
     return EventSource(path, "Event2D .dat", header.width, header.height, first, last, header.num_events,
                        lambda t0=None, t1=None: read_dat(path, t0, t1), chunks)
@@ -254,6 +256,10 @@ def convert_events(source: str | os.PathLike, out: str | os.PathLike, width: int
             f.write(encode(events))
             count += len(events)
             last = int(events["t"][-1]) if events.size else last
+
+        if count != src.count:
+            raise ValueError(f"{src.path}: {count:,} of its {src.count:,} events read in time order, expected all "
+                             "(are its times non-decreasing?)")
 
     with sigterm_as_interrupt():  # a killed conversion removes its temporary file
         atomic_write(out, write)
