@@ -493,3 +493,28 @@ def test_chunked_conversion_of_unordered_times_fails_without_output(tmp_path, mo
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(src) in err[0], err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["unordered.dat"]
+
+
+def test_guard_removes_exactly_the_folders_its_command_made(tmp_path):
+    import threading
+
+    from ems_yolo.utils.files import claim_run, no_half_written_runs
+
+    project = tmp_path / "p"
+    (project / "kept" / "old").mkdir(parents=True)
+    other_thread_run = project / "thread"
+
+    def other_command():  # another command in another thread of the same process, which succeeds
+        with no_half_written_runs(project):
+            claim_run(other_thread_run)
+            other_thread_run.mkdir()
+
+    with pytest.raises(Boom), no_half_written_runs(project):
+        for run in (project / "a" / "b", project / "kept" / "new", project / "kept" / "old"):
+            claim_run(run)
+            run.mkdir(parents=True, exist_ok=True)
+        worker = threading.Thread(target=other_command)
+        worker.start()
+        worker.join()
+        raise Boom
+    assert sorted(str(p.relative_to(project)) for p in project.rglob("*")) == ["kept", "kept/old", "thread"]

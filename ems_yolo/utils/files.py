@@ -168,15 +168,22 @@ def sigterm_as_interrupt() -> Iterator[None]:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-_GUARDS: list[dict[Path, list[Path]]] = []  # per active `no_half_written_runs`: claimed folder -> folders it made
+class _Guards(threading.local):
+    """Per thread, the active `no_half_written_runs` (innermost last), each as claimed folder -> folders it made."""
+
+    def __init__(self):
+        self.stack: list[dict[Path, list[Path]]] = []
+
+
+_GUARDS = _Guards()
 
 
 def claim_run(folder: str | Path) -> None:
     """Tell the innermost active `no_half_written_runs` that this command writes its run into `folder` (claim it
     before creating it); if the command fails, the folder is removed when the command created it. Claiming again
     keeps the first claim."""
-    if _GUARDS and (folder := Path(folder).absolute()) not in _GUARDS[-1]:
-        _GUARDS[-1][folder] = [p for p in (folder, *folder.parents) if not p.exists()]  # innermost first
+    if _GUARDS.stack and (folder := Path(folder).absolute()) not in _GUARDS.stack[-1]:
+        _GUARDS.stack[-1][folder] = [p for p in (folder, *folder.parents) if not p.exists()]  # innermost first
 
 
 @contextmanager
@@ -189,7 +196,7 @@ def no_half_written_runs(project: str | Path) -> Iterator[None]:
     missing = [p for p in (project, *project.parents) if not p.exists()]  # folders the command may create
     before = set(project.iterdir()) if project.is_dir() else set()
     claims: dict[Path, list[Path]] = {}
-    _GUARDS.append(claims)
+    _GUARDS.stack.append(claims)
     try:
         with sigterm_as_interrupt():
             yield
@@ -207,4 +214,4 @@ def no_half_written_runs(project: str | Path) -> Iterator[None]:
                 folder.rmdir()
         raise
     finally:
-        _GUARDS.remove(claims)
+        _GUARDS.stack.remove(claims)
