@@ -518,3 +518,17 @@ def test_guard_removes_exactly_the_folders_its_command_made(tmp_path):
         worker.join()
         raise Boom
     assert sorted(str(p.relative_to(project)) for p in project.rglob("*")) == ["kept", "kept/old", "thread"]
+
+
+def test_sigterm_runs_the_same_clean_up_as_ctrl_c(tmp_path):
+    from ems_yolo.utils.files import claim_run, no_half_written_runs
+
+    run_dir = tmp_path / "p" / "run"
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"), no_half_written_runs(tmp_path / "p"):
+        claim_run(run_dir)
+        run_dir.mkdir(parents=True)
+        (run_dir / "partial.avi").write_bytes(b"frames without an index")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the signal arrives before this ends
+    assert not (tmp_path / "p").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored after the command
