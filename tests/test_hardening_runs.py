@@ -58,6 +58,13 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 300.0) -> None:
         time.sleep(0.2)
 
 
+def written_by(path: Path, pid: int, suffix: str = "") -> Path:
+    """A temporary of `path` named as process `pid` of this machine names it."""
+    from ems_yolo.utils.files import temporary_sibling
+
+    return path.with_name(temporary_sibling(path, suffix).name.replace(f".{os.getpid()}-", f".{pid}-"))
+
+
 def dead_pid() -> int:
     """The pid of a process that has ended."""
     p = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -315,15 +322,15 @@ def test_resume_after_a_kill_cleans_temporaries_and_does_not_repeat_an_epoch(tmp
     assert len(lines) == 2  # header and epoch 1
     results.write_text("".join(lines) + lines[1].replace("1,", "2,", 1))  # epoch 2's row, written before the kill
     weights = run_dir / "weights"
-    dead = [weights / f".last.pt.{dead_pid()}-0123456789abcdef.tmp", weights / ".last.pt.29ff1b317f43af2b.tmp",
-            weights / f".best.pt.{dead_pid()}-fedcba9876543210.tmp"]
+    dead = [written_by(weights / "last.pt", dead_pid()), weights / ".last.pt.29ff1b317f43af2b.tmp",
+            written_by(weights / "best.pt", dead_pid())]
     for p in dead:
         p.write_bytes(b"half a checkpoint")
     old = time.time() - 3600
     os.utime(dead[1], (old, old))
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     try:
-        alive = weights / f".last.pt.{sleeper.pid}-00000000000000aa.tmp"  # a writer still at work
+        alive = written_by(weights / "last.pt", sleeper.pid)  # a writer still at work
         alive.write_bytes(b"being written")
         EMSYOLO(weights / "last.pt").train(resume=True)
         assert alive.exists()
@@ -337,7 +344,7 @@ def test_resume_after_a_kill_cleans_temporaries_and_does_not_repeat_an_epoch(tmp
 
 def test_killed_event_conversion_leaves_a_temporary_that_the_rerun_removes(tmp_path):
     out = tmp_path / "big_td.dat"
-    stale = [out.with_name(f".{out.name}.{dead_pid()}-c36dfdfeae409dd6.tmp"),
+    stale = [written_by(out, dead_pid()),
              out.with_name(f".{out.name}.c36dfdfeae409dd7.tmp")]
     for p in stale:
         p.write_bytes(b"x" * 1000)
@@ -358,10 +365,11 @@ def test_temporaries_of_live_writers_and_other_files_are_kept(tmp_path):
     mine.write_bytes(b"")
     assert str(os.getpid()) in mine.name
     others = [tmp_path / ".a.pt.zz.tmp", tmp_path / ".a.ptx.0123456789abcdef.tmp",
-              tmp_path / ".b.pt.1-0123456789abcdef.tmp"]
+              tmp_path / ".b.pt.h.1-0123456789abcdef.tmp",  # another file's
+              tmp_path / f".a.pt.othermachine.{dead_pid()}-0123456789abcdef.tmp"]  # its pid means nothing here
     for p in others:
         p.write_bytes(b"")
-    dead = tmp_path / f".a.pt.{dead_pid()}-0123456789abcdef.tmp.avi"
+    dead = written_by(target, dead_pid(), ".avi")
     dead.write_bytes(b"")
     assert remove_stale_temporaries(target) == [dead]
     assert mine.exists() and all(p.exists() for p in others)

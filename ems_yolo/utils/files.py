@@ -10,6 +10,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,10 +20,11 @@ from typing import BinaryIO
 
 
 _STARTED = time.time()  # temporaries older than this process, without a living writer, are stale
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname().split(".")[0]) or "host"  # pids are per machine
 
 
 def _pid_alive(pid: int) -> bool:
-    """Whether a process `pid` exists (a temporary whose writer is gone was left by a killed process)."""
+    """Whether a process `pid` exists on this machine (a temporary whose writer is gone was left by a kill)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -33,25 +35,26 @@ def _pid_alive(pid: int) -> bool:
 
 
 def temporary_sibling(path: str | Path, suffix: str = "") -> Path:
-    """A new unique temporary name beside `path`, `.NAME.<pid>-<hex>.tmp<suffix>` (`suffix` for writers that choose
-    the format by it): the writer's pid tells a later run whether its writer is still alive."""
+    """A new unique temporary name beside `path`, `.NAME.<host>.<pid>-<hex>.tmp<suffix>` (`suffix` for writers that
+    choose the format by it): the writer's machine and pid tell a later run whether its writer is still alive."""
     path = Path(path)
-    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(8)}.tmp{suffix}")
+    return path.with_name(f".{path.name}.{_HOST}.{os.getpid()}-{secrets.token_hex(8)}.tmp{suffix}")
 
 
 def remove_stale_temporaries(path: str | Path) -> list[Path]:
-    """Remove the temporaries of `path` left by killed writers: `.NAME.<pid>-<hex>.tmp` siblings whose process is
-    gone, and older `.NAME.<hex>.tmp` ones (no pid) written before this process started. Returns what was removed."""
+    """Remove the temporaries of `path` left by killed writers: `temporary_sibling` names of this machine whose
+    process is gone, and older `.NAME.<hex>.tmp` ones (no pid) written before this process started; those of other
+    machines (a shared file system) are left alone. Returns what was removed."""
     path = Path(path)
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:(\d+)-)?[0-9a-f]{{16}}\.tmp(?:\.\w+)?")
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:([A-Za-z0-9-]+)\.(\d+)-)?[0-9a-f]{{16}}\.tmp(?:\.\w+)?")
     removed = []
     for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp*") if path.parent.is_dir() else ():
         m = pattern.fullmatch(tmp.name)
         if not m or not tmp.is_file():
             continue
         try:
-            stale = not _pid_alive(int(m[1])) if m[1] else tmp.stat().st_mtime < _STARTED
-            if stale and int(m[1] or 0) != os.getpid():
+            stale = (m[1] == _HOST and not _pid_alive(int(m[2]))) if m[2] else tmp.stat().st_mtime < _STARTED
+            if stale:
                 tmp.unlink()
                 removed.append(tmp)
         except FileNotFoundError:  # another run removed it first
