@@ -221,6 +221,7 @@ def events(ctx: typer.Context) -> None:
     """Video to events (ESIM-style simulator), event-file conversion, or event-file info."""
     from ems_yolo.events.formats import EVENT_FILE_SUFFIXES, convert_events, open_events
     from ems_yolo.events.simulator import SimulatorConfig, video_to_events
+    from ems_yolo.utils.files import refuse_overwriting_inputs
 
     kv = parse_key_values(ctx.args, EVENTS_KEYS, "events")
     require(kv, "source", "events", "video or event file")
@@ -237,6 +238,7 @@ def events(ctx: typer.Context) -> None:
     if kv.get("info"):
         raise UsageError(f"info=True describes an event file ({', '.join(EVENT_FILE_SUFFIXES)}), not {source}")
     out = Path(str(kv.get("out", source.with_name(f"{source.stem}_td.dat"))))
+    refuse_overwriting_inputs(out, source=source)
     sim = {k: kv[k] for k in ("c_on", "c_off", "sigma", "refractory_us", "noise_hz", "seed") if k in kv}
     ev = video_to_events(source, out, width=int(kv.get("width", 304)), height=int(kv.get("height", 240)),
                          config=SimulatorConfig(**sim), max_frames=kv.get("max_frames"), progress=True)

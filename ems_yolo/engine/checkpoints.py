@@ -26,7 +26,7 @@ from ultralytics.utils import DEFAULT_CFG_DICT, LOGGER
 from ems_yolo.cfg import load_model_yaml
 from ems_yolo.nn.model import EMSDetectionModel
 from ems_yolo.nn.original import ORIGINAL_MODEL, ORIGINAL_TIME_STEPS, OriginalCheckpoint, load_original
-from ems_yolo.utils.files import atomic_write
+from ems_yolo.utils.files import atomic_write, refuse_overwriting_inputs
 
 ORIGINAL_FORMAT = "EMS-YOLO original (BICLab/EMS-YOLO train.py, pickled models.yolo.Model)"
 ALLOWED_MODULES = ("ems_yolo.", "ultralytics.", "torch.nn.")  # where the classes a checkpoint may need live
@@ -174,5 +174,7 @@ def convert_original(
     source = Path(source)
     if not source.is_file():
         raise FileNotFoundError(f"checkpoint '{source}' not found")
+    out = out or source.with_name(f"{source.stem}-ems.pt")
+    refuse_overwriting_inputs(out, source=source, model=model)
     _, ckpt = load_converted(source, time_steps, model)
-    return write_checkpoint(ckpt, out or source.with_name(f"{source.stem}-ems.pt"))
+    return write_checkpoint(ckpt, out)

@@ -26,7 +26,6 @@ from torch import nn
 from ems_yolo import ultralytics_compat  # noqa: F401  (first: offline environment before Ultralytics loads)
 from ultralytics.cfg import get_cfg
 from ultralytics.engine.model import Model
-from ultralytics.models.yolo.detect import DetectionPredictor
 from ultralytics.utils import DEFAULT_CFG
 
 from ems_yolo.cfg import (
@@ -43,12 +42,12 @@ from ems_yolo.cfg import (
 from ems_yolo.data.datasets import load_data, resolve_data
 from ems_yolo.data.verify import check_media_source
 from ems_yolo.engine.checkpoints import load_converted, trust_file, write_checkpoint
-from ems_yolo.engine.predictor import EventPredictor
+from ems_yolo.engine.predictor import EventPredictor, FramePredictor
 from ems_yolo.engine.trainer import EMSTrainer, model_for_data
 from ems_yolo.engine.validator import EMSValidator
 from ems_yolo.nn.model import EMSDetectionModel, ann_twin
 from ems_yolo.nn.original import is_original_checkpoint
-from ems_yolo.utils.files import content_addressed, no_half_written_runs
+from ems_yolo.utils.files import claim_run, content_addressed, no_half_written_runs
 
 YAML_OVERRIDES = ("nc", "channels", "input")  # model YAML keys that EMSYOLO(...) may override besides T
 
@@ -137,7 +136,7 @@ class EMSYOLO(Model):
                 "model": EMSDetectionModel,
                 "trainer": EMSTrainer,
                 "validator": EMSValidator,
-                "predictor": DetectionPredictor,
+                "predictor": FramePredictor,
             }
         }
 
@@ -260,7 +259,10 @@ class EMSYOLO(Model):
         data = resolve_data(data or self.overrides.get("data"))
         model = self.model if self.ckpt else model_for_data(self.model.yaml, load_data(data, split=split))
         loader = energy_dataloader(data, imgsz, batch, split)
-        folder = increment_path(Path(project or default_project()) / name)
-        return run_energy(model, loader, imgsz, folder, untrained=not self.ckpt, max_batches=max_batches,
-                          **energy_kwargs)
+        project = Path(project or default_project())
+        folder = increment_path(project / name)
+        with no_half_written_runs(project):  # a failed report (a full disk) leaves no partial folder
+            claim_run(folder)
+            return run_energy(model, loader, imgsz, folder, untrained=not self.ckpt, max_batches=max_batches,
+                              **energy_kwargs)
 

@@ -19,6 +19,7 @@ import torch
 
 from ems_yolo import ultralytics_compat  # noqa: F401  (first: offline environment before Ultralytics loads)
 from ultralytics.engine.results import Results
+from ultralytics.models.yolo.detect import DetectionPredictor
 from ultralytics.nn.autobackend import AutoBackend
 from ultralytics.utils import LOGGER
 from ultralytics.utils.files import increment_path
@@ -32,7 +33,30 @@ from ems_yolo.events.io import concat_boxes, detections_to_boxes, write_bbox
 from ems_yolo.events.representations import EventRepresentation, ems_frames, resize_channels
 from ems_yolo.events.simulator import video_to_events
 from ems_yolo.utils.checks import image_hw
-from ems_yolo.utils.files import no_half_written_runs
+from ems_yolo.utils.files import claim_run, no_half_written_runs, remove_stale_temporaries, temporary_sibling
+
+MAX_WINDOWS = 10_000  # more windows than this get a warning with the expected output size before prediction starts
+VIDEO_BYTES_PER_PIXEL = 0.1  # about what an MJPG frame of an annotated event frame takes (for that estimate)
+
+
+def refuse_source_folder(save_dir: Path, source) -> None:
+    """Refuse a run folder (`project`/`name`) that is the folder of the source: the outputs, named after the
+    source files (`<name>.jpg`, `<stem>_bbox.npy`, ...), would overwrite them or the labels beside them."""
+    p = Path(str(source)).expanduser() if isinstance(source, (str, Path)) else None
+    folder = None if p is None else p if p.is_dir() else p.parent
+    if folder is not None and folder.is_dir() and save_dir.is_dir() and folder.samefile(save_dir):
+        raise ValueError(f"project/name: {save_dir} is the folder of source={source}, expected another run folder "
+                         "(predictions saved there would overwrite the source's files)")
+
+
+class FramePredictor(DetectionPredictor):
+    """Ultralytics' detection predictor whose run folder is checked against the source and claimed for clean-up."""
+
+    def stream_inference(self, source=None, model=None, *args, **kwargs):  # noqa: D102
+        if self.args.save or self.args.save_txt:
+            refuse_source_folder(self.save_dir, source if source is not None else self.args.source)
+        claim_run(self.save_dir)
+        yield from super().stream_inference(source, model, *args, **kwargs)
 
 
 def model_representation(model) -> EventRepresentation | None:
@@ -92,17 +116,34 @@ class EventPredictor:
                 "an export); predict with a .pt trained on events, or on an .h5 cache, which carries its own"
             )
         events = open_events(source)
+        self._check_windows(events)
         rep = replace(trained, height=events.height or trained.height, width=events.width or trained.width)
         stem = source.name.removesuffix(source.suffix).removesuffix(".dat").removesuffix("_td")  # x_td.dat.h5 -> x
         return stem, rep, stream_windows(events, rep, self.stride_us)
 
+    def _check_windows(self, events: EventSource) -> None:
+        """Warn before starting when the stride gives more than MAX_WINDOWS windows: their count, and the size of
+        the annotated video they make."""
+        n = events.duration_us // self.stride_us + 1 if events.count else 0
+        if n > MAX_WINDOWS:
+            mb = n * (events.width or 304) * (events.height or 240) * 3 * VIDEO_BYTES_PER_PIXEL / 1e6
+            video = f" and an annotated video of about {mb:,.0f} MB" if self.args.save is not False else ""
+            LOGGER.warning(f"{events.path}: stride_ms={self.stride_us / 1000:g} gives {n:,} windows{video} over "
+                           f"{events.duration_us / 1e6:.1f} s; a larger stride_ms gives fewer (stride_ms="
+                           f"{-(-events.duration_us // (MAX_WINDOWS * 1000))} gives at most {MAX_WINDOWS:,})")
+
     def stream(self, source: str | Path) -> Iterator[Results]:
-        """Yield one `Results` per window (boxes in sensor pixels); files are written when the stream ends. A
-        prediction that fails removes the run folder it created, so no half-written run is left."""
+        """Yield one `Results` per window (boxes in sensor pixels); files are written when the stream ends (the
+        video under a temporary name until then). A prediction that fails or is interrupted (Ctrl-C, SIGTERM)
+        removes the run folder it created, so no half-written run is left; a run folder that is the source's own
+        folder is refused."""
         source = Path(source)
         if not source.is_file():
             raise FileNotFoundError(f"{source}: event source not found")
+        if self.args.save is not False:
+            refuse_source_folder(self.save_dir, source)
         with no_half_written_runs(self.save_dir.parent):
+            claim_run(self.save_dir)
             yield from self._stream(source)
 
     def _stream(self, source: Path) -> Iterator[Results]:
@@ -115,6 +156,8 @@ class EventPredictor:
         args, size = self.args, max(image_hw(self.args.imgsz))
         save = args.save is not False
         names, rows, video = self.backend.names, [], None
+        avi = self.save_dir / f"{stem}.avi"
+        tmp = temporary_sibling(avi, ".avi")  # a killed run leaves no unindexed .avi (the writer chooses by suffix)
         try:
             for t, x, newest in windows:
                 inp = torch.from_numpy(resize_channels(x, size).copy())[None].float().div(255).to(self.backend.device)
@@ -130,20 +173,25 @@ class EventPredictor:
                     plotted = result.plot(line_width=1)
                     if video is None:
                         self.save_dir.mkdir(parents=True, exist_ok=True)
+                        remove_stale_temporaries(avi)
                         fps = max(1.0, 1e6 / self.stride_us)
-                        video = cv2.VideoWriter(str(self.save_dir / f"{stem}.avi"), cv2.VideoWriter_fourcc(*"MJPG"),
-                                                fps, (plotted.shape[1], plotted.shape[0]))
+                        video = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"MJPG"), fps,
+                                                (plotted.shape[1], plotted.shape[0]))
                     video.write(plotted)
                 yield result
+            if save:
+                out = self.save_dir / f"{stem}_bbox.npy"
+                write_bbox(out, concat_boxes(rows), version=2)
+                if video is not None:
+                    video.release()
+                    tmp.replace(avi)
+                video_note = f"\nannotated video -> {avi}" if video is not None else (
+                    " (no window fits the recording: no video)")
+                LOGGER.info(f"detections of {len(rows)} windows -> {out}{video_note}")
         finally:
             if video is not None:
                 video.release()
-        if save:
-            out = self.save_dir / f"{stem}_bbox.npy"
-            write_bbox(out, concat_boxes(rows), version=2)
-            video_note = f"\nannotated video -> {self.save_dir / f'{stem}.avi'}" if video is not None else (
-                " (no window fits the recording: no video)")
-            LOGGER.info(f"detections of {len(rows)} windows -> {out}{video_note}")
+            tmp.unlink(missing_ok=True)
 
     def __call__(self, source: str | Path, stream: bool = False) -> Iterator[Results] | list[Results]:
         """Predict on an event source: a generator with `stream=True`, else the list of all windows' results."""

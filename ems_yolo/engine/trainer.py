@@ -12,11 +12,13 @@ import os
 import time
 from copy import copy, deepcopy
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from ems_yolo import ultralytics_compat as compat  # first: offline environment before Ultralytics loads
+from ultralytics.cfg import get_save_dir
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import DEFAULT_CFG, LOCAL_RANK, LOGGER, RANK
 from ultralytics.utils.torch_utils import strip_optimizer, torch_distributed_zero_first, unwrap_model
@@ -29,6 +31,7 @@ from ems_yolo.engine.autoanchor import check_anchors
 from ems_yolo.engine.validator import EMSValidator
 from ems_yolo.nn.model import EMSDetectionModel, local_bn_stats
 from ems_yolo.utils.checks import image_hw
+from ems_yolo.utils.files import atomic_write_text, claim_run
 
 
 def check_amp_offline(model: torch.nn.Module) -> bool:
@@ -50,6 +53,16 @@ def check_amp_offline(model: torch.nn.Module) -> bool:
     if not ok:
         LOGGER.warning("AMP check failed (non-finite outputs under autocast); training in full precision")
     return ok
+
+
+def trim_results_csv(csv: Path, epochs: int) -> None:
+    """Keep the header and the rows of the first `epochs` epochs of a run's results.csv (rows of epochs after the
+    checkpoint, written before a kill, would be duplicated by the resumed run)."""
+    if not csv.is_file():
+        return
+    lines = csv.read_text().splitlines(keepends=True)
+    if len(lines) > epochs + 1:
+        atomic_write_text(csv, "".join(lines[:epochs + 1]))
 
 
 def model_for_data(cfg, data: dict, verbose: bool = False) -> EMSDetectionModel:
@@ -76,6 +89,29 @@ class EMSTrainer(DetectionTrainer):
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if LOCAL_RANK != -1 and world > 1:  # a DDP worker (torchrun's or Ultralytics' launcher's): all processes
             self.world_size = world
+
+    def check_resume(self, overrides: dict) -> None:
+        """Ultralytics' resume, then the run folder is fixed before anything is written: a resumed run is the folder
+        its checkpoint lives in (`<run>/weights/last.pt`), never the paths the checkpoint records (they may point
+        anywhere), and its results.csv keeps only the checkpoint's epochs. The folder is claimed for cleanup."""
+        super().check_resume(overrides)
+        if self.resume:
+            last = Path(self.args.resume).resolve()
+            run = last.parent.parent
+            if last.parent.name != "weights":
+                raise ValueError(f"{last}: resume=True needs the last.pt of a run, expected <run>/weights/last.pt "
+                                 "(a checkpoint's recorded run folder is not trusted)")
+            recorded = self.args.save_dir
+            if recorded and Path(recorded).resolve() != run:
+                LOGGER.warning(f"{last}: its train_args.save_dir '{recorded}' is not the folder it lives in; "
+                               f"resuming in {run}")
+            self.args.save_dir, self.args.project, self.args.name = str(run), str(run.parent), run.name
+            if RANK in {-1, 0}:
+                trim_results_csv(run / "results.csv", int(load_checkpoint_file(last).get("epoch", -1)) + 1)
+        elif RANK in {-1, 0}:
+            self.args.save_dir = str(get_save_dir(self.args))
+        if RANK in {-1, 0}:
+            claim_run(self.args.save_dir)
 
     def _setup_ddp(self) -> None:
         """Ultralytics' process group on accelerators; gloo for CPU workers (the device stays the CPU)."""

@@ -23,7 +23,7 @@ from ems_yolo.data.events import EventDetectionDataset
 from ems_yolo.data.splits import build_split_dataset
 from ems_yolo.events.io import concat_boxes, detections_to_boxes
 from ems_yolo.utils.coco import coco_bbox_eval
-from ems_yolo.utils.files import atomic_write_text
+from ems_yolo.utils.files import atomic_write_text, claim_run
 
 
 def _sensor_rows(xyxy, cls, conf, t: int, scale: np.ndarray) -> np.ndarray:
@@ -43,6 +43,10 @@ class EMSValidator(DetectionValidator):
 
     coco_stats: dict[str, float] | None = None
     prophesee_stats: dict[str, float] | None = None
+
+    def __init__(self, dataloader=None, save_dir=None, args=None, _callbacks=None):
+        super().__init__(dataloader, save_dir, args, _callbacks)
+        claim_run(self.save_dir)  # a failed stand-alone validation removes this folder if it made it
 
     def build_dataset(self, img_path: str, mode: str = "val", batch: int | None = None):
         """Event caches (.h5 splits) get EventDetectionDataset; image folders are checked and go to Ultralytics."""

@@ -12,14 +12,16 @@ import bisect
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
-from ems_yolo.events.io import EVENT_DTYPE, read_dat, read_dat_header, write_dat
-from ems_yolo.events.raw import RawIndex, RawReader, write_raw_evt2
+from ems_yolo.events.io import EVENT_DTYPE, dat_header, dat_records, read_dat, read_dat_header, write_dat
+from ems_yolo.events.raw import RawIndex, RawReader, encode_evt2, evt2_header, write_raw_evt2
+from ems_yolo.utils.files import atomic_write, refuse_overwriting_inputs, sigterm_as_interrupt
 
 EVENT_FILE_SUFFIXES = (".dat", ".raw", ".npy", ".h5")
+CHUNK_EVENTS = 1 << 20  # events per chunk of a whole-file pass (conversion): memory does not grow with the file
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class EventSource:
     t_last: int | None
     count: int
     read: Callable[[int | None, int | None], np.ndarray]
+    chunks: Callable[[], Iterator[np.ndarray]]  # every event in file order, a bounded number at a time
 
     @property
     def duration_us(self) -> int:
@@ -55,8 +58,15 @@ def _dat(path: Path) -> EventSource:
         first, last = int(times[0]), int(times[-1])
     else:
         first = last = None
+
+    def chunks():  # time windows of about CHUNK_EVENTS events, each read through a memory map of its own
+        starts = range(0, header.num_events, CHUNK_EVENTS)
+        bounds = sorted({int(times[i]) for i in starts})
+        for t0, t1 in zip(bounds, [*bounds[1:], None]):
+            yield read_dat(path, t0, t1)
+
     return EventSource(path, "Event2D .dat", header.width, header.height, first, last, header.num_events,
-                       lambda t0=None, t1=None: read_dat(path, t0, t1))
+                       lambda t0=None, t1=None: read_dat(path, t0, t1), chunks)
 
 
 def _raw(path: Path) -> EventSource:
@@ -66,7 +76,8 @@ def _raw(path: Path) -> EventSource:
     h = reader.header
     name = {"EVT2": "EVT 2.0", "EVT21": "EVT 2.1", "EVT3": "EVT 3.0"}[h.encoding]
     return EventSource(path, f"{name} .raw", h.width, h.height, first, index.last_t if index.events else None,
-                       index.events, lambda t0=None, t1=None: reader.read(t0, t1))
+                       index.events, lambda t0=None, t1=None: reader.read(t0, t1),
+                       lambda: (d.events for d in reader.chunks()))
 
 
 def _npy(path: Path) -> EventSource:
@@ -77,18 +88,31 @@ def _npy(path: Path) -> EventSource:
                          "with fields t, x, y, p")
     t = np.asarray(events["t"])
 
+    def as_events(part: np.ndarray) -> np.ndarray:
+        out = np.empty(len(part), EVENT_DTYPE)
+        for k in "txyp":
+            out[k] = part[k]
+        return out
+
     def read(t0=None, t1=None):
         lo = 0 if t0 is None else int(np.searchsorted(t, t0, "left"))
         hi = len(t) if t1 is None else int(np.searchsorted(t, t1, "left"))
-        out = np.empty(hi - lo, EVENT_DTYPE)
-        for k in "txyp":
-            out[k] = events[k][lo:hi]
-        return out
+        return as_events(events[lo:hi])
 
-    width = int(events["x"].max()) + 1 if len(events) else None
-    height = int(events["y"].max()) + 1 if len(events) else None
+    def parts():  # read from the file, not the memory map, whose pages would stay resident
+        with path.open("rb") as f:
+            f.seek(events.offset)
+            for lo in range(0, len(t), CHUNK_EVENTS):
+                yield np.fromfile(f, events.dtype, min(CHUNK_EVENTS, len(t) - lo))
+
+    def chunks():
+        return (as_events(part) for part in parts())
+
+    sides = [(int(part["x"].max()), int(part["y"].max())) for part in parts()]
+    width = max(x for x, _ in sides) + 1 if sides else None
+    height = max(y for _, y in sides) + 1 if sides else None
     return EventSource(path, "structured .npy", width, height, int(t[0]) if len(t) else None,
-                       int(t[-1]) if len(t) else None, len(t), read)
+                       int(t[-1]) if len(t) else None, len(t), read, chunks)
 
 
 def h5py_with_filters():
@@ -140,20 +164,31 @@ def _h5(path: Path) -> EventSource:
         first = int(g["t"][0]) if count else None
         last = int(g["t"][-1]) if count else None
 
+    def rows(g, lo: int, hi: int, t_min: int = 0) -> np.ndarray:
+        """Events [lo, hi) as RVT reads them: times made non-decreasing (from t_min), polarity -1 read as 0."""
+        out = np.empty(hi - lo, EVENT_DTYPE)
+        out["t"] = np.maximum.accumulate(np.maximum(np.asarray(g["t"][lo:hi], np.int64), t_min)) if hi > lo else []
+        out["x"], out["y"] = g["x"][lo:hi], g["y"][lo:hi]
+        out["p"] = np.clip(np.asarray(g["p"][lo:hi]), 0, 1)
+        return out
+
     def read(t0=None, t1=None):
         with h5py.File(path, "r") as f:
             g = f["events"]
             times = _Column(g["t"])
             lo = 0 if t0 is None else bisect.bisect_left(times, t0)
             hi = count if t1 is None else bisect.bisect_left(times, t1, lo)
-            out = np.empty(hi - lo, EVENT_DTYPE)
-            # as RVT reads them: times made non-decreasing, polarity -1 read as 0
-            out["t"] = np.maximum.accumulate(np.asarray(g["t"][lo:hi], np.int64)) if hi > lo else []
-            out["x"], out["y"] = g["x"][lo:hi], g["y"][lo:hi]
-            out["p"] = np.clip(np.asarray(g["p"][lo:hi]), 0, 1)
-        return out
+            return rows(g, lo, hi)
 
-    return EventSource(path, "RVT HDF5 events", size[0], size[1], first, last, count, read)
+    def chunks():
+        with h5py.File(path, "r") as f:
+            t_min = 0
+            for lo in range(0, count, CHUNK_EVENTS):
+                part = rows(f["events"], lo, min(lo + CHUNK_EVENTS, count), t_min)
+                t_min = int(part["t"][-1])
+                yield part
+
+    return EventSource(path, "RVT HDF5 events", size[0], size[1], first, last, count, read, chunks)
 
 
 _OPENERS = {".dat": _dat, ".raw": _raw, ".npy": _npy, ".h5": _h5}
@@ -189,12 +224,43 @@ def write_events(path: str | os.PathLike, events: np.ndarray, width: int, height
 def convert_events(source: str | os.PathLike, out: str | os.PathLike, width: int | None = None,
                    height: int | None = None) -> tuple[Path, int]:
     """Re-encode an event file (any readable format) as `.dat` or EVT 2.0 `.raw`; returns (file, event count).
-    The sensor size is the source's unless `width`/`height` are given (they must be for a file that does not say)."""
-    if Path(out).suffix not in (".dat", ".raw"):
+    The sensor size is the source's unless `width`/`height` are given (they must be for a file that does not say).
+    The events stream through in chunks (memory does not grow with the file) into a temporary file renamed at the
+    end; `out` may not be the source."""
+    out = Path(out)
+    if out.suffix not in (".dat", ".raw"):
         raise ValueError(f"{out}: cannot write events there, expected a .dat or .raw target")
+    refuse_overwriting_inputs(out, source=source)
     src = open_events(source)
-    width, height = width or src.width, height or src.height
-    if width is None or height is None:
+    width, height = int(width or src.width or 0), int(height or src.height or 0)
+    if not (width and height):
         raise ValueError(f"{src.path}: the sensor size is unknown (its header has none), expected width= and height=")
-    events = src.read(None, None)
-    return write_events(out, events, int(width), int(height)), len(events)
+    dat = out.suffix == ".dat"
+    header = dat_header(width, height) if dat else evt2_header(width, height)
+    count, last = 0, 0
+
+    def encode(events: np.ndarray) -> bytes:
+        if dat:
+            return dat_records(events, width, height).tobytes()
+        if events.size and (int(events["x"].max()) >= width or int(events["y"].max()) >= height):
+            raise ValueError(f"{src.path}: events outside the {width}x{height} sensor cannot be written")
+        return encode_evt2(events)
+
+    def write(f) -> None:
+        nonlocal count, last
+        f.write(header)
+        for events in src.chunks():
+            if events.size and int(events["t"][0]) < last:
+                raise ValueError(f"{src.path}: field 't' must be non-decreasing: event {count} has "
+                                 f"t={int(events['t'][0])} after t={last}")
+            f.write(encode(events))
+            count += len(events)
+            last = int(events["t"][-1]) if events.size else last
+
+        if count != src.count:
+            raise ValueError(f"{src.path}: {count:,} of its {src.count:,} events read in time order, expected all "
+                             "(are its times non-decreasing?)")
+
+    with sigterm_as_interrupt():  # a killed conversion removes its temporary file
+        atomic_write(out, write)
+    return out, count

@@ -362,9 +362,31 @@ def write_dat(
     The input is validated and never modified; the file is written atomically with a Version 2 header that
     declares ``Height``/``Width``.
     """
+    header = dat_header(width, height, date)
+    records = dat_records(events, width, height)
+    atomic_write(path, lambda f: (f.write(header), f.write(records.tobytes())))
+
+
+def dat_header(width: int = 304, height: int = 240, date: datetime | None = None) -> bytes:
+    """The Event2D Version 2 header (``Height``/``Width`` declared) and the event type and size bytes."""
     for key, side in (("width", width), ("height", height)):
         if not isinstance(side, (int, np.integer)) or not 1 <= side <= _MAX_SENSOR_SIDE:
             raise ValueError(f"{key} must be in 1..{_MAX_SENSOR_SIDE}, got {side}")
+    header = "".join(
+        f"% {line}\n"
+        for line in (
+            "Data file containing Event2D events",
+            "Version 2",
+            f"Date {date or datetime.now():%Y-%m-%d %H:%M:%S}",
+            f"Height {height}",
+            f"Width {width}",
+        )
+    ).encode("ascii")
+    return header + bytes((0x00, _RECORD_SIZE))
+
+
+def dat_records(events: np.ndarray, width: int = 304, height: int = 240) -> np.ndarray:
+    """Validated Event2D records of events (fields t, x, y, p), to follow `dat_header` (also chunk by chunk)."""
     names = events.dtype.names or ()
     missing = [name for name in ("t", "x", "y", "p") if name not in names]
     if missing:
@@ -384,23 +406,7 @@ def write_dat(
     records = np.empty(t.size, dtype=_RECORD_DTYPE)
     records["t"] = t
     records["w"] = x | (y << 14) | (p << 28)
-    header = "".join(
-        f"% {line}\n"
-        for line in (
-            "Data file containing Event2D events",
-            "Version 2",
-            f"Date {date or datetime.now():%Y-%m-%d %H:%M:%S}",
-            f"Height {height}",
-            f"Width {width}",
-        )
-    ).encode("ascii")
-
-    def write(f: BinaryIO) -> None:
-        f.write(header)
-        f.write(bytes((0x00, _RECORD_SIZE)))
-        f.write(records.tobytes())
-
-    atomic_write(path, write)
+    return records
 
 
 def convert_boxes(boxes: np.ndarray, target: np.dtype, source: str) -> np.ndarray:

@@ -686,7 +686,12 @@ def write_raw_evt2(path: str | os.PathLike, events: np.ndarray, width: int, heig
     """Write CD events as an EVT 2.0 `.raw` file (atomic) that Prophesee's tools and `read_raw` read."""
     if events.size and (int(events["x"].max()) >= width or int(events["y"].max()) >= height):
         raise ValueError(f"events outside the {width}x{height} sensor cannot be written")
-    header = (f"% evt 2.0\n% format EVT2;height={height};width={width}\n% geometry {width}x{height}\n"
-              "% integrator_name ems-yolo\n% end\n").encode("ascii")
+    header = evt2_header(width, height)
     body = encode_evt2(events)
     return atomic_write(path, lambda f: (f.write(header), f.write(body)))
+
+
+def evt2_header(width: int, height: int) -> bytes:
+    """The header of an EVT 2.0 `.raw` file written by ems-yolo (`encode_evt2` words follow it)."""
+    return (f"% evt 2.0\n% format EVT2;height={height};width={width}\n% geometry {width}x{height}\n"
+            "% integrator_name ems-yolo\n% end\n").encode("ascii")
