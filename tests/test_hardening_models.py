@@ -207,3 +207,147 @@ def test_d1_real_checkpoints_still_load(tmp_path, tiny):
 
     converted = load_checkpoint_file(SHARED_DATA / "checkpoints" / "original-res10-ee-nc2-T5.pt")["model"]
     assert converted.names == {0: "class0", 1: "class1"}
+
+
+# D12, D13, D15: model definitions are checked (types, values, sizes) when the model is built.
+
+def _edited_original(path: Path, *edits: tuple[bytes, bytes]) -> Path:
+    """The shared original checkpoint with byte-level edits of its pickle (each `old` must occur)."""
+    import zipfile
+
+    with zipfile.ZipFile(SHARED_DATA / "checkpoints" / "original-res10-ee-nc2-T5.pt") as zin, \
+            zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            if info.filename.endswith("/data.pkl"):
+                for old, new in edits:
+                    assert old in data
+                    data = data.replace(old, new, 1)
+            zout.writestr(info.filename, data)
+    return path
+
+
+def _unicode(text: str) -> bytes:
+    return b"X" + len(text).to_bytes(4, "little") + text.encode()
+
+
+def _names_as_mixed_dict(data_names: bytes) -> tuple[bytes, bytes]:
+    """['class0', 'class1'] -> {0: 'a', 'x': 'b'} (the list's memo slot kept)."""
+    i0, i1 = data_names.index(_unicode("class0")), data_names.index(_unicode("class1"))
+    start, end = i0 - 7, i1 + len(_unicode("class1")) + 5  # ']' LONG_BINPUT '(' ... 'e'
+    old = data_names[start:end + 1]
+    new = b"}" + old[1:6] + b"(K\x00" + _unicode("a") + _unicode("x") + _unicode("b") + b"u"
+    return old, new
+
+
+def _original_pickle() -> bytes:
+    import zipfile
+
+    with zipfile.ZipFile(SHARED_DATA / "checkpoints" / "original-res10-ee-nc2-T5.pt") as z:
+        return z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
+
+
+def _float_after(key: str, old: float, new: float) -> tuple[bytes, bytes]:
+    import struct
+
+    head = _unicode(key)
+    data = _original_pickle()
+    i = data.index(head) + len(head) + 5  # LONG_BINPUT
+    assert data[i:i + 9] == b"G" + struct.pack(">d", old)
+    return data[i - 5 - len(head):i + 9], head + data[i - 5:i] + b"G" + struct.pack(">d", new)
+
+
+ORIGINAL_EDITS = {
+    "n_str": ([(b"K\x01" + _unicode("ConcatBlock_ms"), _unicode("2") + _unicode("ConcatBlock_ms"))],
+              "model row 1 of the pickled YAML", "positive integer repeat count n, got '2'"),
+    "names_mixed": ([_names_as_mixed_dict(_original_pickle())] if (SHARED_DATA / "checkpoints").exists() else [],
+                    "names have keys [0, 'x']", "expected the integers 0..1"),
+    "width_huge": ([_float_after("width_multiple", 1.0, 1e5)] if (SHARED_DATA / "checkpoints").exists() else [],
+                   "width_multiple, depth_multiple or the rows' channels: the model needs about", "GB of memory"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ORIGINAL_EDITS))
+def test_d12_d15_bad_original_checkpoints_are_one_line(tmp_path, case, capsys):
+    """convert: a pickled YAML row with n='2', names {0: 'a', 'x': 'b'}, width_multiple 1e5 (368 TB): exit 2,
+    one line naming the file and what was expected; nothing written."""
+    edits, *expected = ORIGINAL_EDITS[case]
+    source = _edited_original(tmp_path / f"orig_{case}.pt", *edits)
+    out = tmp_path / "converted.pt"
+    assert run(["convert", f"source={source}", f"out={out}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"ems-yolo: error: {source}: "), err
+    assert all(e in err[0] for e in expected), err
+    assert not out.exists()
+
+
+def _model_yaml(path: Path, tiny: dict, edit) -> Path:
+    import yaml
+
+    d = deepcopy(tiny)
+    d.pop("yaml_file", None)
+    edit(d)
+    path.write_text(yaml.safe_dump(d, sort_keys=False))
+    return path
+
+
+YAML_EDITS = {  # name: (edit of the tiny ems-res10 dict, what the one line must say)
+    "stride0": (lambda d: d["backbone"][1][3].__setitem__(2, 0), ["model row 1 (EMSBlock2", "cannot run"]),
+    "nn_module": (lambda d: d["backbone"].__setitem__(2, [-1, 1, "nn.Module", []]),
+                  ["model row 2", "unknown module 'nn.Module'"]),
+    "upsample_huge": (lambda d: d["head"][3][3].__setitem__(1, 1e9), ["model row 8 (nn.Upsample", "overflowed"]),
+    "ul_detect": (lambda d: d["head"].__setitem__(-1, [[10, 6], 1, "Detect", ["nc"]]),
+                  ["model row 11", "EMSDetect row", "to fine-tune, train an ems-yolo model"]),
+    "loss_box": (lambda d: d.__setitem__("loss", {"box": "x"}), ["loss.box: expected a non-negative gain, got 'x'"]),
+    "loss_str": (lambda d: d.__setitem__("loss", "x"), ["loss: expected a mapping"]),
+    "tau_str": (lambda d: d.__setitem__("neuron", {"tau": "abc", "vth": 0.5}),
+                ["neuron.tau: expected a decay factor in [0, 1], got 'abc'"]),
+    "vth_negative": (lambda d: d.__setitem__("neuron", {"vth": -1}), ["neuron.vth: expected a positive threshold"]),
+    "time_steps_huge": (lambda d: d.__setitem__("time_steps", 10**9), ["time_steps: the model needs about"]),
+    "width_huge": (lambda d: d.__setitem__("width_multiple", 1e5), ["width_multiple, depth_multiple"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(YAML_EDITS))
+def test_d12_d15_bad_model_yaml_is_refused_at_build(tmp_path, tiny, case, capsys):
+    """`info` builds the model: a bad row, loss or neuron value, or a size that cannot fit is one line naming the
+    YAML and the row or key, not a crash at train time (or an OOM kill)."""
+    edit, expected = YAML_EDITS[case]
+    path = _model_yaml(tmp_path / f"{case}.yaml", tiny, edit)
+    assert run(["info", f"model={path}", "imgsz=64"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"ems-yolo: error: {path}: "), err
+    assert all(e in err[0] for e in expected), err
+    with pytest.raises(ValueError, match=str(path)):
+        EMSDetectionModel(str(path), verbose=False)
+
+
+def test_d15_info_sizes_that_cannot_fit(tmp_path, tiny, capsys):
+    """T = 1e9 (an OOM kill before) and imgsz = 99999 (a 120 GB request) are refused before allocating, with the
+    estimate and the key; the same model at sane sizes still reports its summary."""
+    path = _model_yaml(tmp_path / "tiny.yaml", tiny, lambda d: None)
+    assert run(["info", f"model={path}", "time_steps=1000000000", "imgsz=64"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "time_steps: the model needs about" in err[0] and "T=1000000000" in err[0], err
+    assert run(["info", f"model={path}", "imgsz=99999"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "imgsz: the model needs about" in err[0] and "at 99999x99999" in err[0], err
+    assert run(["info", f"model={path}", "imgsz=64", "time_steps=2"]) == 0
+
+
+def test_dry_run_counts_what_the_real_model_has(tiny):
+    """The meta-device dry run counts the real model's parameters and the real outputs of its rows."""
+    from ems_yolo.nn.dry_run import dry_run
+
+    model = EMSDetectionModel(tiny, verbose=False).eval()  # T = 1: every row's output counted once
+    sizes = dry_run(model.yaml, 3, (64, 96))
+    assert sizes.params == sum(p.numel() for p in model.parameters())
+    outputs = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: outputs.append(out)) for m in model.model]
+    model.model[-1].training = True
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 64, 96))
+    for h in hooks:
+        h.remove()
+    numel = sum(o.numel() if isinstance(o, torch.Tensor) else sum(x.numel() for x in o) for o in outputs)
+    assert sizes.step_activations == numel
