@@ -351,3 +351,24 @@ def test_dry_run_counts_what_the_real_model_has(tiny):
         h.remove()
     numel = sum(o.numel() if isinstance(o, torch.Tensor) else sum(x.numel() for x in o) for o in outputs)
     assert sizes.step_activations == numel
+
+
+def test_d13_stock_ultralytics_checkpoint_is_refused_for_training_and_still_validates(tmp_path, capsys):
+    """Fine-tuning a stock Ultralytics YOLO .pt: one line naming the file, the head rows ems-yolo takes and how to
+    fine-tune (no IndexError, nothing written); val and predict with the same file still work."""
+    from ultralytics import YOLO
+
+    weights = tmp_path / "yolov8n_ul.pt"
+    YOLO("yolov8n.yaml").save(weights)
+    data = tmp_path / "coco8.yaml"
+    names = "".join(f"  {i}: c{i}\n" for i in range(80))
+    data.write_text(f"path: {SHARED_DATA / 'coco8'}\ntrain: images/train\nval: images/val\nnames:\n{names}")
+    common = ["imgsz=64", "batch=2", "workers=0", "device=cpu", f"project={tmp_path / 'runs'}", "plots=False"]
+    assert run(["train", f"model={weights}", f"data={data}", "epochs=1", "name=t", *common]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"ems-yolo: error: {weights}: "), err
+    assert "EMSDetect row" in err[0] and "to fine-tune, train an ems-yolo model" in err[0]
+    assert not (tmp_path / "runs" / "t").exists()
+    assert run(["val", f"model={weights}", f"data={data}", "name=v", *common]) == 0
+    assert run(["predict", f"model={weights}", f"source={IMAGE}", "name=p", *common]) == 0
+    assert (tmp_path / "runs" / "p" / IMAGE.name).is_file()

@@ -26,6 +26,11 @@ EMS_MODULES: dict[str, type[nn.Module]] = {
     m.__name__: m for m in (EncodingConv, EMSBlock1, EMSBlock2, MSBlock, WideBlock, SiLUConv, EMSDetect)
 }
 _TORCH_CHANNEL_MODULES = {"Conv2d", "ConvTranspose2d"}
+ULTRALYTICS_HEADS = (
+    "Ultralytics' anchor-free heads (Detect and its subclasses), which ems-yolo's spiking models do not take: they "
+    "end with an EMSDetect row ([[P4, P5], 1, EMSDetect, [nc, anchors]]). Ultralytics checkpoints work with val, "
+    "predict and export; to fine-tune, train an ems-yolo model (model=ems-res10.yaml or an ems-yolo .pt)"
+)
 INPUT_KINDS = ("frames", "events")
 
 
@@ -45,10 +50,7 @@ def resolve_module(name: str) -> type[nn.Module]:
     if not (inspect.isclass(cls) and issubclass(cls, nn.Module)) or cls.forward is nn.Module.forward:
         raise KeyError(name)  # not a module, or a container without a forward of its own (nn.Module, ModuleList)
     if issubclass(cls, ul_modules.Detect) and cls is not EMSDetect:
-        raise ValueError(f"'{name}' is an Ultralytics anchor-free head, which ems-yolo's spiking models do not "
-                         "take; ems-yolo models end with an EMSDetect row ([[P4, P5], 1, EMSDetect, [nc, anchors]]). "
-                         "Ultralytics checkpoints work with val, predict and export; to fine-tune, train an ems-yolo "
-                         "model (model=ems-res10.yaml or an ems-yolo .pt)")
+        raise ValueError(f"'{name}' is one of {ULTRALYTICS_HEADS}")
     return cls
 
 
