@@ -372,3 +372,13 @@ def test_d13_stock_ultralytics_checkpoint_is_refused_for_training_and_still_vali
     assert run(["val", f"model={weights}", f"data={data}", "name=v", *common]) == 0
     assert run(["predict", f"model={weights}", f"source={IMAGE}", "name=p", *common]) == 0
     assert (tmp_path / "runs" / "p" / IMAGE.name).is_file()
+
+
+def test_d1_loads_after_torch_dynamo_wrapped_module_setstate(tmp_path, tiny):
+    """Once torch._dynamo is used (export, compile), nn.Module.__setstate__ is its tagging wrapper: still vetted."""
+    from torch._dynamo.mutation_guard import install_generation_tagging_init
+
+    install_generation_tagging_init()
+    assert "patched_setstate" in torch.nn.Module.__setstate__.__qualname__
+    path = write_checkpoint({"model": EMSDetectionModel(tiny, verbose=False), "epoch": -1}, tmp_path / "a.pt")
+    assert type(load_checkpoint_file(path)["model"]) is EMSDetectionModel

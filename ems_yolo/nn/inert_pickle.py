@@ -177,9 +177,13 @@ REBUILD_CALLS: dict[tuple[str, str], Callable] = {
 _PLAIN_KEYS = (str, int, float, bool, type(None), bytes)
 _PLAIN_NEW = (object.__new__, types.SimpleNamespace.__new__)  # allocate only (SimpleNamespace: an empty dict)
 # `__setstate__` methods that only store the state and fill defaults: torch.nn's (not DistributedDataParallel's,
-# which joins a process group), ems-yolo's and Ultralytics' AAttn's.
+# which joins a process group), the wrapper of nn.Module's that torch._dynamo installs once it is used (it tags the
+# module), ems-yolo's and Ultralytics' AAttn's.
 _VETTED_SETSTATE_MODULES = ("torch.nn.modules.", "ems_yolo.")
-_VETTED_SETSTATE = {"ultralytics.nn.modules.block.AAttn.__setstate__"}
+_VETTED_SETSTATE = {
+    "torch._dynamo.mutation_guard.install_generation_tagging_init.<locals>.patched_setstate",
+    "ultralytics.nn.modules.block.AAttn.__setstate__",
+}
 
 
 class _Global:
@@ -208,7 +212,8 @@ def _plain_key(key) -> bool:
 
 
 class RebuildingUnpickler(pickle._Unpickler):
-    """Pure-Python unpickler whose calling opcodes only allocate allowed classes and call `REBUILD_CALLS`.
+    """Pure-Python unpickler (the C one's opcodes cannot be replaced) whose calling opcodes only allocate allowed
+    classes and call `REBUILD_CALLS`.
 
     `allowed(name)` returns the class a `module.qualname` may rebuild, or None. An allowed `torch.autograd.Function`
     is returned as the class itself (models keep such classes as attributes; they are used through `.apply`).
