@@ -205,8 +205,14 @@ def test_d1_real_checkpoints_still_load(tmp_path, tiny):
     assert torch.allclose(model(x)[0], deepcopy(stock).half().float()(x)[0])
     assert YOLO(str(tmp_path / "yolov8n_ul.pt")).model.yaml["nc"] == 80  # Ultralytics' loader, routed here
 
-    converted = load_checkpoint_file(SHARED_DATA / "checkpoints" / "original-res10-ee-nc2-T5.pt")["model"]
-    assert converted.names == {0: "class0", 1: "class1"}
+    from ems_yolo.engine.checkpoints import convert_original
+
+    original = SHARED_DATA / "checkpoints" / "original-res10-ee-nc2-T5.pt"
+    in_memory = load_checkpoint_file(original)["model"]
+    converted = load_checkpoint_file(convert_original(original, tmp_path / "converted.pt"))["model"].float()
+    assert converted.names == in_memory.names == {0: "class0", 1: "class1"}
+    assert all(torch.equal(a, b) for a, b in zip(converted.state_dict().values(),
+                                                 in_memory.half().float().state_dict().values()))
 
 
 # D12, D13, D15: model definitions are checked (types, values, sizes) when the model is built.
@@ -355,7 +361,7 @@ def test_dry_run_counts_what_the_real_model_has(tiny):
 
 def test_d13_stock_ultralytics_checkpoint_is_refused_for_training_and_still_validates(tmp_path, capsys):
     """Fine-tuning a stock Ultralytics YOLO .pt: one line naming the file, the head rows ems-yolo takes and how to
-    fine-tune (no IndexError, nothing written); val and predict with the same file still work."""
+    fine-tune (no IndexError, nothing written); info, val and predict with the same file work."""
     from ultralytics import YOLO
 
     weights = tmp_path / "yolov8n_ul.pt"
@@ -369,6 +375,7 @@ def test_d13_stock_ultralytics_checkpoint_is_refused_for_training_and_still_vali
     assert len(err) == 1 and err[0].startswith(f"ems-yolo: error: {weights}: "), err
     assert "EMSDetect row" in err[0] and "to fine-tune, train an ems-yolo model" in err[0]
     assert not (tmp_path / "runs" / "t").exists()
+    assert run(["info", f"model={weights}", "imgsz=64"]) == 0
     assert run(["val", f"model={weights}", f"data={data}", "name=v", *common]) == 0
     assert run(["predict", f"model={weights}", f"source={IMAGE}", "name=p", *common]) == 0
     assert (tmp_path / "runs" / "p" / IMAGE.name).is_file()

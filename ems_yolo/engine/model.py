@@ -177,7 +177,7 @@ class EMSYOLO(Model):
         """Log the layer table and the summary (layers, parameters, gradients, GFLOPs per step and over all T)."""
         self._check_is_pytorch_model()
         check_values({"imgsz": imgsz, "detailed": detailed})
-        if verbose:
+        if verbose and isinstance(self.model, EMSDetectionModel):  # Ultralytics' own models log their table in info
             self.model.log_layers()
         return self.model.info(detailed=detailed, verbose=verbose, imgsz=imgsz)
 
