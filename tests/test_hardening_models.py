@@ -90,6 +90,10 @@ def evil(tmp_path_factory, tiny):
          "needs ultralytics.nn.distill_model.DistillationModel.__setstate__")
     save("build_dict", {"model": legit, "epoch": -1, "x": Call(collections.OrderedDict, (), {"a": 1})},
          "sets the state of a collections.OrderedDict")
+    save("no_state", {"model": Call(DetectionModel, ()), "epoch": -1},
+         "leaves a ultralytics.nn.tasks.DetectionModel without its state")
+    save("empty_state", {"model": allocated(DetectionModel, training=False), "epoch": -1},
+         "restores a ultralytics.nn.tasks.DetectionModel without its parameters, buffers and submodules")
     hooked = torch.nn.Identity()
     hooked._forward_pre_hooks[0] = DetectionModel  # a class from the file, called by every forward
     save("class_value", {"model": hooked, "epoch": -1}, "keeps ultralytics.nn.tasks.DetectionModel as a value")
@@ -102,7 +106,7 @@ def evil(tmp_path_factory, tiny):
 
 
 PAYLOADS = ["activation", "autobackend", "ems_class", "in_ema", "in_train_args", "setstate", "build_dict",
-            "class_value", "exec", "eval", "os_system"]
+            "no_state", "empty_state", "class_value", "exec", "eval", "os_system"]
 
 
 @pytest.mark.parametrize("name", PAYLOADS)

@@ -43,7 +43,7 @@ def trust_file(path: str | Path) -> None:
 
 
 def _allowed_class(name: str):
-    """The class named `module.Class` if a checkpoint may construct it (an nn.Module or autograd Function of
+    """The class named `module.Class` if a checkpoint may rebuild it (an nn.Module or autograd Function of
     ems-yolo, Ultralytics or torch.nn, or one of `ALLOWED_DATA_CLASSES`), else None; only modules of those packages
     are imported to find it."""
     module, _, attr = name.rpartition(".")

@@ -224,7 +224,7 @@ class RebuildingUnpickler(pickle._Unpickler):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._unbuilt: set[int] = set()  # ids of objects allocated here whose state is still to be set
+        self._unbuilt: dict[int, str] = {}  # objects allocated here whose state is still to be set: id -> class
 
     def find_class(self, module: str, name: str):
         module = "builtins" if module == "__builtin__" else module
@@ -243,11 +243,19 @@ class RebuildingUnpickler(pickle._Unpickler):
         if not isinstance(target, _Global):
             raise RefusedPickle(f"allocates {getattr(target, '__qualname__', type(target).__name__)}")
         if args or kwargs or target.cls.__new__ not in _PLAIN_NEW:
-            raise RefusedPickle(f"calls {target.name}{tuple(args)!r:.60} (a constructor)")
+            raise RefusedPickle(f"calls {target.name}(...) (a constructor, with {len(args) + len(kwargs or {})} "
+                                "argument(s) from the file)")
         _vetted_setstate(target.cls)
         obj = target.cls.__new__(target.cls)
-        self._unbuilt.add(id(obj))
+        self._unbuilt[id(obj)] = target.name
         return obj
+
+    def load(self) -> Any:
+        """Unpickle; every object allocated must also have had its state set."""
+        result = super().load()
+        if self._unbuilt:
+            raise RefusedPickle(f"leaves a {next(iter(self._unbuilt.values()))} without its state")
+        return result
 
     def load_reduce(self) -> None:
         args = self.stack.pop()
@@ -281,7 +289,7 @@ class RebuildingUnpickler(pickle._Unpickler):
         cls = type(inst)
         if id(inst) not in self._unbuilt:  # a container, tensor, class or an object whose state is already set
             raise RefusedPickle(f"sets the state of a {cls.__module__}.{cls.__qualname__}")
-        self._unbuilt.discard(id(inst))
+        name = self._unbuilt.pop(id(inst))
         if isinstance(state, tuple) and len(state) == 2 and state[1] is None:
             state = state[0]
         if not (type(state) is dict and all(type(k) is str for k in state)):
@@ -291,6 +299,9 @@ class RebuildingUnpickler(pickle._Unpickler):
             inst.__dict__.update(state)
         else:
             setstate(inst, state)
+        if isinstance(inst, torch.nn.Module) and not all(
+                type(state.get(k)) in (dict, collections.OrderedDict) for k in ("_parameters", "_buffers", "_modules")):
+            raise RefusedPickle(f"restores a {name} without its parameters, buffers and submodules")
 
     def _container(self, kinds: tuple[type, ...]):
         target = self.stack[-1]
