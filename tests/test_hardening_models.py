@@ -310,6 +310,8 @@ YAML_EDITS = {  # name: (edit of the tiny ems-res10 dict, what the one line must
                   ["model row 11", "EMSDetect row", "to fine-tune, train an ems-yolo model"]),
     "loss_box": (lambda d: d.__setitem__("loss", {"box": "x"}), ["loss.box: expected a non-negative gain, got 'x'"]),
     "loss_str": (lambda d: d.__setitem__("loss", "x"), ["loss: expected a mapping"]),
+    "loss_balance": (lambda d: d.__setitem__("loss", {"balance": [4.0, 1.0, 0.4]}),
+                     ["loss.balance: 3 entries but the head has 2 levels"]),
     "tau_str": (lambda d: d.__setitem__("neuron", {"tau": "abc", "vth": 0.5}),
                 ["neuron.tau: expected a decay factor in [0, 1], got 'abc'"]),
     "vth_negative": (lambda d: d.__setitem__("neuron", {"vth": -1}), ["neuron.vth: expected a positive threshold"]),

@@ -77,7 +77,8 @@ class YOLOv5Loss:
             raise ValueError(f"stride has {self.stride.numel()} entries but anchors define {self.nl} levels")
         self.balance = [float(b) for b in self.hyp["balance"]]
         if len(self.balance) != self.nl:
-            raise ValueError(f"balance has {len(self.balance)} entries but the head has {self.nl} levels")
+            raise ValueError(f"loss.balance: {len(self.balance)} entries but the head has {self.nl} levels, "
+                             "expected one weight per level")
 
     @staticmethod
     def check_hyp(hyp: dict | None) -> dict:

@@ -115,6 +115,11 @@ class EMSDetectionModel(DetectionModel):
             raise ValueError(f"the last model row must be EMSDetect, got {type(head).__name__}")
         head.set_stride(self._probe_strides(ch))
         self.stride = head.stride
+        if "balance" in (self.yaml.get("loss") or {}):  # one weight per head level: checked now, not at train time
+            try:
+                self.init_criterion()
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
         initialize_weights(self)
         for m in self.modules():  # `sync_bn: true`: tdBN statistics over all processes of a distributed run
             if isinstance(m, TDBatchNorm2d):
