@@ -4,8 +4,8 @@ Reading: a checkpoint is a pickle, and a plain `torch.load` runs whatever a file
 `weights_only` unpickler still calls the classes it allows). `load_checkpoint_file` lists the globals a file needs
 first, allows only classes of ems-yolo, Ultralytics and `torch.nn` (modules and autograd functions), and rebuilds
 them without running any of their code (`rebuild_load`: allocation plus pickled state, no constructor); anything
-else is refused unless the file was trusted (`trust=True`, a plain `torch.load`). Every Ultralytics code path that reads a
-checkpoint (model loading, trainer set-up, resume, AutoBackend) goes through it (ultralytics_compat hook 7).
+else is refused unless the file was trusted (`trust=True`, a plain `torch.load`). Every Ultralytics code path that
+reads a checkpoint (model loading, trainer set-up, resume, AutoBackend) goes through it (ultralytics_compat hook 7).
 
 A converted original checkpoint is an ordinary ems-yolo checkpoint (the model pickled as `EMSDetectionModel`, FP16
 like Ultralytics' own, `epoch: -1` as a finished run) with a `converted_from` record of where it came from.
@@ -61,8 +61,9 @@ def _allowed_class(name: str):
 def load_checkpoint_file(path: str | Path) -> dict:
     """Load an ems-yolo or Ultralytics checkpoint dict safely; errors are one line naming the file.
 
-    An original EMS-YOLO checkpoint is converted (T = 5). A file needing any class outside the allow-list is
-    refused unless it was trusted (`trust_file`, `trust=True`), then loaded with a plain `torch.load`.
+    An original EMS-YOLO checkpoint is converted (T = 5). Other files are rebuilt without running anything they
+    name (`rebuild_load`); a file needing any class outside the allow-list, or asking for a call, is refused unless
+    it was trusted (`trust_file`, `trust=True`), then loaded with a plain `torch.load`.
     """
     path = Path(path)
     if not path.is_file():
