@@ -4,6 +4,10 @@ D1: checkpoints whose every global passes the allow-list still asked torch's `we
 classes (a `DetectionModel(cfg)` whose `activation` is evaluated); each payload below must be refused with one line
 naming the file and what it asked for, through the Python API, Ultralytics' own loader and the CLI, and write no
 marker, while real checkpoints (ems-yolo's, a stock Ultralytics one, the converted originals) load as before.
+D12, D15: a model definition with a bad row, `loss:` or `neuron:` value, or a size that cannot fit in memory (the
+YAML's or an original checkpoint's) is one line naming the file and the row or key when the model is built, before
+anything is allocated. D13: a stock Ultralytics checkpoint cannot be fine-tuned (one line saying how), but still
+works with info, val and predict.
 """
 
 from __future__ import annotations
