@@ -98,6 +98,9 @@ def evil(tmp_path_factory, tiny):
          "leaves a ultralytics.nn.tasks.DetectionModel without its state")
     save("empty_state", {"model": allocated(DetectionModel, training=False), "epoch": -1},
          "restores a ultralytics.nn.tasks.DetectionModel without its parameters, buffers and submodules")
+    dunder = torch.nn.Linear(2, 2)
+    dunder.weight.__dict__["__module__"] = "x"  # restored with setattr on the parameter
+    save("param_dunder", {"model": dunder, "epoch": -1}, "sets special attributes of a parameter")
     hooked = torch.nn.Identity()
     hooked._forward_pre_hooks[0] = DetectionModel  # a class from the file, called by every forward
     save("class_value", {"model": hooked, "epoch": -1}, "keeps ultralytics.nn.tasks.DetectionModel as a value")
@@ -110,7 +113,7 @@ def evil(tmp_path_factory, tiny):
 
 
 PAYLOADS = ["activation", "autobackend", "ems_class", "in_ema", "in_train_args", "setstate", "build_dict",
-            "no_state", "empty_state", "class_value", "exec", "eval", "os_system"]
+            "no_state", "empty_state", "param_dunder", "class_value", "exec", "eval", "os_system"]
 
 
 @pytest.mark.parametrize("name", PAYLOADS)

@@ -150,13 +150,17 @@ def _tensor_v2(storage, offset, size, stride, requires_grad, backward_hooks, *me
     return torch._utils._rebuild_tensor_v2(storage, offset, size, stride, requires_grad, backward_hooks, *metadata)
 
 
-def _parameter(data, requires_grad, backward_hooks, *state):
-    """torch's `_rebuild_parameter(_with_state)` without backward hooks."""
+def _parameter(data, requires_grad, backward_hooks, state=None):
+    """torch's `_rebuild_parameter(_with_state)` without backward hooks or special (`__x__`) attributes."""
     if backward_hooks:
         raise RefusedPickle("attaches backward hooks to a parameter")
-    if state:
-        return torch._utils._rebuild_parameter_with_state(data, requires_grad, backward_hooks, *state)
-    return torch._utils._rebuild_parameter(data, requires_grad, backward_hooks)
+    if state is None:
+        return torch._utils._rebuild_parameter(data, requires_grad, backward_hooks)
+    parts = state if isinstance(state, tuple) else (state,)  # its __dict__, or (__dict__, slots)
+    if not all(p is None or (type(p) is dict and all(type(k) is str and not k.startswith("__") for k in p))
+               for p in parts):
+        raise RefusedPickle("sets special attributes of a parameter")
+    return torch._utils._rebuild_parameter_with_state(data, requires_grad, backward_hooks, state)
 
 
 def _latin1(text: str, encoding: str = "latin1") -> bytes:
