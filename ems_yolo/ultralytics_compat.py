@@ -111,6 +111,12 @@ def route_checkpoint_loading(load) -> None:
     _ul_tasks.torch_safe_load = lambda weight, *args, **kwargs: (load(weight), str(weight))
 
 
+# Hook 10 (model). Ultralytics' `parse_model` builds a YAML's `activation:` with `eval` unless its restricted mode
+# (`ULTRALYTICS_SAFE_LOAD`, read once at import into `tasks.SAFE_LOAD`) is on; on, it accepts only
+# `nn.Name(literal args)`. ems-yolo turns it on for every Ultralytics model it builds.
+_ul_tasks.SAFE_LOAD = True
+
+
 class _OurCommands(logging.Filter):
     """Rewrites the `yolo <mode> task=detect ...` follow-up commands in Ultralytics' log as `ems-yolo <mode> ...`."""
 

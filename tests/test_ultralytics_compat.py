@@ -112,3 +112,12 @@ def test_hook9_setup_train_wraps_ddp_with_the_device_index_that_cpu_ddp_maps():
         patched = torch.nn.parallel.DistributedDataParallel
         assert issubclass(patched, real) and patched is not real
     assert torch.nn.parallel.DistributedDataParallel is real
+
+
+def test_hook10_parse_model_reads_safe_load_from_its_module_globals():
+    assert tasks.SAFE_LOAD is True and tasks._SafeLoad.restricted()
+    assert "SAFE_LOAD" in inspect.getsource(tasks._SafeLoad.restricted)
+    assert "_SafeLoad.activation(act) if restricted else eval(act)" in inspect.getsource(tasks.parse_model)
+    with pytest.raises(TypeError, match="unsupported activation"):
+        tasks.parse_model({"nc": 1, "activation": "print('x') or nn.SiLU()", "backbone": [], "head": []}, ch=3,
+                          verbose=False)

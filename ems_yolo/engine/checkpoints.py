@@ -1,10 +1,11 @@
 """ems-yolo checkpoint files: read safely, written atomically, and original EMS-YOLO files converted into them.
 
-Reading: a checkpoint is a pickle, and a plain `torch.load` runs whatever a file from the internet names.
-`load_checkpoint_file` lists the globals a file needs first, allows only classes of ems-yolo, Ultralytics and
-`torch.nn` (modules and autograd functions), and loads with torch's `weights_only` unpickler restricted to them;
-anything else is refused unless the file was trusted (`trust=True`). Every Ultralytics code path that reads a
-checkpoint (model loading, trainer set-up, resume, AutoBackend) goes through it (ultralytics_compat hook 7).
+Reading: a checkpoint is a pickle, and a plain `torch.load` runs whatever a file from the internet names (torch's
+`weights_only` unpickler still calls the classes it allows). `load_checkpoint_file` lists the globals a file needs
+first, allows only classes of ems-yolo, Ultralytics and `torch.nn` (modules and autograd functions), and rebuilds
+them without running any of their code (`rebuild_load`: allocation plus pickled state, no constructor); anything
+else is refused unless the file was trusted (`trust=True`, a plain `torch.load`). Every Ultralytics code path that
+reads a checkpoint (model loading, trainer set-up, resume, AutoBackend) goes through it (ultralytics_compat hook 7).
 
 A converted original checkpoint is an ordinary ems-yolo checkpoint (the model pickled as `EMSDetectionModel`, FP16
 like Ultralytics' own, `epoch: -1` as a finished run) with a `converted_from` record of where it came from.
@@ -24,6 +25,7 @@ from ultralytics import __version__ as ultralytics_version
 from ultralytics.utils import DEFAULT_CFG_DICT, LOGGER
 
 from ems_yolo.cfg import load_model_yaml
+from ems_yolo.nn.inert_pickle import RefusedPickle, rebuild_load
 from ems_yolo.nn.model import EMSDetectionModel
 from ems_yolo.nn.original import ORIGINAL_MODEL, ORIGINAL_TIME_STEPS, OriginalCheckpoint, load_original
 from ems_yolo.utils.files import atomic_write, refuse_overwriting_inputs
@@ -41,7 +43,7 @@ def trust_file(path: str | Path) -> None:
 
 
 def _allowed_class(name: str):
-    """The class named `module.Class` if a checkpoint may construct it (an nn.Module or autograd Function of
+    """The class named `module.Class` if a checkpoint may rebuild it (an nn.Module or autograd Function of
     ems-yolo, Ultralytics or torch.nn, or one of `ALLOWED_DATA_CLASSES`), else None; only modules of those packages
     are imported to find it."""
     module, _, attr = name.rpartition(".")
@@ -59,8 +61,9 @@ def _allowed_class(name: str):
 def load_checkpoint_file(path: str | Path) -> dict:
     """Load an ems-yolo or Ultralytics checkpoint dict safely; errors are one line naming the file.
 
-    An original EMS-YOLO checkpoint is converted (T = 5). A file needing any class outside the allow-list is
-    refused unless it was trusted (`trust_file`, `trust=True`), then loaded with a plain `torch.load`.
+    An original EMS-YOLO checkpoint is converted (T = 5). Other files are rebuilt without running anything they
+    name (`rebuild_load`); a file needing any class outside the allow-list, or asking for a call, is refused unless
+    it was trusted (`trust_file`, `trust=True`), then loaded with a plain `torch.load`.
     """
     path = Path(path)
     if not path.is_file():
@@ -82,13 +85,15 @@ def load_checkpoint_file(path: str | Path) -> dict:
         raise ValueError(f"{path}: needs {refused[0]} to load, which is not an ems-yolo, Ultralytics or torch.nn "
                          "class; a checkpoint is a pickle that can run code, so it is refused. If you trust this "
                          "file, pass trust=True")
-    with torch.serialization.safe_globals(list(classes.values())):
-        return _read(path, lambda: torch.load(path, map_location="cpu", weights_only=True))
+    return _read(path, lambda: rebuild_load(path, _allowed_class))
 
 
 def _read(path: Path, load) -> dict:
     try:
         ckpt = load()
+    except RefusedPickle as e:
+        raise ValueError(f"{path}: {e} to load; a checkpoint is a pickle that can run code, and loading it must "
+                         "not, so it is refused. If you trust this file, pass trust=True") from None
     except Exception as e:
         why = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"{path}: cannot be loaded ({why}), {EXPECTED}") from None

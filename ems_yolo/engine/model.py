@@ -47,6 +47,7 @@ from ems_yolo.engine.trainer import EMSTrainer, model_for_data
 from ems_yolo.engine.validator import EMSValidator
 from ems_yolo.nn.model import EMSDetectionModel, ann_twin
 from ems_yolo.nn.original import is_original_checkpoint
+from ems_yolo.nn.parser import ULTRALYTICS_HEADS
 from ems_yolo.utils.files import claim_run, content_addressed, no_half_written_runs
 
 YAML_OVERRIDES = ("nc", "channels", "input")  # model YAML keys that EMSYOLO(...) may override besides T
@@ -175,13 +176,16 @@ class EMSYOLO(Model):
         """Log the layer table and the summary (layers, parameters, gradients, GFLOPs per step and over all T)."""
         self._check_is_pytorch_model()
         check_values({"imgsz": imgsz, "detailed": detailed})
-        if verbose:
+        if verbose and isinstance(self.model, EMSDetectionModel):  # Ultralytics' own models log their table in info
             self.model.log_layers()
         return self.model.info(detailed=detailed, verbose=verbose, imgsz=imgsz)
 
     def train(self, trainer=None, **kwargs):
         """Train with the EMS-YOLO recipe defaults (overridable); `data` defaults to the built-in dataset."""
         kwargs = {**EMS_TRAIN_DEFAULTS, "project": default_project(), **check_values(kwargs)}
+        if self.ckpt and not isinstance(self.model, EMSDetectionModel):  # e.g. a stock Ultralytics YOLO .pt
+            raise ValueError(f"{self.ckpt_path}: holds an Ultralytics {type(self.model).__name__} with "
+                             f"{ULTRALYTICS_HEADS}")
         if kwargs.get("resume") and self.ckpt and self.ckpt.get("optimizer") is None:
             epochs = (self.ckpt.get("train_args") or {}).get("epochs")
             raise ValueError(f"{self.ckpt_path}: training{f' to {epochs} epochs' if epochs else ''} is finished "

@@ -8,6 +8,7 @@ IoU at assigned cells) weighted per level, and BCE on one-hot classes. The retur
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -26,6 +27,23 @@ DEFAULT_HYP: dict = {
     "gr": 1.0,  # objectness target mix: (1 - gr) + gr * IoU
     "label_smoothing": 0.0,
     "obj_imgsz": None,  # image size for the objectness gain; None = the real network input size
+}
+
+def _number(x, low: float = 0.0, high: float = math.inf) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and low <= x <= high and math.isfinite(x)
+
+
+# What each `loss:` value must be (checked when the model is built, not at the first training step).
+_HYP_CHECKS = {
+    "box": (_number, "a non-negative gain"),
+    "obj": (_number, "a non-negative gain"),
+    "cls": (_number, "a non-negative gain"),
+    "anchor_t": (lambda x: _number(x, 1.0), "a side ratio >= 1"),
+    "balance": (lambda x: isinstance(x, (list, tuple)) and all(_number(b) for b in x),
+                "a list of non-negative weights, one per level"),
+    "gr": (lambda x: _number(x, 0.0, 1.0), "a number in [0, 1]"),
+    "label_smoothing": (lambda x: _number(x, 0.0, 1.0), "a number in [0, 1]"),
+    "obj_imgsz": (lambda x: x is None or (_number(x) and x > 0), "a positive image size or null"),
 }
 
 # Cell offsets (in units of the neighbour offset g): centre, left, up, right, down.
@@ -49,10 +67,7 @@ class YOLOv5Loss:
 
     def __init__(self, nc: int, anchors: torch.Tensor, stride: torch.Tensor, hyp: dict | None = None):
         """Store head geometry (`anchors` [nl, na, 2] in grid units, `stride` [nl]) and validated hyperparameters."""
-        hyp = dict(hyp or {})
-        for key in hyp:
-            if key not in DEFAULT_HYP:
-                raise ValueError(f"Unknown loss hyperparameter {key!r}; expected one of {sorted(DEFAULT_HYP)}")
+        hyp = self.check_hyp(hyp)
         self.hyp = {**DEFAULT_HYP, **hyp}
         self.nc = int(nc)
         self.anchors = anchors.detach().float().clone()
@@ -62,7 +77,21 @@ class YOLOv5Loss:
             raise ValueError(f"stride has {self.stride.numel()} entries but anchors define {self.nl} levels")
         self.balance = [float(b) for b in self.hyp["balance"]]
         if len(self.balance) != self.nl:
-            raise ValueError(f"balance has {len(self.balance)} entries but the head has {self.nl} levels")
+            raise ValueError(f"loss.balance: {len(self.balance)} entries but the head has {self.nl} levels, "
+                             "expected one weight per level")
+
+    @staticmethod
+    def check_hyp(hyp: dict | None) -> dict:
+        """The `loss:` section of a model YAML as a dict, each value checked; errors name the key."""
+        if not isinstance(hyp or {}, dict):
+            raise ValueError(f"loss: expected a mapping of hyperparameters, got {hyp!r}")
+        for key, value in (hyp or {}).items():
+            if key not in DEFAULT_HYP:
+                raise ValueError(f"Unknown loss hyperparameter {key!r}; expected one of {sorted(DEFAULT_HYP)}")
+            ok, expected = _HYP_CHECKS[key]
+            if not ok(value):
+                raise ValueError(f"loss.{key}: expected {expected}, got {value!r}")
+        return dict(hyp or {})
 
     @classmethod
     def from_model(cls, model) -> YOLOv5Loss:

@@ -15,10 +15,12 @@ from ultralytics.utils import LOGGER
 from ultralytics.utils.torch_utils import initialize_weights, intersect_dicts
 
 from ems_yolo.cfg import check_value, load_model_yaml
+from ems_yolo.nn.dry_run import check_model_size
 from ems_yolo.nn.head import EMSDetect
 from ems_yolo.nn.layers import TDBatchNorm2d
 from ems_yolo.nn.loss import YOLOv5Loss
 from ems_yolo.nn.parser import parse_model
+from ems_yolo.utils.checks import image_hw
 
 STRIDE_PROBE = 256  # probe input size; 2x the largest stride
 
@@ -99,6 +101,11 @@ class EMSDetectionModel(DetectionModel):
         if input_kind:
             self.yaml["input"] = input_kind
         self.yaml["channels"] = ch
+        try:  # every row built and run on the meta device first: no allocation for a model that cannot fit
+            check_model_size(self.yaml, ch, (STRIDE_PROBE, STRIDE_PROBE))
+            YOLOv5Loss.check_hyp(self.yaml.get("loss"))
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
         self.model, self.save = parse_model(self.yaml, ch=ch)
         self.names = {i: f"{i}" for i in range(self.yaml["nc"])}
         self.inplace = self.yaml.get("inplace", True)
@@ -108,6 +115,11 @@ class EMSDetectionModel(DetectionModel):
             raise ValueError(f"the last model row must be EMSDetect, got {type(head).__name__}")
         head.set_stride(self._probe_strides(ch))
         self.stride = head.stride
+        if "balance" in (self.yaml.get("loss") or {}):  # one weight per head level: checked now, not at train time
+            try:
+                self.init_criterion()
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
         initialize_weights(self)
         for m in self.modules():  # `sync_bn: true`: tdBN statistics over all processes of a distributed run
             if isinstance(m, TDBatchNorm2d):
@@ -191,4 +203,6 @@ class EMSDetectionModel(DetectionModel):
         """Log and return (layers, parameters, gradients, GFLOPs over all T steps) like Ultralytics' model_info."""
         from ems_yolo.nn.flops import model_summary
 
+        if verbose:  # the summary runs the model once at `imgsz`
+            check_model_size(self.yaml, int(self.yaml.get("channels", 3)), image_hw(imgsz), size_key="imgsz")
         return model_summary(self, imgsz=imgsz, detailed=detailed, verbose=verbose)

@@ -7,6 +7,7 @@ a call, so deep copies (EMA, validator, export) need no reset hooks.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -15,6 +16,22 @@ from torch import nn
 
 from ems_yolo.nn import lif_triton
 from ems_yolo.nn.surrogate import DEFAULT_ALPHA, Rectangle, get_surrogate
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+# (key, check, what is expected) of the `neuron:` values that are not names
+_NEURON_VALUES = (
+    ("kind", lambda x: isinstance(x, str), "a name"),
+    ("tau", lambda x: _number(x) and 0 <= x <= 1, "a decay factor in [0, 1]"),
+    ("vth", lambda x: _number(x) and x > 0, "a positive threshold"),
+    ("surrogate", lambda x: isinstance(x, str), "a surrogate name"),
+    ("alpha", lambda x: x is None or (_number(x) and x > 0), "a positive surrogate width or null"),
+    ("detach_reset", lambda x: isinstance(x, bool), "true or false"),
+    ("backend", lambda x: isinstance(x, str), "'torch' or 'triton'"),
+)
 
 
 @dataclass(frozen=True)
@@ -42,6 +59,9 @@ class NeuronConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"{where}: unknown key(s) {unknown}, expected some of {sorted(known)}")
+        for key, ok, expected in _NEURON_VALUES:
+            if key in d and not ok(d[key]):
+                raise ValueError(f"{where}.{key}: expected {expected}, got {d[key]!r}")
         cfg = cls(**d)
         if cfg.kind not in ("lif", "relu"):
             raise ValueError(f"{where}.kind: expected 'lif' or 'relu', got {cfg.kind!r}")

@@ -112,10 +112,17 @@ def read_original(path: str | Path) -> OriginalCheckpoint:
     cfg = model.attr("yaml")
     if not (isinstance(cfg, dict) and all(k in cfg for k in ("nc", "anchors", "backbone", "head"))):
         raise _fail(path, "the pickled model has no YAML dict with nc, anchors, backbone and head")
+    for key in ("nc", "ch"):
+        value = cfg.get(key, 3)
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise _fail(path, f"the pickled YAML's {key} is {value!r}, expected a positive integer")
+    nc = cfg["nc"]
+    for key in ("depth_multiple", "width_multiple"):
+        value = cfg.get(key, 1.0)
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")):
+            raise _fail(path, f"the pickled YAML's {key} is {value!r}, expected a positive number")
     stride = model.attr("stride")
-    names = model.attr("names") or [str(i) for i in range(int(cfg["nc"]))]
-    if isinstance(names, dict):
-        names = [names[k] for k in sorted(names)]
+    names = _class_names(path, model.attr("names") or [str(i) for i in range(nc)], nc)
     date = ckpt.get("date")
     return OriginalCheckpoint(
         path=path,
@@ -123,12 +130,23 @@ def read_original(path: str | Path) -> OriginalCheckpoint:
         yaml_file=model.attr("yaml_file") if isinstance(model.attr("yaml_file"), str) else None,
         tensors=module_tensors(model),
         modules=module_tree(model),
-        names=dict(enumerate(str(n) for n in names)),
+        names=names,
         stride=[float(s) for s in stride] if isinstance(stride, torch.Tensor) else [],
         epoch=ckpt.get("epoch") if isinstance(ckpt.get("epoch"), int) else None,
         date=date if isinstance(date, str) else None,
         source=source,
     )
+
+
+def _class_names(path: Path, names, nc: int) -> dict[int, str]:
+    """The pickled class names (a list, or a dict keyed 0..nc-1) as {index: name}; errors name what is wrong."""
+    if isinstance(names, dict):
+        if not all(type(k) is int for k in names) or set(names) != set(range(len(names))):
+            raise _fail(path, f"the pickled model's names have keys {list(names)}, expected the integers 0..{nc - 1}")
+        names = [names[i] for i in range(len(names))]
+    if not isinstance(names, (list, tuple)) or len(names) != nc:
+        raise _fail(path, f"the pickled model's names are {names!r:.80}, expected {nc} class names (nc: {nc})")
+    return dict(enumerate(str(n) for n in names))
 
 
 def _none(a):
@@ -142,7 +160,13 @@ def translate_rows(orig: OriginalCheckpoint) -> list[list]:
         if not (isinstance(row, (list, tuple)) and len(row) == 4 and isinstance(row[3], list)):
             raise _fail(orig.path, f"model row {i} of the pickled YAML is {row!r}, expected [from, n, module, args]")
         f, n, name, args = row
-        spec = ORIGINAL_MODULES.get(name)
+        if not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
+            raise _fail(orig.path, f"model row {i} of the pickled YAML is {row!r}, expected a positive integer "
+                                   f"repeat count n, got {n!r}")
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in (f if isinstance(f, list) else [f])):
+            raise _fail(orig.path, f"model row {i} of the pickled YAML is {row!r}, expected 'from' as layer "
+                                   f"indices, got {f!r}")
+        spec = ORIGINAL_MODULES.get(name if isinstance(name, str) else "")
         if spec is None:
             raise _fail(orig.path, f"model row {i} uses the original module '{name}', which has no ems-yolo "
                                    f"counterpart (known: {sorted(ORIGINAL_MODULES)})")

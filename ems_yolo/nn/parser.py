@@ -26,6 +26,11 @@ EMS_MODULES: dict[str, type[nn.Module]] = {
     m.__name__: m for m in (EncodingConv, EMSBlock1, EMSBlock2, MSBlock, WideBlock, SiLUConv, EMSDetect)
 }
 _TORCH_CHANNEL_MODULES = {"Conv2d", "ConvTranspose2d"}
+ULTRALYTICS_HEADS = (
+    "Ultralytics' anchor-free heads (Detect and its subclasses), which ems-yolo's spiking models do not take: they "
+    "end with an EMSDetect row ([[P4, P5], 1, EMSDetect, [nc, anchors]]). Ultralytics checkpoints work with val, "
+    "predict and export; to fine-tune, train an ems-yolo model (model=ems-res10.yaml or an ems-yolo .pt)"
+)
 INPUT_KINDS = ("frames", "events")
 
 
@@ -42,8 +47,10 @@ def resolve_module(name: str) -> type[nn.Module]:
         cls = getattr(nn, name.rsplit(".", 1)[1], None)
     else:
         cls = getattr(ul_modules, name, None)
-    if not (inspect.isclass(cls) and issubclass(cls, nn.Module)):
-        raise KeyError(name)
+    if not (inspect.isclass(cls) and issubclass(cls, nn.Module)) or cls.forward is nn.Module.forward:
+        raise KeyError(name)  # not a module, or a container without a forward of its own (nn.Module, ModuleList)
+    if issubclass(cls, ul_modules.Detect) and cls is not EMSDetect:
+        raise ValueError(f"'{name}' is one of {ULTRALYTICS_HEADS}")
     return cls
 
 
@@ -110,6 +117,8 @@ def parse_model(d: dict, ch: int) -> tuple[nn.Sequential, list[int]]:
         f, n, name, args = _check_row(i, row)
         try:
             cls = resolve_module(name)
+        except ValueError as e:
+            raise ValueError(f"model row {i} {row!r}: {e}") from None
         except KeyError:
             raise ValueError(
                 f"model row {i} {row!r}: unknown module '{name}'. ems-yolo modules: {sorted(EMS_MODULES)}; "
