@@ -75,8 +75,10 @@ def downsample_events(events: np.ndarray, factor: int) -> np.ndarray:
 
 
 def default_representation(protocol: str | DatasetProtocol = GEN1, **keys) -> EventRepresentation:
-    """The EMS-YOLO representation at the protocol's input resolution; `keys` override its fields."""
+    """The EMS-YOLO representation at the protocol's input resolution; `keys` override its fields (an integral
+    float, as the command line's key parser gives `cutoff=10`, counts as that integer; 10.5 stays refused)."""
     p = get_protocol(protocol)
+    keys = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in keys.items()}
     return EventRepresentation(**{"height": p.input_height, "width": p.input_width, **keys})
 
 
@@ -195,30 +197,32 @@ def preprocess_dataset(
         if not found:
             raise FileNotFoundError(f"{src / split}: split '{split}' has no recordings, expected <name>_td.dat (or "
                                     f"{', '.join(EVENT_FILE_PATTERNS[1:])}) with <name>_bbox.npy pairs")
-    created = [d for d in (dst, *dst.parents) if not d.exists()]
+    created = [d for d in (dst, *dst.parents) if not d.exists()]  # deepest first
     owned = _is_tool_owned(dst)
-    out = {}
+    out, line_open = {}, False
     try:
         for split in present:
             path = split_cache_path(dst, split)
             attrs = _cache_attrs(p, rep, split)
             done = _committed(path, attrs, owned)
             todo = [r for r in recordings[split] if r[0] not in (done or ())]
+            parts = dst / ".parts" / split
             if done is None or todo:
-                parts = dst / ".parts" / split
                 jobs = [(name, events, bbox, rep, p, split) for name, events, bbox in todo]
                 for i, _ in enumerate(_write_parts(jobs, parts, attrs, workers)):
                     if progress:
-                        print(f"\r{p.name} {split}: {i + 1}/{len(todo)} recordings",
-                              end="\n" if i + 1 == len(todo) else "", file=sys.stderr, flush=True)
-                sources = ([path] if done else []) + [_part_path(parts, job[0]) for job in jobs]
-                _merge(path, sources, attrs, rep)
-                for source in sources[1 if done else 0 :]:
-                    source.unlink()
-                _remove_empty([parts, parts.parent])
+                        line_open = i + 1 < len(todo)
+                        print(f"\r{p.name} {split}: {i + 1}/{len(todo)} recordings", end="" if line_open else "\n",
+                              file=sys.stderr, flush=True)
+                _merge(path, ([path] if done else []) + [_part_path(parts, job[0]) for job in jobs], attrs, rep)
+            for name, _, _ in recordings[split]:  # merged now, or before a kill that came ahead of this clean-up
+                _part_path(parts, name).unlink(missing_ok=True)
+            _remove_empty([parts, parts.parent])
             out[split] = path
     except BaseException:
-        _remove_empty(reversed(created))  # folders this run created and left empty
+        if line_open:  # an error starts a line of its own
+            print(file=sys.stderr)
+        _remove_empty([*(dst / ".parts" / s for s in present), dst / ".parts", *created])  # left empty
         raise
     return out
 

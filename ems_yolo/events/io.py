@@ -79,7 +79,6 @@ _RECORD_DTYPE = np.dtype([("t", "<u4"), ("w", "<u4")])
 _RECORD_SIZE = _RECORD_DTYPE.itemsize
 _EVENT_TYPES = {0x00: "Event2D", 0x0C: "EventCD"}
 _COORD_MASK = 0x3FFF
-_MAX_SENSOR_SIDE = _COORD_MASK + 1
 MAX_SENSOR_SIZE = 8192  # the largest sensor side a file may declare (sane: event cameras reach 1280x720)
 _UINT32_MAX = 0xFFFFFFFF
 _HEADER_PREFIX = b"% "
@@ -117,13 +116,13 @@ class DatHeader:
 
 
 def _parse_sensor_side(path: Path, offset: int, key: str, value: str) -> int:
-    """Parse a ``Width``/``Height`` header value, which must fit the 14-bit coordinate range."""
+    """Parse a ``Width``/``Height`` header value, which must lie in 1..MAX_SENSOR_SIZE."""
     try:
         side = int(value)
     except ValueError:
         raise EventFileError(path, offset, f"header {key} {value!r} is not an integer") from None
-    if not 1 <= side <= min(_MAX_SENSOR_SIDE, MAX_SENSOR_SIZE):
-        raise EventFileError(path, offset, f"header {key} {side} is outside 1..{min(_MAX_SENSOR_SIDE, MAX_SENSOR_SIZE)}")
+    if not 1 <= side <= MAX_SENSOR_SIZE:
+        raise EventFileError(path, offset, f"header {key} {side} is outside 1..{MAX_SENSOR_SIZE}")
     return side
 
 
@@ -373,8 +372,8 @@ def write_dat(
     declares ``Height``/``Width``.
     """
     for key, side in (("width", width), ("height", height)):
-        if not isinstance(side, (int, np.integer)) or not 1 <= side <= _MAX_SENSOR_SIDE:
-            raise ValueError(f"{key} must be in 1..{_MAX_SENSOR_SIDE}, got {side}")
+        if not isinstance(side, (int, np.integer)) or not 1 <= side <= MAX_SENSOR_SIZE:
+            raise ValueError(f"{key} must be in 1..{MAX_SENSOR_SIZE}, got {side}")
     names = events.dtype.names or ()
     missing = [name for name in ("t", "x", "y", "p") if name not in names]
     if missing:

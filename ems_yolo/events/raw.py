@@ -29,6 +29,7 @@ import hashlib
 import os
 import re
 import threading
+import zipfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -637,10 +638,12 @@ class RawIndex:
         stamp = np.concatenate((np.array([st.st_size, st.st_mtime_ns, st.st_ino, reader.chunk_bytes], np.int64),
                                 _fingerprint(reader.path, st.st_size)))
         where = cls.location(reader.path)
-        if where.is_file():
+        try:
             with np.load(where) as z:
                 if np.array_equal(z["stamp"], stamp):
                     return cls._from_arrays(z)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # none yet, or unreadable: rebuilt
+            pass
         index = cls.build(reader)
         cols = ("offset", "time_high", "time_low", "y", "base_x", "polarity")
         table = np.array([[getattr(s, c) for c in cols] + [-1 if s.last_high is None else s.last_high]
