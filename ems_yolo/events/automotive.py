@@ -82,18 +82,17 @@ def default_representation(protocol: str | DatasetProtocol = GEN1, **keys) -> Ev
     return EventRepresentation(**{"height": p.input_height, "width": p.input_width, **keys})
 
 
-def _create_datasets(g, stored_shape: tuple[int, ...], compression: str | None = "lzf"):
-    if "samples" not in g:
-        g.create_dataset("samples", (0, *stored_shape), np.uint8, maxshape=(None, *stored_shape),
-                         chunks=(1, *stored_shape), compression=compression)
-        for name, dtype in (("t_us", np.int64), ("recording", np.int32), ("label_count", np.int32),
-                            ("done_samples", np.int64), ("done_labels", np.int64)):
-            g.create_dataset(name, (0,), dtype, maxshape=(None,), chunks=(4096,))
-        g.create_dataset("labels", (0, 5), np.float32, maxshape=(None, 5), chunks=(4096, 5))
-        import h5py
+def _create_datasets(g, stored_shape: tuple[int, ...]) -> None:
+    """The empty, growable datasets of a new cache (or part) file."""
+    import h5py
 
-        g.create_dataset("recordings", (0,), h5py.string_dtype(), maxshape=(None,), chunks=(256,))
-    return g
+    g.create_dataset("samples", (0, *stored_shape), np.uint8, maxshape=(None, *stored_shape),
+                     chunks=(1, *stored_shape), compression="lzf")
+    for name, dtype in (("t_us", np.int64), ("recording", np.int32), ("label_count", np.int32),
+                        ("done_samples", np.int64), ("done_labels", np.int64)):
+        g.create_dataset(name, (0,), dtype, maxshape=(None,), chunks=(4096,))
+    g.create_dataset("labels", (0, 5), np.float32, maxshape=(None, 5), chunks=(4096, 5))
+    g.create_dataset("recordings", (0,), h5py.string_dtype(), maxshape=(None,), chunks=(256,))
 
 
 def _append(ds, values: np.ndarray) -> None:
@@ -340,8 +339,8 @@ def _write_part(path: Path, job: tuple, attrs: dict) -> Path:
 def _cached_recordings(f, size: int) -> Iterator[tuple[str, Iterator[tuple]]]:
     """(name, batches of its samples) for every recording committed to a cache file (rows of an unfinished
     recording, left by an older in-place writer, are skipped)."""
-    ends = np.concatenate(([0], f["done_samples"][:])), np.concatenate(([0], f["done_labels"][:]))
-    offsets = np.concatenate(([0], np.cumsum(f["label_count"][: ends[0][-1]], dtype=np.int64)))
+    ends = np.concatenate(([0], f["done_samples"][:])).astype(np.int64)
+    offsets = np.concatenate(([0], np.cumsum(f["label_count"][: ends[-1]], dtype=np.int64)))
 
     def batches(s0: int, s1: int) -> Iterator[tuple]:
         for lo in range(s0, s1, size):
@@ -350,7 +349,7 @@ def _cached_recordings(f, size: int) -> Iterator[tuple[str, Iterator[tuple]]]:
                    f["labels"][offsets[lo] : offsets[hi]])
 
     for r, name in enumerate(f["recordings"][:]):
-        yield _text(name), batches(int(ends[0][r]), int(ends[0][r + 1]))
+        yield _text(name), batches(int(ends[r]), int(ends[r + 1]))
 
 
 def _merge(path: Path, sources: list[Path], attrs: dict, rep: EventRepresentation) -> None:
