@@ -20,7 +20,7 @@ from ems_yolo.cli import run
 from ems_yolo.events import automotive
 from ems_yolo.events.automotive import EventCache, find_recordings, preprocess_dataset
 from ems_yolo.events.formats import open_events, read_events
-from ems_yolo.events.io import BBOX_DTYPE, EVENT_DTYPE, MAX_SENSOR_SIZE, read_bbox, read_dat, write_bbox, write_dat
+from ems_yolo.events.io import EVENT_DTYPE, MAX_SENSOR_SIZE, read_bbox, read_dat, write_bbox, write_dat
 from ems_yolo.events.raw import RawIndex, RawReader, read_raw_header, write_raw_evt2
 from ems_yolo.events.representations import EventRepresentation
 from ems_yolo.events.synthetic import make_synthetic_gen1, make_synthetic_gen4
@@ -392,7 +392,8 @@ def test_raw_index_is_keyed_by_the_files_identity(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     ev = np.zeros(4000, EVENT_DTYPE)
     ev["t"] = np.sort(rng.integers(0, 200_000, ev.size))
-    ev["x"], ev["y"], ev["p"] = rng.integers(0, 304, ev.size), rng.integers(0, 240, ev.size), rng.integers(0, 2, ev.size)
+    for k, high in (("x", 304), ("y", 240), ("p", 2)):
+        ev[k] = rng.integers(0, high, ev.size)
     a = write_raw_evt2(tmp_path / "rec a.raw", ev, 304, 240)
     data = bytearray(a.read_bytes())
     offset = RawReader(a).header.data_offset
