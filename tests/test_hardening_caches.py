@@ -267,6 +267,9 @@ def test_failed_preprocess_leaves_no_file_it_created(synth, tmp_path, capsys):
     write_bbox(last_bbox, read_bbox(synth / "train" / f"{names[-1]}_bbox.npy"))
     assert "a 640x480 recording, expected the 304x240 sensor of gen1" in _gen1_fails(src, dst, capsys)
     assert "expected at most" in _gen1_fails(src, dst, capsys, "bins=100000")
+    (tmp_path / "a_file").write_text("mine")
+    assert f"dst={tmp_path / 'a_file'}: a file, expected a folder" in _gen1_fails(src, tmp_path / "a_file", capsys)
+    assert (tmp_path / "a_file").read_text() == "mine"
     # the first recordings' finished parts are kept for the rerun; no split cache, nothing else
     assert sorted(_listing(dst)) == [".parts", ".parts/train", *[f".parts/train/{n}.h5" for n in names[:-1]],
                                      "notes.txt"]

@@ -196,6 +196,8 @@ def preprocess_dataset(
         if not found:
             raise FileNotFoundError(f"{src / split}: split '{split}' has no recordings, expected <name>_td.dat (or "
                                     f"{', '.join(EVENT_FILE_PATTERNS[1:])}) with <name>_bbox.npy pairs")
+    if dst.exists() and not dst.is_dir():
+        raise NotADirectoryError(f"dst={dst}: a file, expected a folder for the split caches")
     created = [d for d in (dst, *dst.parents) if not d.exists()]  # deepest first
     owned = _is_tool_owned(dst)
     out, line_open = {}, False
