@@ -389,7 +389,7 @@ def test_gen4_empty_split_folder_is_refused(tmp_path, capsys):
     assert not dst.exists()
 
 
-def test_raw_index_is_keyed_by_the_files_identity(tmp_path, monkeypatch):
+def test_raw_index_is_keyed_by_the_files_identity(tmp_path):
     """D6: `rec a.raw` and `rec_a.raw` (same size and modification time, other content) never share an index,
     and a file rewritten in place with its old size and time gets a new one."""
     rng = np.random.default_rng(0)
