@@ -99,8 +99,10 @@ def test_preprocess_resumes_after_interruption(synth, cache_dir, tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         preprocess_dataset(synth, dst, "gen1", REP, progress=False)
     monkeypatch.setattr(automotive, "_recording_batches", real)
-    assert len(EventCache(dst / "train.h5").recordings) == 1
+    assert not (dst / "train.h5").exists()  # never written in place: only the finished recording's part is kept
+    assert sorted(p.name for p in (dst / ".parts" / "train").iterdir()) == [f"{done[0]}.h5"]
     preprocess_dataset(synth, dst, "gen1", REP, progress=False)
+    assert sorted(p.name for p in dst.iterdir()) == ["test.h5", "train.h5", "val.h5"]
     for split in ("train", "val", "test"):
         with h5py.File(dst / f"{split}.h5") as a, h5py.File(cache_dir / f"{split}.h5") as b:
             for name in ("samples", "labels", "t_us", "recording", "label_count"):

@@ -142,7 +142,8 @@ def test_cli_gen4_preprocess_in_parallel_equals_serial(gen4_cache, tmp_path):
         for name in ("samples", "labels", "t_us", "recording", "label_count", "recordings"):
             np.testing.assert_array_equal(a[name][:], b[name][:])
         assert a["samples"].shape[1:] == (2, 360, 640) and len(a["samples"]) > 0
-    assert not any((tmp_path / "2" / ".parts" / "train").iterdir())  # parts merged and removed
+    for workers in (1, 2):  # parts merged and removed, with their folder
+        assert sorted(f.name for f in (tmp_path / str(workers)).iterdir()) == ["data.yaml", "train.h5"]
     d = yaml.safe_load((tmp_path / "2" / "data.yaml").read_text())
     assert d["names"] == {0: "pedestrian", 1: "two-wheeler", 2: "car"} and d["channels"] == 6
 

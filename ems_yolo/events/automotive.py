@@ -4,8 +4,9 @@
 the events may also be `<name>_td.raw`, or RVT's `<name>_td.dat.h5` / `<name>_td.h5`) into one HDF5 file per split
 (`<dst>/train.h5`, ...). Every label timestamp that the dataset's protocol keeps (`ems_yolo.events.protocols`)
 becomes one sample: the event representation of the window before it (stored compactly, chunked and compressed,
-at the protocol's input resolution) and its cleaned boxes. Work is committed recording by recording, so an
-interrupted run resumes where it stopped.
+at the protocol's input resolution) and its cleaned boxes. Each recording is written to a part file of its own
+first, and a split file is only ever renamed into place complete, so an interrupted run (even by SIGKILL) resumes
+where it stopped.
 
 Cache layout (root of each split file):
     samples      uint8 [N, *stored]   one sample per chunk, lzf-compressed
@@ -26,6 +27,7 @@ import json
 import multiprocessing
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
@@ -34,14 +36,16 @@ from pathlib import Path
 import numpy as np
 
 from ems_yolo.events.formats import open_events
-from ems_yolo.events.io import read_bbox
-from ems_yolo.events.protocols import GEN1, DatasetProtocol, clean_labels, get_protocol
+from ems_yolo.events.io import check_sensor_size, read_bbox
+from ems_yolo.events.protocols import GEN1, DatasetProtocol, check_label_classes, clean_labels, get_protocol
 from ems_yolo.events.representations import EventRepresentation
 
 SPLITS = ("train", "val", "test")
 CACHE_VERSION = 2
 # events file suffixes of a recording <name>, in order of preference: Prophesee's, then RVT's HDF5 copies
 EVENT_FILE_PATTERNS = ("_td.dat", "_td.raw", "_td.dat.h5", "_td.h5")
+MAX_SAMPLE_BYTES = 1 << 26  # one sample's model input (bins x channels x height x width bytes): 64 MiB
+BATCH_BYTES = 1 << 28  # stored samples held in memory at once while a cache is written
 
 
 def find_recordings(split_dir: Path) -> list[tuple[str, Path, Path]]:
@@ -71,23 +75,24 @@ def downsample_events(events: np.ndarray, factor: int) -> np.ndarray:
 
 
 def default_representation(protocol: str | DatasetProtocol = GEN1, **keys) -> EventRepresentation:
-    """The EMS-YOLO representation at the protocol's input resolution; `keys` override its fields."""
+    """The EMS-YOLO representation at the protocol's input resolution; `keys` override its fields (an integral
+    float, as the command line's key parser gives `cutoff=10`, counts as that integer; 10.5 stays refused)."""
     p = get_protocol(protocol)
+    keys = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in keys.items()}
     return EventRepresentation.from_dict({"height": p.input_height, "width": p.input_width, **keys})
 
 
-def _create_datasets(g, stored_shape: tuple[int, ...], compression: str | None = "lzf"):
-    if "samples" not in g:
-        g.create_dataset("samples", (0, *stored_shape), np.uint8, maxshape=(None, *stored_shape),
-                         chunks=(1, *stored_shape), compression=compression)
-        for name, dtype in (("t_us", np.int64), ("recording", np.int32), ("label_count", np.int32),
-                            ("done_samples", np.int64), ("done_labels", np.int64)):
-            g.create_dataset(name, (0,), dtype, maxshape=(None,), chunks=(4096,))
-        g.create_dataset("labels", (0, 5), np.float32, maxshape=(None, 5), chunks=(4096, 5))
-        import h5py
+def _create_datasets(g, stored_shape: tuple[int, ...]) -> None:
+    """The empty, growable datasets of a new cache (or part) file."""
+    import h5py
 
-        g.create_dataset("recordings", (0,), h5py.string_dtype(), maxshape=(None,), chunks=(256,))
-    return g
+    g.create_dataset("samples", (0, *stored_shape), np.uint8, maxshape=(None, *stored_shape),
+                     chunks=(1, *stored_shape), compression="lzf")
+    for name, dtype in (("t_us", np.int64), ("recording", np.int32), ("label_count", np.int32),
+                        ("done_samples", np.int64), ("done_labels", np.int64)):
+        g.create_dataset(name, (0,), dtype, maxshape=(None,), chunks=(4096,))
+    g.create_dataset("labels", (0, 5), np.float32, maxshape=(None, 5), chunks=(4096, 5))
+    g.create_dataset("recordings", (0,), h5py.string_dtype(), maxshape=(None,), chunks=(256,))
 
 
 def _append(ds, values: np.ndarray) -> None:
@@ -96,18 +101,65 @@ def _append(ds, values: np.ndarray) -> None:
     ds[n:] = values
 
 
-def _rollback_partial(g) -> None:
-    """Drop rows written after the last completed recording (an interrupted run)."""
-    n_samples = int(g["done_samples"][-1]) if len(g["done_samples"]) else 0
-    n_labels = int(g["done_labels"][-1]) if len(g["done_labels"]) else 0
-    for name in ("samples", "t_us", "recording", "label_count"):
-        g[name].resize(n_samples, axis=0)
-    g["labels"].resize(n_labels, axis=0)
-
-
 def split_cache_path(dst: str | Path, split: str) -> Path:
     """The cache file of one split inside the output folder `dst`."""
     return Path(dst).expanduser() / f"{split}.h5"
+
+
+def check_sample_size(rep: EventRepresentation) -> None:
+    """Refuse a representation whose model input (bins x channels x height x width bytes) exceeds MAX_SAMPLE_BYTES,
+    before anything is allocated."""
+    size = rep.bins * rep.channels_per_bin * rep.height * rep.width
+    if size > MAX_SAMPLE_BYTES:
+        raise ValueError(f"bins={rep.bins}: {rep.bins} bins x {rep.channels_per_bin} channels x {rep.height}x"
+                         f"{rep.width} = {size:,} bytes per sample, expected at most {MAX_SAMPLE_BYTES:,} "
+                         "(fewer bins or a smaller size)")
+
+
+def _batch_size(rep: EventRepresentation) -> int:
+    """Samples per batch: up to 64, and at most BATCH_BYTES of stored samples (bounded memory)."""
+    return int(max(1, min(64, BATCH_BYTES // max(1, int(np.prod(rep.stored_shape))))))
+
+
+def _is_tool_owned(dst: Path) -> bool:
+    """Whether `dst` lies in ems-yolo's own data folder (`$EMS_YOLO_HOME/datasets`), where a broken cache is
+    rebuilt instead of reported."""
+    from ems_yolo.cfg import ems_home
+
+    return (ems_home() / "datasets").resolve() in dst.resolve().parents
+
+
+def _cache_attrs(p: DatasetProtocol, rep: EventRepresentation, split: str) -> dict:
+    return {"representation": json.dumps(rep.to_dict(), sort_keys=True), "names": json.dumps(p.names), "split": split,
+            "version": CACHE_VERSION, "protocol": p.name}
+
+
+def _committed(path: Path, attrs: dict, owned: bool) -> list[str] | None:
+    """The recordings an existing split cache holds (None: no usable cache). A cache of another representation or
+    protocol is an error; an unreadable or old one is rebuilt in ems-yolo's own folder and an error elsewhere."""
+    import h5py
+
+    if not path.exists():
+        return None
+    try:
+        with h5py.File(path, "r") as f:
+            for key in ("representation", "protocol"):
+                if key in f.attrs and f.attrs[key] != attrs[key]:
+                    raise ValueError(f"{path}: cache was built with {key} {f.attrs[key]}, asked for {attrs[key]}; "
+                                     "use another dst or delete the file")
+            if int(f.attrs.get("version", 0)) == CACHE_VERSION and "samples" in f:
+                return [_text(s) for s in f["recordings"][:]]
+            problem = f"not an ems-yolo event cache of version {CACHE_VERSION}"
+    except OSError as e:
+        problem = f"not a readable HDF5 event cache ({e})"
+    if not owned:
+        raise ValueError(f"{path}: {problem}; delete it to rebuild the cache, or use another dst")
+    path.unlink()
+    return None
+
+
+def _text(s) -> str:
+    return s.decode() if isinstance(s, bytes) else str(s)
 
 
 def preprocess_dataset(
@@ -122,83 +174,141 @@ def preprocess_dataset(
     """Build (or resume) one HDF5 sample cache per split of the dataset folder `src` in the folder `dst`.
 
     `representation` defaults to the EMS-YOLO frames at the protocol's input resolution; its height and width are
-    the input size, the sensor being `downsample` times larger. With `workers > 1` recordings are processed in
-    that many processes, each into a part file of its own (`<dst>/.parts/`, written atomically), and merged into
-    the split cache in name order, so the cache is the same sample for sample as with one worker.
+    the input size, the sensor being `downsample` times larger. Each recording is first written to a part file of
+    its own (`<dst>/.parts/<split>/`, renamed into place when complete; `workers > 1` writes them in that many
+    processes), then the parts are merged in name order into a temporary file renamed to `<dst>/<split>.h5`: a
+    split cache is never written in place, so an interrupted run (even by SIGKILL) leaves no broken cache and its
+    rerun resumes from the finished parts. A failed run leaves only finished parts behind.
     Returns {split: cache file} for the splits present in `src`.
     """
-    import h5py
-
     p = get_protocol(protocol)
-    src = Path(src).expanduser()
+    src, dst = Path(src).expanduser(), Path(dst).expanduser()
     rep = representation or default_representation(p)
+    check_sample_size(rep)
     if (rep.width, rep.height) != (p.input_width, p.input_height):  # a sensor of another size
+        check_sensor_size(f"{p.name} protocol", "width/height", rep.width * p.downsample, rep.height * p.downsample)
         p = replace(p, width=rep.width * p.downsample, height=rep.height * p.downsample)
     present = [s for s in splits if (src / s).is_dir()]
     if not present:
         raise FileNotFoundError(f"{p.name} folder '{src}' has none of the split folders {list(splits)}.\n{p.help}")
-    rep_json = json.dumps(rep.to_dict(), sort_keys=True)
-    out = {}
-    for split in present:
-        path = split_cache_path(dst, split)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with h5py.File(path, "a") as f:
-            for key, value in (("representation", rep_json), ("protocol", p.name)):
-                if key in f.attrs and f.attrs[key] != value:
-                    raise ValueError(f"{path}: cache was built with {key} {f.attrs[key]}, asked for {value}; "
-                                     "use another dst or delete the file")
-            f.attrs.update(representation=rep_json, names=json.dumps(p.names), split=split, version=CACHE_VERSION,
-                           protocol=p.name)
-            _create_datasets(f, rep.stored_shape)
-            _rollback_partial(f)
-            done = {s.decode() if isinstance(s, bytes) else s for s in f["recordings"][:]}
-            todo = [r for r in find_recordings(src / split) if r[0] not in done]
-            jobs = [(name, events, bbox, rep, p, split) for name, events, bbox in todo]
-            for i, name in enumerate(_write_recordings(f, jobs, Path(dst) / ".parts" / split, workers)):
-                f.flush()
-                if progress:
-                    print(f"\r{p.name} {split}: {i + 1}/{len(todo)} recordings",
-                          end="\n" if i + 1 == len(todo) else "", file=sys.stderr, flush=True)
-        out[split] = path
+    recordings = {split: find_recordings(src / split) for split in present}
+    for split, found in recordings.items():
+        if not found:
+            raise FileNotFoundError(f"{src / split}: split '{split}' has no recordings, expected <name>_td.dat (or "
+                                    f"{', '.join(EVENT_FILE_PATTERNS[1:])}) with <name>_bbox.npy pairs")
+    if dst.exists() and not dst.is_dir():
+        raise NotADirectoryError(f"dst={dst}: a file, expected a folder for the split caches")
+    created = [d for d in (dst, *dst.parents) if not d.exists()]  # deepest first
+    owned = _is_tool_owned(dst)
+    out, line_open = {}, False
+    try:
+        for split in present:
+            path = split_cache_path(dst, split)
+            attrs = _cache_attrs(p, rep, split)
+            done = _committed(path, attrs, owned)
+            todo = [r for r in recordings[split] if r[0] not in (done or ())]
+            parts = dst / ".parts" / split
+            if done is None or todo:
+                jobs = [(name, events, bbox, rep, p, split) for name, events, bbox in todo]
+                for i, _ in enumerate(_write_parts(jobs, parts, attrs, workers)):
+                    if progress:
+                        line_open = i + 1 < len(todo)
+                        print(f"\r{p.name} {split}: {i + 1}/{len(todo)} recordings", end="" if line_open else "\n",
+                              file=sys.stderr, flush=True)
+                _merge(path, ([path] if done else []) + [_part_path(parts, job[0]) for job in jobs], attrs, rep)
+            for name, _, _ in recordings[split]:  # merged now, or before a kill that came ahead of this clean-up
+                _part_path(parts, name).unlink(missing_ok=True)
+            _remove_empty([parts, parts.parent])
+            out[split] = path
+    except BaseException:
+        if line_open:  # an error starts a line of its own
+            print(file=sys.stderr)
+        _remove_empty([*(dst / ".parts" / s for s in present), dst / ".parts", *created])  # left empty
+        raise
     return out
 
 
-def _write_recordings(g, jobs: list[tuple], parts: Path, workers: int) -> Iterator[str]:
-    """Commit every job's recording to the cache in job order, yielding each name once committed."""
-    if workers <= 1 or len(jobs) < 2:
+def _remove_empty(folders) -> None:
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty, or gone
+            pass
+
+
+def _part_path(parts: Path, name: str) -> Path:
+    return parts / f"{name}.h5"
+
+
+def _part_is_complete(path: Path, name: str, attrs: dict) -> bool:
+    """Whether a part file from an earlier run holds recording `name` under the same attributes."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return dict(f.attrs) == attrs and [_text(s) for s in f["recordings"][:]] == [name]
+    except (OSError, KeyError):
+        return False
+
+
+def _write_parts(jobs: list[tuple], parts: Path, attrs: dict, workers: int) -> Iterator[str]:
+    """Write the part file of every job not finished by an earlier run, yielding each name in job order."""
+    parts.mkdir(parents=True, exist_ok=True)
+    for stale in parts.glob(".*.tmp"):  # left by a killed run
+        stale.unlink(missing_ok=True)
+    pending = [job for job in jobs if not _part_is_complete(_part_path(parts, job[0]), job[0], attrs)]
+    if workers <= 1 or len(pending) < 2:
+        names = {job[0] for job in pending}
         for job in jobs:
-            _commit(g, job[0], _recording_batches(*job))
+            if job[0] in names:
+                _write_part(_part_path(parts, job[0]), job, attrs)
             yield job[0]
         return
-    parts.mkdir(parents=True, exist_ok=True)
     context = multiprocessing.get_context("spawn")  # no fork of a process that may hold torch or HDF5 state
-    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
-        futures = [pool.submit(_write_part, parts / f"{job[0]}.h5", job) for job in jobs]
-        for job, future in zip(jobs, futures):
-            part = future.result()
-            _commit(g, job[0], _part_batches(part))
-            part.unlink()
+    pool = ProcessPoolExecutor(min(workers, len(pending)), mp_context=context)
+    try:
+        futures = {job[0]: pool.submit(_write_part, _part_path(parts, job[0]), job, attrs) for job in pending}
+        for job in jobs:
+            if job[0] in futures:
+                futures[job[0]].result()
             yield job[0]
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown()
 
 
 def _recording_batches(name: str, events_path: Path, bbox: Path, rep: EventRepresentation, p: DatasetProtocol,
                        split: str) -> Iterator[tuple]:
-    """The samples of one recording in batches of at most 64 (bounded memory): (samples, times, counts, boxes)."""
+    """The samples of one recording in batches (bounded memory): (samples, times, counts, boxes). Class ids outside
+    the dataset are an error; labels whose window ends after the recording (no event in it) are dropped with a
+    warning."""
     source = open_events(events_path)
     if source.width is not None and (source.width, source.height) != (p.width, p.height):
         raise ValueError(f"{events_path}: a {source.width}x{source.height} recording, expected the "
                          f"{p.width}x{p.height} sensor of {p.name} (a recording of another dataset?)")
-    labels = clean_labels(read_bbox(bbox), p, split, str(bbox))
+    boxes = read_bbox(bbox)
+    check_label_classes(boxes, p, str(bbox))
+    labels = clean_labels(boxes, p, split, str(bbox))
+    end = -1 if source.t_last is None else source.t_last
+    late = {ts for ts in labels if ts - rep.window_us > end}  # windows without a single event
+    if late:
+        warnings.warn(f"{bbox}: {len(late)} of {len(labels)} label times come more than the {rep.window_us} us "
+                      f"window after the last event of {events_path.name} (t={end} us), dropped (first at "
+                      f"t={min(late)} us)", stacklevel=2)
+    size = _batch_size(rep)
     batch: list[list] = [[], [], [], []]
-    for ts, boxes in labels.items():
+    for ts, rows in labels.items():
+        if ts in late:
+            continue
         events = downsample_events(source.read(*rep.event_range(ts)), p.downsample)
         try:
             sample = rep.stored(events, ts)
         except ValueError as e:  # an event outside the sensor
             raise ValueError(f"{events_path}: {e} (window ending at t={ts} us)") from None
-        for column, value in zip(batch, (sample, ts, len(boxes), boxes)):
+        for column, value in zip(batch, (sample, ts, len(rows), rows)):
             column.append(value)
-        if len(batch[0]) == 64:
+        if len(batch[0]) == size:
             yield _stacked(batch)
             batch = [[], [], [], []]
     if batch[0]:
@@ -210,36 +320,62 @@ def _stacked(batch: list[list]) -> tuple:
     return np.stack(samples), np.array(times, np.int64), np.array(counts, np.int32), np.concatenate(rows)
 
 
-def _write_part(path: Path, job: tuple) -> Path:
-    """Worker: the samples of one recording into their own HDF5 file, renamed into place when complete."""
+def _write_part(path: Path, job: tuple, attrs: dict) -> Path:
+    """The samples of one recording as a one-recording cache file, written under a temporary name and renamed
+    into place when complete (a killed or failed write leaves no part)."""
     import h5py
 
-    if path.is_file():  # finished by an earlier, interrupted run
-        return path
-    tmp = path.with_name(f".{path.name}.tmp")
-    with h5py.File(tmp, "w") as f:
-        _create_datasets(f, job[3].stored_shape, compression=None)  # compressed once, when merged
-        for samples, times, counts, rows in _recording_batches(*job):
-            for name, values in (("samples", samples), ("t_us", times), ("label_count", counts), ("labels", rows)):
-                _append(f[name], values)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs.update(attrs)
+            _create_datasets(f, job[3].stored_shape)
+            _commit(f, job[0], _recording_batches(*job))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
-def _part_batches(path: Path) -> Iterator[tuple]:
-    """A part file's samples in batches of 64, as `_recording_batches` yields them."""
-    import h5py
+def _cached_recordings(f, size: int) -> Iterator[tuple[str, Iterator[tuple]]]:
+    """(name, batches of its samples) for every recording committed to a cache file (rows of an unfinished
+    recording, left by an older in-place writer, are skipped)."""
+    ends = np.concatenate(([0], f["done_samples"][:])).astype(np.int64)
+    offsets = np.concatenate(([0], np.cumsum(f["label_count"][: ends[-1]], dtype=np.int64)))
 
-    with h5py.File(path, "r") as f:
-        offsets = np.concatenate(([0], np.cumsum(f["label_count"][:])))
-        for lo in range(0, len(f["t_us"]), 64):
-            hi = min(lo + 64, len(f["t_us"]))
+    def batches(s0: int, s1: int) -> Iterator[tuple]:
+        for lo in range(s0, s1, size):
+            hi = min(lo + size, s1)
             yield (f["samples"][lo:hi], f["t_us"][lo:hi], f["label_count"][lo:hi],
                    f["labels"][offsets[lo] : offsets[hi]])
 
+    for r, name in enumerate(f["recordings"][:]):
+        yield _text(name), batches(int(ends[r]), int(ends[r + 1]))
+
+
+def _merge(path: Path, sources: list[Path], attrs: dict, rep: EventRepresentation) -> None:
+    """Write the recordings of `sources` (caches or parts), in order, into one new split cache at `path`: built
+    in a temporary file beside it and renamed into place when complete."""
+    import h5py
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs.update(attrs)
+            _create_datasets(f, rep.stored_shape)
+            for source in sources:
+                with h5py.File(source, "r") as g:
+                    for name, batches in _cached_recordings(g, _batch_size(rep)):
+                        _commit(f, name, batches)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
 
 def _commit(g, name: str, batches: Iterator[tuple]) -> None:
-    """Append all samples of one recording, then mark it done (the commit point for resuming)."""
+    """Append all samples of one recording, then mark it done."""
     index = len(g["recordings"])
     for samples, times, counts, rows in batches:
         _append(g["samples"], samples)

@@ -16,7 +16,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ems_yolo.events.io import EVENT_DTYPE, dat_header, dat_records, read_dat, read_dat_header, write_dat
+from ems_yolo.events.io import (
+    EVENT_DTYPE, check_sensor_size, dat_header, dat_records, load_npy_events, read_dat, read_dat_header, write_dat,
+)
 from ems_yolo.events.raw import RawIndex, RawReader, encode_evt2, evt2_header, write_raw_evt2
 from ems_yolo.utils.files import atomic_write, refuse_overwriting_inputs, sigterm_as_interrupt
 
@@ -81,11 +83,7 @@ def _raw(path: Path) -> EventSource:
 
 
 def _npy(path: Path) -> EventSource:
-    events = np.load(path, mmap_mode="r")
-    names = events.dtype.names or ()
-    if not {"t", "x", "y", "p"} <= set(names) or events.ndim != 1:
-        raise ValueError(f"{path}: a {events.dtype} array of shape {events.shape}, expected a 1-D structured array "
-                         "with fields t, x, y, p")
+    events = load_npy_events(path)
     t = np.asarray(events["t"])
 
     def as_events(part: np.ndarray) -> np.ndarray:
@@ -161,6 +159,7 @@ def _h5(path: Path) -> EventSource:
                              "(an ems-yolo sample cache is a prediction source or a dataset split, not an event file)")
         count = len(g["t"])
         size = [int(g[k][()]) if k in g else None for k in ("width", "height")]
+        check_sensor_size(path, "events/width, events/height", *size)
         first = int(g["t"][0]) if count else None
         last = int(g["t"][-1]) if count else None
 

@@ -79,7 +79,7 @@ _RECORD_DTYPE = np.dtype([("t", "<u4"), ("w", "<u4")])
 _RECORD_SIZE = _RECORD_DTYPE.itemsize
 _EVENT_TYPES = {0x00: "Event2D", 0x0C: "EventCD"}
 _COORD_MASK = 0x3FFF
-_MAX_SENSOR_SIDE = _COORD_MASK + 1
+MAX_SENSOR_SIZE = 8192  # the largest sensor side a file may declare (sane: event cameras reach 1280x720)
 _UINT32_MAX = 0xFFFFFFFF
 _HEADER_PREFIX = b"% "
 _V1_TO_V2_NAMES = {"ts": "t", "confidence": "class_confidence"}
@@ -116,14 +116,23 @@ class DatHeader:
 
 
 def _parse_sensor_side(path: Path, offset: int, key: str, value: str) -> int:
-    """Parse a ``Width``/``Height`` header value, which must fit the 14-bit coordinate range."""
+    """Parse a ``Width``/``Height`` header value, which must lie in 1..MAX_SENSOR_SIZE."""
     try:
         side = int(value)
     except ValueError:
         raise EventFileError(path, offset, f"header {key} {value!r} is not an integer") from None
-    if not 1 <= side <= _MAX_SENSOR_SIDE:
-        raise EventFileError(path, offset, f"header {key} {side} is outside 1..{_MAX_SENSOR_SIDE}")
+    if not 1 <= side <= MAX_SENSOR_SIZE:
+        raise EventFileError(path, offset, f"header {key} {side} is outside 1..{MAX_SENSOR_SIZE}")
     return side
+
+
+def check_sensor_size(source: PathLike | str, key: str, width: int | None, height: int | None) -> None:
+    """Refuse a sensor size that a file declares (or implies) beyond MAX_SENSOR_SIZE, before anything of that size
+    is allocated; `key` names the header field or array field it came from."""
+    for side in (width, height):
+        if side is not None and not 1 <= side <= MAX_SENSOR_SIZE:
+            raise ValueError(f"{source}: {key} gives a {width}x{height} sensor, expected sides in "
+                             f"1..{MAX_SENSOR_SIZE}")
 
 
 def _parse_header(path: Path, f: BinaryIO, file_size: int) -> DatHeader:
@@ -370,8 +379,8 @@ def write_dat(
 def dat_header(width: int = 304, height: int = 240, date: datetime | None = None) -> bytes:
     """The Event2D Version 2 header (``Height``/``Width`` declared) and the event type and size bytes."""
     for key, side in (("width", width), ("height", height)):
-        if not isinstance(side, (int, np.integer)) or not 1 <= side <= _MAX_SENSOR_SIDE:
-            raise ValueError(f"{key} must be in 1..{_MAX_SENSOR_SIDE}, got {side}")
+        if not isinstance(side, (int, np.integer)) or not 1 <= side <= MAX_SENSOR_SIZE:
+            raise ValueError(f"{key} must be in 1..{MAX_SENSOR_SIZE}, got {side}")
     header = "".join(
         f"% {line}\n"
         for line in (
@@ -468,13 +477,54 @@ def concat_boxes(parts: list[np.ndarray]) -> np.ndarray:
     return boxes[np.argsort(boxes["t"], kind="stable")]
 
 
+def _load_npy(path: PathLike, what: str, mmap_mode: str | None = None) -> np.ndarray:
+    """`np.load` of a `.npy` file without pickles; every failure (a pickled or object array, an `.npz` archive, not
+    a `.npy` at all) is one ValueError naming the file."""
+    try:
+        array = np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except (ValueError, EOFError, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ValueError(f"{path}: not a readable {what} ({e}); expected a .npy structured array without Python "
+                         "objects") from None
+    if isinstance(array, np.lib.npyio.NpzFile):
+        array.close()
+        raise ValueError(f"{path}: expected a .npy array, got an .npz archive")
+    return array
+
+
 def read_bbox(path: PathLike) -> np.ndarray:
     """Load a `_bbox.npy` file (v1 or v2 layout) and return it in the v2 layout BBOX_DTYPE."""
-    boxes = np.load(path)
-    if isinstance(boxes, np.lib.npyio.NpzFile):
-        boxes.close()
-        raise ValueError(f"{path}: expected a .npy array, got an .npz archive")
-    return convert_boxes(boxes, BBOX_DTYPE, str(path))
+    return convert_boxes(_load_npy(path, "boxes file"), BBOX_DTYPE, str(path))
+
+
+def load_npy_events(path: PathLike) -> np.ndarray:
+    """A `.npy` event array, memory-mapped, after checking it: 1-D structured with fields t, x, y, p, each a finite
+    number with an integral value, t non-decreasing, coordinates inside MAX_SENSOR_SIZE. Errors name the file, the
+    field and the first bad event."""
+    events = _load_npy(path, "event array", mmap_mode="r")
+    names = events.dtype.names or ()
+    if not {"t", "x", "y", "p"} <= set(names) or events.ndim != 1:
+        raise ValueError(f"{path}: a {events.dtype} array of shape {events.shape}, expected a 1-D structured array "
+                         "with fields t, x, y, p")
+    for name, high in (("t", np.iinfo(np.int64).max), ("x", MAX_SENSOR_SIZE - 1), ("y", MAX_SENSOR_SIZE - 1),
+                       ("p", 1)):
+        values = events[name]
+        if values.dtype.kind not in "iubf":
+            raise ValueError(f"{path}: field {name!r} has dtype {values.dtype}, expected integers")
+        if values.dtype.kind == "f":
+            bad = np.flatnonzero(~np.isfinite(values) | (values != np.round(values)))
+            if bad.size:
+                raise ValueError(f"{path}: field {name!r} of event {bad[0]} is {values[bad[0]]}, expected an integer")
+        bad = np.flatnonzero((values < 0) | (values > high))
+        if bad.size:
+            raise ValueError(f"{path}: field {name!r} of event {bad[0]} is {values[bad[0]]}, expected 0..{high}")
+    unsorted = np.flatnonzero(events["t"][1:] < events["t"][:-1])
+    if unsorted.size:
+        i = int(unsorted[0]) + 1
+        raise ValueError(f"{path}: field 't' must be non-decreasing: event {i} has t={events['t'][i]} after "
+                         f"t={events['t'][i - 1]}")
+    return events
 
 
 def write_bbox(path: PathLike, boxes: np.ndarray, version: int = 1) -> None:

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["GEN1", "GEN4", "PROTOCOLS", "DatasetProtocol", "clean_labels", "get_protocol", "rvt_label_times"]
+__all__ = ["GEN1", "GEN4", "PROTOCOLS", "DatasetProtocol", "check_label_classes", "clean_labels", "get_protocol",
+           "rvt_label_times"]
 
 _GEN1_HELP = """How to get Gen1 (Prophesee "ATIS Automotive Detection Dataset", about 200 GB compressed):
   1. Request access at https://www.prophesee.ai/2020/01/24/prophesee-gen1-automotive-detection-dataset/ and
@@ -61,6 +62,7 @@ class DatasetProtocol:
     min_label_side: float = 0.0  # label cleaning: boxes with a smaller side are dropped (sensor pixels)
     max_train_width: float | None = None  # label cleaning, training split: wider boxes are dropped
     label_frames: str = "all"  # "all" label timestamps, or "rvt10hz" (RVT's ~10 Hz selection)
+    label_classes: int | None = None  # classes a `_bbox.npy` of the dataset may hold (None: those of `names`)
 
     @property
     def input_width(self) -> int:
@@ -79,6 +81,7 @@ GEN1 = DatasetProtocol("gen1", 304, 240, {0: "car", 1: "pedestrian"}, min_diag=3
 GEN4 = DatasetProtocol(
     "gen4", 1280, 720, {0: "pedestrian", 1: "two-wheeler", 2: "car"}, min_diag=60, min_side=20, help=_GEN4_HELP,
     downsample=2, keep_below=3, min_label_side=5, max_train_width=0.9 * 1280, label_frames="rvt10hz",
+    label_classes=7,  # pedestrian, two-wheeler, car, truck, bus, traffic sign, traffic light
 )
 PROTOCOLS = {p.name: p for p in (GEN1, GEN4)}
 
@@ -117,6 +120,16 @@ def rvt_label_times(times: np.ndarray, source: str = "labels") -> np.ndarray:
         if steps > 0 and abs(gap - steps * period) <= 2000:
             kept.append(int(ts))
     return np.asarray(kept, np.int64)
+
+
+def check_label_classes(boxes: np.ndarray, protocol: str | DatasetProtocol = GEN1, source: str = "labels") -> None:
+    """Refuse a class id outside the dataset's label classes (a wrong or damaged `_bbox.npy`), naming the row."""
+    p = get_protocol(protocol)
+    n = p.label_classes or len(p.names)
+    bad = np.flatnonzero(boxes["class_id"] >= n)
+    if bad.size:
+        raise ValueError(f"{source}: row {bad[0]} has class_id {boxes['class_id'][bad[0]]}, expected 0..{n - 1} "
+                         f"(the {n} {p.name} label classes)")
 
 
 def clean_labels(boxes: np.ndarray, protocol: str | DatasetProtocol = GEN1, split: str = "train",

@@ -25,9 +25,11 @@ that goes back by less than half its range is an error (a real wrap goes from ne
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import threading
+import zipfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -35,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ems_yolo.events.io import EVENT_DTYPE, EventFileError
+from ems_yolo.events.io import EVENT_DTYPE, EventFileError, check_sensor_size
 from ems_yolo.utils.files import atomic_write
 
 TRIGGER_DTYPE = np.dtype([("t", "<i8"), ("id", "u1"), ("value", "u1")])
@@ -51,6 +53,7 @@ DECODE_THREADS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaf
 PARALLEL_MIN_EVENTS = 1 << 17  # chunks with fewer CD events decode in the calling thread only
 DEFAULT_CHUNK_BYTES = 1 << 20  # also the granularity of the sparse index (windowed reads decode about one chunk)
 FULL_READ_CHUNK_BYTES = 1 << 22  # whole reads: few chunks (fewer copies), scratch memory bounded by one
+FINGERPRINT_BLOCKS, FINGERPRINT_BLOCK_BYTES = 8, 1 << 16  # the sampled content an index is keyed by
 SCRATCH_MAX_BYTES = 1 << 24  # the largest decoder temporary kept per thread (a 4 MiB chunk: about 50 MiB in all)
 
 
@@ -122,6 +125,7 @@ def read_raw_header(path: str | os.PathLike) -> RawHeader:
         raise EventFileError(path, 0, "header declares no encoding, expected '% evt 2.0|2.1|3.0' or "
                                       "'% format EVT3;...'")
     width, height = _sensor_size(fields, fmt)
+    check_sensor_size(path, "header geometry/format", width, height)
     return RawHeader(path, encoding, width, height, offset, fields, legacy_evt21=name == "EVT21_LEGACY")
 
 
@@ -592,7 +596,7 @@ def _window(a: np.ndarray, t_start: int | None, t_end: int | None) -> np.ndarray
 class RawIndex:
     """Sparse index of a `.raw` file: the decoder state at the start of every chunk, the first event time in it and
     the file's last event time, built in one pass and kept in the ems-yolo cache (never beside the user's file),
-    invalidated by the file's size and modification time."""
+    keyed by the file's identity (whole resolved path, size, modification time, inode, sampled content)."""
 
     states: list[DecoderState]
     first_t: np.ndarray
@@ -619,21 +623,27 @@ class RawIndex:
 
     @staticmethod
     def location(path: Path) -> Path:
+        """Where the index of `path` is kept: named by a hash of the whole resolved path (distinct files never
+        share one)."""
         from ems_yolo.cfg import ems_home
 
-        key = re.sub(r"[^A-Za-z0-9_.-]", "_", str(path.resolve()))[-180:]
+        key = hashlib.sha256(os.fsencode(path.resolve())).hexdigest()
         return ems_home() / "raw-index" / f"{key}.npz"
 
     @classmethod
     def for_reader(cls, reader: RawReader) -> RawIndex:
-        """Load the index of the reader's file, or build and save it."""
+        """Load the index of the reader's file, or build and save it. A saved index is used only for the same
+        file: its size, modification time, inode and a hash of sampled content (header, first and last blocks)."""
         st = reader.path.stat()
-        stamp = np.array([st.st_size, st.st_mtime_ns, reader.chunk_bytes], np.int64)
+        stamp = np.concatenate((np.array([st.st_size, st.st_mtime_ns, st.st_ino, reader.chunk_bytes], np.int64),
+                                _fingerprint(reader.path, st.st_size)))
         where = cls.location(reader.path)
-        if where.is_file():
+        try:
             with np.load(where) as z:
                 if np.array_equal(z["stamp"], stamp):
                     return cls._from_arrays(z)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # none yet, or unreadable: rebuilt
+            pass
         index = cls.build(reader)
         cols = ("offset", "time_high", "time_low", "y", "base_x", "polarity")
         table = np.array([[getattr(s, c) for c in cols] + [-1 if s.last_high is None else s.last_high]
@@ -657,6 +667,18 @@ class RawIndex:
         """The state at the start of the last chunk whose first event is before `t` (None: the file start)."""
         i = int(np.searchsorted(self.first_t, t, side="left")) - 1
         return replace(self.states[max(i, 0)]) if self.states else None
+
+
+def _fingerprint(path: Path, size: int) -> np.ndarray:
+    """SHA-256 (as 32 int64 values) of FINGERPRINT_BLOCKS blocks spread evenly over the file, the first (with the
+    header) and the last included: the whole file up to 512 KiB."""
+    digest = hashlib.sha256()
+    starts = np.linspace(0, max(size - FINGERPRINT_BLOCK_BYTES, 0), FINGERPRINT_BLOCKS).astype(np.int64)
+    with open(path, "rb") as f:
+        for start in np.unique(starts):
+            f.seek(int(start))
+            digest.update(f.read(FINGERPRINT_BLOCK_BYTES))
+    return np.frombuffer(digest.digest(), np.uint8).astype(np.int64)
 
 
 def read_raw(path: str | os.PathLike, t_start: int | None = None, t_end: int | None = None,

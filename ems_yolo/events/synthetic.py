@@ -334,7 +334,8 @@ def _write_dataset(folder: Path, params: dict) -> None:
     """Generate every recording into ``folder``; the marker file is written last."""
     camera = _CAMERAS[params["camera"]]
     for split_id, split in enumerate(_SPLITS):
-        (folder / split).mkdir()
+        if params[f"n_{split}"]:  # no empty split folder (preprocessing refuses one)
+            (folder / split).mkdir()
         for i in range(params[f"n_{split}"]):
             rng = np.random.default_rng((params["seed"], split_id, i))
             events, boxes = _record(rng, params["duration_s"], params["fps"], camera)
