@@ -138,7 +138,7 @@ def _issue21_files(d: Path, f: dict, tiny: dict) -> None:
     ok = {"a.png": png(64, 64)}
     for name, keys in {"d_names_mismatch": {"nc": 3}, "d_names_str": {"names": "abc"},
                        "d_names_gap": {"names": {0: "a", 5: "b"}}, "d_nc_str": {"nc": "abc"},
-                       "d_names_empty": {"names": []}, "d_names_badkey": {"names": {0: "a", "x": "b"}}}.items():
+                       "d_names_empty": {"names": []}, "d_kpt_int": {"kpt_shape": 17}, "d_names_badkey": {"names": {0: "a", "x": "b"}}}.items():
         f[name] = _frames_dataset(d / name, ok, {"a": box}, **keys)
     for name, label in {"d_inf_cls": b"inf 0.5 0.5 0.2 0.2\n", "d_nan_cls": b"nan 0.5 0.5 0.2 0.2\n",
                         "d_ninf_coord": b"0 0.5 -inf 0.2 0.2\n", "d_nan_coord": b"1 0.5 0.5 nan 0.2\n",
@@ -304,6 +304,7 @@ CASES = [
     ("val model={finished} data={d_names_badkey} imgsz=64", "d_names_badkey/data.yaml: 'names' keys [0, 'x']"),
     ("train model={tiny_yaml} data={d_nc_str} imgsz=64 epochs=1", "d_nc_str/data.yaml: nc='abc': expected a"),
     ("energy model={tiny_yaml} data={d_names_empty} imgsz=64", "d_names_empty/data.yaml: 'names: []'"),
+    ("val model={finished} data={d_kpt_int} imgsz=64", "d_kpt_int/data.yaml: 'kpt_shape' must be list, not int"),
     # D11, D18: label values, image files, text encodings
     ("train model={tiny_yaml} data={d_inf_cls} imgsz=64 epochs=1", "a.txt:1: non-finite field in 'inf 0.5"),
     ("val model={finished} data={d_nan_cls} imgsz=64", "a.txt:1: non-finite field in 'nan 0.5"),

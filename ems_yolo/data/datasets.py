@@ -106,7 +106,7 @@ def _ultralytics_check(copy: Path, src: Path) -> None:
         check_det_dataset(str(copy))
     except (AssertionError, KeyError, RuntimeError, SyntaxError, TypeError, ValueError) as e:
         message = " ".join(str(e.args[0] if isinstance(e, KeyError) and e.args else e).split())
-        raise ValueError(f"{src}: {message.replace(str(copy), src.name)}") from None
+        raise ValueError(f"{src}: {message.replace(str(copy), '').strip()}") from None
 
 
 def warn_class_mismatch(model_names: dict | list, data_names: dict | list) -> None:
