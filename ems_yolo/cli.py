@@ -182,7 +182,7 @@ def _preprocess(dataset: str, action: str, ctx: typer.Context) -> None:
     for key in ("src", "dst"):
         require(kv, key, f"{dataset} preprocess")
     if Path(str(kv["dst"])).expanduser().is_file():
-        raise UsageError(f"dst={kv['dst']}: is a file, expected a folder (new, or holding the caches of an earlier run)")
+        raise UsageError(f"dst={kv['dst']}: is a file, expected a folder (new, or with the caches of an earlier run)")
     p = get_protocol(dataset)
     rep_keys = {"name": kv.get("representation", "ems_frames")}
     rep_keys.update({k: kv[k] for k in ("bins", "cutoff") if k in kv})

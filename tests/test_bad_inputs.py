@@ -138,7 +138,8 @@ def _issue21_files(d: Path, f: dict, tiny: dict) -> None:
     ok = {"a.png": png(64, 64)}
     for name, keys in {"d_names_mismatch": {"nc": 3}, "d_names_str": {"names": "abc"},
                        "d_names_gap": {"names": {0: "a", 5: "b"}}, "d_nc_str": {"nc": "abc"},
-                       "d_names_empty": {"names": []}, "d_kpt_int": {"kpt_shape": 17}, "d_names_badkey": {"names": {0: "a", "x": "b"}}}.items():
+                       "d_names_empty": {"names": []}, "d_kpt_int": {"kpt_shape": 17},
+                       "d_names_badkey": {"names": {0: "a", "x": "b"}}}.items():
         f[name] = _frames_dataset(d / name, ok, {"a": box}, **keys)
     for name, label in {"d_inf_cls": b"inf 0.5 0.5 0.2 0.2\n", "d_nan_cls": b"nan 0.5 0.5 0.2 0.2\n",
                         "d_ninf_coord": b"0 0.5 -inf 0.2 0.2\n", "d_nan_coord": b"1 0.5 0.5 nan 0.2\n",
