@@ -23,6 +23,8 @@ SYNTHETIC_GEN4 = "gen4-synthetic"  # generated 1 Mpx-shaped event dataset
 EVENT_SUFFIXES = (".dat", ".raw", ".h5", ".hdf5")  # prediction sources read as events
 EVENT_CACHE_SUFFIXES = (".h5", ".hdf5")  # dataset splits that are event sample caches
 DEFAULT_MODEL = "ems-res10.yaml"
+EXPORT_FORMATS = ("onnx", "torchscript")  # the export formats ems-yolo supports and tests (format=)
+ONNX_OPSETS = (11, 22)  # the ONNX opsets ems-yolo's export is tested with, lowest and highest (opset=)
 
 # Validation defaults that differ from Ultralytics': the original code's NMS IoU (its val.py; Ultralytics uses 0.7).
 # The original scores its final COCO result with iou=0.65 (README: the reproduction command).
@@ -123,7 +125,8 @@ MODE_HELP = {
     "val": "Validate a model (mAP50, mAP50-95; save_json=True adds pycocotools mAP).",
     "predict": "Run detection on images, folders, globs, videos, webcams (source=0), streams or event recordings "
     "(.dat, .raw, .h5); source= is required.",
-    "export": "Export to format=onnx or format=torchscript (T unrolled into the graph).",
+    "export": f"Export to format={' or format='.join(EXPORT_FORMATS)} (T unrolled into the graph; onnx: opset "
+    f"{ONNX_OPSETS[0]} to {ONNX_OPSETS[1]}).",
 }
 ENERGY_KEYS = {
     "model": "model YAML or .pt (default ems-res10.yaml)",
@@ -186,8 +189,6 @@ _COUNTS = ("workers",)  # integers >= 0
 _POSITIVE = ("stride_ms", "window_ms", "c_on", "c_off", "e_ac", "e_mac", "depth_multiple", "width_multiple")
 _NON_NEGATIVE = ("sigma", "refractory_us", "noise_hz")
 _BOOLS = ("ann", "checkpoint", "sync_bn", "events", "energy", "detailed", "trust", "info")
-EXPORT_FORMATS = ("onnx", "torchscript")  # the export formats ems-yolo supports and tests (format=)
-ONNX_OPSETS = (11, 22)  # the ONNX opsets ems-yolo's export is tested with, lowest and highest (opset=)
 _CHOICES = {"input": ("frames", "events"), "preset": ("fp32", "fp16", "int8"), "split": ("train", "val", "test"),
             "representation": ("ems_frames", "histogram", "voxel"), "format": EXPORT_FORMATS}
 # Smallest values with a meaning: event times are whole microseconds, so a step or window under 1 us is zero.
