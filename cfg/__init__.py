@@ -7,6 +7,8 @@ This folder is the top-level `cfg/` of a source checkout and the package `ems_yo
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,8 @@ SYNTHETIC_GEN4 = "gen4-synthetic"  # generated 1 Mpx-shaped event dataset
 EVENT_SUFFIXES = (".dat", ".raw", ".h5", ".hdf5")  # prediction sources read as events
 EVENT_CACHE_SUFFIXES = (".h5", ".hdf5")  # dataset splits that are event sample caches
 DEFAULT_MODEL = "ems-res10.yaml"
+EXPORT_FORMATS = ("onnx", "torchscript")  # the export formats ems-yolo supports and tests (format=)
+ONNX_OPSETS = (11, 22)  # the ONNX opsets ems-yolo's export is tested with, lowest and highest (opset=)
 
 # Validation defaults that differ from Ultralytics': the original code's NMS IoU (its val.py; Ultralytics uses 0.7).
 # The original scores its final COCO result with iou=0.65 (README: the reproduction command).
@@ -121,7 +125,8 @@ MODE_HELP = {
     "val": "Validate a model (mAP50, mAP50-95; save_json=True adds pycocotools mAP).",
     "predict": "Run detection on images, folders, globs, videos, webcams (source=0), streams or event recordings "
     "(.dat, .raw, .h5); source= is required.",
-    "export": "Export to format=onnx or format=torchscript (T unrolled into the graph).",
+    "export": f"Export to format={' or format='.join(EXPORT_FORMATS)} (T unrolled into the graph; onnx: opset "
+    f"{ONNX_OPSETS[0]} to {ONNX_OPSETS[1]}).",
 }
 ENERGY_KEYS = {
     "model": "model YAML or .pt (default ems-res10.yaml)",
@@ -183,51 +188,128 @@ EVENTS_KEYS = {
 
 # Value rules of the user-facing keys of every command (ems-yolo's own and the Ultralytics sizes that Ultralytics
 # would silently clamp): one check, one message naming the key and what was expected.
-_POSITIVE_INT = ("time_steps", "channels", "nc", "epochs", "max_batches", "bins", "height", "width", "max_frames")
+_POSITIVE_INT = ("time_steps", "channels", "nc", "epochs", "max_batches", "bins", "height", "width", "max_frames",
+                 "cutoff")
 _COUNTS = ("workers",)  # integers >= 0
-_POSITIVE = ("stride_ms", "window_ms", "bin_ms", "spacing_ms", "cutoff", "c_on", "c_off", "e_ac", "e_mac")
+_POSITIVE = ("stride_ms", "window_ms", "bin_ms", "spacing_ms", "c_on", "c_off", "e_ac", "e_mac", "depth_multiple",
+             "width_multiple")
 _NON_NEGATIVE = ("sigma", "refractory_us", "noise_hz")
 _BOOLS = ("ann", "checkpoint", "sync_bn", "events", "energy", "detailed", "trust", "info", "closed")
 _CHOICES = {"input": ("frames", "events"), "preset": ("fp32", "fp16", "int8"), "split": ("train", "val", "test"),
-            "representation": ("ems_frames", "histogram", "voxel")}
+            "representation": ("ems_frames", "histogram", "voxel"), "format": EXPORT_FORMATS}
+# Smallest values with a meaning: event times are whole microseconds, so a step or window under 1 us is zero.
+_MINIMUM = {"stride_ms": 0.001, "window_ms": 0.001, "bin_ms": 0.001, "spacing_ms": 0.001}
+# Upper bounds: an absurd size is one line before anything allocates (plain limits; model memory is estimated when
+# a model is built, sensor sizes when an event file is opened).
+_MAXIMUM = {"time_steps": 1024, "bins": 1024, "imgsz": 8192, "height": 8192, "width": 8192, "channels": 4096,
+            "nc": 100_000, "batch": 4096, "workers": 256, "cutoff": 65_535, "depth_multiple": 16, "width_multiple": 16,
+            "stride_ms": 86_400_000, "window_ms": 86_400_000, "bin_ms": 86_400_000,
+            "spacing_ms": 86_400_000}  # a day in ms
+AUTOBATCH_MODES = ("train",)  # where Ultralytics' batch=-1 or a fraction in (0, 1) sizes the batch to the GPU
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+def _integer(value: Any) -> int | None:
+    """`value` as an int when it is one, an integral float (10.0) or the text of either; else None."""
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    return int(value) if math.isfinite(value) and value == int(value) else None
 
 
-def check_value(key: str, value: Any) -> Any:
-    """`value` if it suits `key` (ints stay ints; numbers from text are parsed), else a ValueError naming the key."""
+def _number(value: Any) -> float | None:
+    """`value` as a finite float (also from text); else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _range(key: str) -> str:
+    """The bounds of `key` beyond its sign, as words: ' of at least 0.001', ' up to 1024'."""
+    low = f" of at least {_MINIMUM[key]:g}" if key in _MINIMUM else ""
+    high = f" up to {_MAXIMUM[key]:,}" if key in _MAXIMUM else ""
+    return low + (" and" if low and high else "") + high
+
+
+def _check_batch(shown: str, value: Any, mode: str) -> int | float:
+    """`batch`: a positive integer; in training also Ultralytics' AutoBatch values (-1, a GPU memory fraction)."""
+    autobatch = mode in AUTOBATCH_MODES
+    if autobatch and (value == -1 or isinstance(value, float) and 0 < value < 1):
+        return value
+    batch = _integer(value)
+    if batch is None or not 1 <= batch <= _MAXIMUM["batch"]:
+        extra = ", -1 or a fraction in (0, 1) (Ultralytics' AutoBatch)" if autobatch else ""
+        raise ValueError(f"{shown}: expected a positive integer up to {_MAXIMUM['batch']:,}{extra}")
+    return batch
+
+
+def check_value(key: str, value: Any, mode: str = "") -> Any:
+    """`value` if it suits `key` (integral numbers become ints, numbers from text are parsed), else a ValueError
+    naming the key; `mode` is the command (train accepts Ultralytics' AutoBatch values of `batch`)."""
     if value is None:
         return value
     shown = f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}"
     if key in _POSITIVE_INT or key in _COUNTS:
-        if isinstance(value, str) and value.strip().lstrip("+").isdigit():
-            value = int(value)
         low = 1 if key in _POSITIVE_INT else 0
-        if not _is_int(value) or value < low:
-            raise ValueError(f"{shown}: expected a {'positive' if low else 'non-negative'} integer")
+        number = _integer(value)
+        if number is None or number < low or number > _MAXIMUM.get(key, number):
+            raise ValueError(f"{shown}: expected a {'positive' if low else 'non-negative'} integer{_range(key)}")
+        value = number
     elif key in _POSITIVE or key in _NON_NEGATIVE:
-        try:
-            number = float(value) if not isinstance(value, bool) else None
-        except (TypeError, ValueError):
-            number = None
-        low_ok = number is not None and (number > 0 if key in _POSITIVE else number >= 0)
-        if not low_ok or number != number or number == float("inf"):
-            raise ValueError(f"{shown}: expected a {'positive' if key in _POSITIVE else 'non-negative'} number")
+        number = _number(value)
+        low = _MINIMUM.get(key, 0.0)
+        strict = key in _POSITIVE and key not in _MINIMUM  # > 0, else >= the minimum
+        if number is None or number > _MAXIMUM.get(key, number) or (number <= low if strict else number < low):
+            note = " (times are whole microseconds)" if key in _MINIMUM else ""
+            raise ValueError(f"{shown}: expected a {'positive' if key in _POSITIVE else 'non-negative'} number"
+                             f"{_range(key)}{note}")
         value = number
     elif key == "imgsz":
-        sizes = value if isinstance(value, (list, tuple)) else [value]
-        if not (1 <= len(sizes) <= 2 and all(_is_int(s) and s >= 1 for s in sizes)):
-            raise ValueError(f"{shown}: expected a positive integer or [height, width] of positive integers")
+        sizes = [_integer(s) for s in (value if isinstance(value, (list, tuple)) else [value])]
+        if not (1 <= len(sizes) <= 2 and all(s is not None and 1 <= s <= _MAXIMUM["imgsz"] for s in sizes)):
+            raise ValueError(f"{shown}: expected a positive integer or [height, width] of positive integers, "
+                             f"up to {_MAXIMUM['imgsz']:,}")
+        value = sizes if isinstance(value, (list, tuple)) else sizes[0]
+    elif key == "batch":
+        value = _check_batch(shown, value, mode)
+    elif key == "opset":
+        opset = _integer(value)
+        if opset is None or not ONNX_OPSETS[0] <= opset <= ONNX_OPSETS[1]:
+            raise ValueError(f"{shown}: expected an ONNX opset from {ONNX_OPSETS[0]} to {ONNX_OPSETS[1]}")
+        value = opset
     elif key in _BOOLS:
         if not isinstance(value, bool):
             raise ValueError(f"{shown}: expected True or False")
-    elif key in _CHOICES and value not in _CHOICES[key]:
-        raise ValueError(f"{shown}: expected one of {', '.join(_CHOICES[key])}")
+    elif key in _CHOICES:
+        if str(value).lower() not in _CHOICES[key]:
+            what = " (the formats ems-yolo exports and tests)" if key == "format" else ""
+            raise ValueError(f"{shown}: expected one of {', '.join(_CHOICES[key])}{what}")
+        value = str(value).lower()
+    elif key == "cfg":
+        check_cfg_file(value, mode)
     return value
 
 
-def check_values(kv: dict[str, Any]) -> dict[str, Any]:
+def check_values(kv: dict[str, Any], mode: str = "") -> dict[str, Any]:
     """Every key of `kv` checked by `check_value` (keys without a rule pass unchanged)."""
-    return {k: check_value(k, v) for k, v in kv.items()}
+    return {k: check_value(k, v, mode) for k, v in kv.items()}
+
+
+def check_cfg_file(path: str | Path, mode: str = "") -> dict[str, Any]:
+    """The settings of a `cfg=` YAML, each checked as the same key on the command line; errors name the file."""
+    from ems_yolo.utils.files import read_yaml_mapping
+
+    settings = read_yaml_mapping(Path(path).expanduser())
+    try:
+        return check_values(settings, mode)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None

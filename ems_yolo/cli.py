@@ -20,7 +20,9 @@ from ems_yolo.cfg import (
     MODE_HELP,
     MODE_ONLY_KEYS,
     MODEL_KEYS,
+    check_cfg_file,
     check_values,
+    default_project,
 )
 
 app = typer.Typer(
@@ -61,7 +63,7 @@ def parse_key_values(tokens: list[str], allowed: dict[str, str], command: str) -
             known = f"Valid keys: {', '.join(allowed)}" if len(allowed) <= 12 else f"See 'ems-yolo {command} --help'."
             raise UsageError(f"'{key}' is not a valid key for '{command}'.{hint} {known}")
         out[key] = value
-    return check_values(out)
+    return check_values(out, command)
 
 
 def require(kv: dict[str, Any], key: str, command: str, what: str = "") -> None:
@@ -92,12 +94,12 @@ def engine_overrides(tokens: list[str], mode: str) -> tuple[dict[str, Any], dict
     """Split key=value tokens into ems-yolo keys and Ultralytics overrides validated by Ultralytics' own checks."""
     from ems_yolo import ultralytics_compat  # noqa: F401  (first: offline environment before Ultralytics loads)
     from ultralytics.cfg import check_dict_alignment, get_cfg
-    from ultralytics.utils import DEFAULT_CFG_DICT, YAML
+    from ultralytics.utils import DEFAULT_CFG_DICT
 
     allowed = {**ENGINE_KEYS, **{k: "" for k in DEFAULT_CFG_DICT}}
     kv = parse_key_values(tokens, allowed, mode)
-    if "cfg" in kv:  # a YAML of overrides, as `yolo cfg=...`; explicit keys win
-        kv = {**YAML.load(kv.pop("cfg")), **kv}
+    if "cfg" in kv:  # a YAML of overrides, as `yolo cfg=...`, checked as the command line is; explicit keys win
+        kv = {**check_cfg_file(kv.pop("cfg"), mode), **kv}
     ours = {k: kv.pop(k) for k in list(kv) if k in ENGINE_KEYS}
     for key in ours:
         if MODE_ONLY_KEYS.get(key, mode) != mode:
@@ -179,6 +181,8 @@ def _preprocess(dataset: str, action: str, ctx: typer.Context) -> None:
     kv = parse_key_values(ctx.args, DATASET_KEYS, f"{dataset} preprocess")
     for key in ("src", "dst"):
         require(kv, key, f"{dataset} preprocess")
+    if Path(str(kv["dst"])).expanduser().is_file():
+        raise UsageError(f"dst={kv['dst']}: is a file, expected a folder (new, or with the caches of an earlier run)")
     p = get_protocol(dataset)
     rep_keys = {"name": kv.get("representation", "ems_frames")}
     rep_keys.update({k: kv[k] for k in ("bins", "cutoff") if k in kv})
@@ -247,6 +251,19 @@ def events(ctx: typer.Context) -> None:
 
 USER_ERRORS = (OSError, ValueError)  # bad paths, values, configs and files (OSError: also permissions)
 EXIT_USAGE = 2  # every user error, as for a command-line usage error
+OUTPUT_KEYS = ("out", "dst", "project")  # where a command writes, named by an OSError that names no file
+
+
+def _where(e: OSError, argv: list[str]) -> str:
+    """The file a system error is about (its `filename`), else where the command was writing (a full disk, a write
+    refused by a limit); '' when neither is known."""
+    if e.filename is not None:
+        return str(e.filename)
+    given = dict(a.split("=", 1) for a in argv if "=" in a)
+    key = next((k for k in OUTPUT_KEYS if k in given), None)
+    if key:
+        return f"{key}={given[key]}"
+    return f"project={default_project()}" if argv and argv[0] in (*MODE_HELP, "energy") else ""
 
 
 def _debug(argv: list[str]) -> bool:
@@ -268,6 +285,9 @@ def run(argv: list[str]) -> int:
         if debug:
             raise
         lines = [line for line in str(e).strip().splitlines() if line.strip()] or [type(e).__name__]
+        where = _where(e, argv) if isinstance(e, OSError) and e.errno is not None else ""  # raised by the system
+        if where and where not in lines[0]:
+            lines[0] = f"{where}: {lines[0]}" if e.filename is not None else f"{lines[0]} (writing to {where})"
         typer.secho(f"ems-yolo: error: {lines[0]}", err=True, fg=typer.colors.RED)
         for line in lines[1:]:
             typer.echo(f"  {line.strip()}", err=True)

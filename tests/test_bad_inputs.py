@@ -16,6 +16,7 @@ from shared_data import SAMPLE, SHARED_DATA
 
 ORIGINAL = SHARED_DATA / "checkpoints" / "original-res10-ee-nc2-T5.pt"
 VIDEO = SHARED_DATA / "videos" / "esim_test_frames.avi"
+RAW = SHARED_DATA / "events" / "evt3_sample.raw"  # a camera's EVT 3.0 recording (its header gives the sensor size)
 
 
 class Payload:
@@ -108,7 +109,69 @@ def bad(tmp_path_factory):
     f["original"] = ORIGINAL
     f["video"] = VIDEO
     f["gen1_dst"] = d / "gen1-out"
+    _issue21_files(d, f, tiny)
     return f
+
+
+def _frames_dataset(root: Path, images: dict[str, bytes], labels: dict[str, bytes], **keys) -> Path:
+    """A frame dataset whose train and val split is `images/train` (name -> file bytes, stem -> label bytes);
+    `keys` replace those of its 2-class data YAML."""
+    for split in ("images", "labels"):
+        (root / split / "train").mkdir(parents=True)
+    for name, data in images.items():
+        (root / "images" / "train" / name).write_bytes(data)
+    for stem, data in labels.items():
+        (root / "labels" / "train" / f"{stem}.txt").write_bytes(data)
+    d = {"path": str(root), "train": "images/train", "val": "images/train", "names": {0: "a", 1: "b"}, **keys}
+    return _yaml(root / "data.yaml", {k: v for k, v in d.items() if v is not None})
+
+
+def _issue21_files(d: Path, f: dict, tiny: dict) -> None:
+    """The bad files of the defects of issue 21 (D10, D11, D14, D18): datasets, exported models, cfg files."""
+    import cv2
+
+    def png(h: int, w: int) -> bytes:
+        rng = np.random.default_rng(h * w)
+        return cv2.imencode(".png", rng.integers(0, 255, (h, w, 3), dtype=np.uint8))[1].tobytes()
+
+    box = b"0 0.5 0.5 0.2 0.2\n"
+    ok = {"a.png": png(64, 64)}
+    for name, keys in {"d_names_mismatch": {"nc": 3}, "d_names_str": {"names": "abc"},
+                       "d_names_gap": {"names": {0: "a", 5: "b"}}, "d_nc_str": {"nc": "abc"},
+                       "d_names_empty": {"names": []}, "d_kpt_int": {"kpt_shape": 17},
+                       "d_names_badkey": {"names": {0: "a", "x": "b"}}}.items():
+        f[name] = _frames_dataset(d / name, ok, {"a": box}, **keys)
+    for name, label in {"d_inf_cls": b"inf 0.5 0.5 0.2 0.2\n", "d_nan_cls": b"nan 0.5 0.5 0.2 0.2\n",
+                        "d_ninf_coord": b"0 0.5 -inf 0.2 0.2\n", "d_nan_coord": b"1 0.5 0.5 nan 0.2\n",
+                        "d_nonutf8_label": b"0 0.5 0.5 0.2 0.2\n\xff\xfe 1\n",
+                        "d_latin1_label": "0 0.5 0.5 0.2 0.2 # \u00e9t\u00e9\n".encode("latin-1")}.items():
+        f[name] = _frames_dataset(d / name, ok, {"a": label})
+    f["d_1x1"] = _frames_dataset(d / "d_1x1", {"a.png": png(1, 1), "b.png": png(1, 1)}, {"a": box, "b": box})
+    f["d_9x64"] = _frames_dataset(d / "d_9x64", {"a.png": png(64, 64), "b.png": png(9, 64)}, {"a": box, "b": box})
+    f["d_text_webp"] = _frames_dataset(d / "d_text_webp", {**ok, "x.webp": b"just some text"}, {"a": box})
+    f["d_text_tif"] = _frames_dataset(d / "d_text_tif", {**ok, "x.tif": b"II*\x00 not really a tiff"}, {"a": box})
+    whole = png(64, 64)
+    f["d_trunc_png"] = _frames_dataset(d / "d_trunc_png", {**ok, "t.png": whole[: len(whole) // 2]}, {"a": box})
+    list_root = d / "d_nonutf8_list"
+    f["d_nonutf8_list"] = _frames_dataset(list_root, ok, {"a": box}, train="list.txt", val="list.txt")
+    (list_root / "list.txt").write_bytes(b"./images/train/a.png\n./images/train/\xff.png\n")
+    f["garbage_onnx"] = d / "garbage.onnx"
+    f["garbage_onnx"].write_bytes(np.random.default_rng(2).bytes(1000))
+    f["text_onnx"] = d / "text.onnx"
+    f["text_onnx"].write_text("this is not a model\n")
+    f["empty_onnx"] = d / "empty.onnx"
+    f["empty_onnx"].write_bytes(b"")
+    f["text_torchscript"] = d / "text.torchscript"
+    f["text_torchscript"].write_text("this is not a model either\n")
+    f["depth_str"] = _yaml(d / "depth_str.yaml", {**tiny, "depth_multiple": "deep"})
+    f["width_huge"] = _yaml(d / "width_huge.yaml", {**tiny, "width_multiple": 1e5})
+    f["t_float"] = _yaml(d / "t_float.yaml", {**tiny, "time_steps": 2.5})
+    f["cfg_energy"] = _yaml(d / "cfg_energy.yaml", {"energy": "maybe"})
+    f["cfg_epochs"] = _yaml(d / "cfg_epochs.yaml", {"epochs": 0, "imgsz": 64})
+    f["cfg_list"] = _yaml(d / "cfg_list.yaml", "- epochs\n- 3\n")
+    f["cfg_imgsz"] = _yaml(d / "cfg_imgsz.yaml", {"imgsz": 99999})
+    f["dst_file"] = d / "dst_is_a_file"
+    f["dst_file"].write_text("the user's file\n")
 
 
 CASES = [
@@ -232,6 +295,79 @@ CASES = [
     ("events source={video} info=True", "info=True describes an event file"),
     ("events source={sample_dat} info=maybe", "info='maybe': expected True or False"),
     ("predict model={finished} source={truncated_raw}", "truncated.raw"),
+    # issue 21, D10: class names of a dataset YAML, named in the user's file
+    ("train model={tiny_yaml} data={d_names_mismatch} imgsz=64 epochs=1",
+     "d_names_mismatch/data.yaml: 'nc: 3' but 'names' has 2 classes"),
+    ("val model={finished} data={d_names_mismatch} imgsz=64", "d_names_mismatch/data.yaml: 'nc: 3'"),
+    ("train model={tiny_yaml} data={d_names_str} imgsz=64 epochs=1", "d_names_str/data.yaml: 'names: 'abc''"),
+    ("train model={tiny_yaml} data={d_names_gap} imgsz=64 epochs=1",
+     "d_names_gap/data.yaml: 'names' keys [0, 5], expected the class indices 0..1"),
+    ("val model={finished} data={d_names_badkey} imgsz=64", "d_names_badkey/data.yaml: 'names' keys [0, 'x']"),
+    ("train model={tiny_yaml} data={d_nc_str} imgsz=64 epochs=1", "d_nc_str/data.yaml: nc='abc': expected a"),
+    ("energy model={tiny_yaml} data={d_names_empty} imgsz=64", "d_names_empty/data.yaml: 'names: []'"),
+    ("val model={finished} data={d_kpt_int} imgsz=64", "d_kpt_int/data.yaml: 'kpt_shape' must be list, not int"),
+    # D11, D18: label values, image files, text encodings
+    ("train model={tiny_yaml} data={d_inf_cls} imgsz=64 epochs=1", "a.txt:1: non-finite field in 'inf 0.5"),
+    ("val model={finished} data={d_nan_cls} imgsz=64", "a.txt:1: non-finite field in 'nan 0.5"),
+    ("val model={finished} data={d_ninf_coord} imgsz=64", "a.txt:1: non-finite field in '0 0.5 -inf"),
+    ("energy model={tiny_yaml} data={d_nan_coord} imgsz=64", "a.txt:1: non-finite field"),
+    ("train model={tiny_yaml} data={d_1x1} imgsz=64 epochs=1", "a.png: image of 1x1 pixels, expected at least 10"),
+    ("val model={finished} data={d_9x64} imgsz=64", "b.png: image of 64x9 pixels, expected at least 10"),
+    ("train model={tiny_yaml} data={d_nonutf8_label} imgsz=64 epochs=1",
+     "a.txt: byte 0xff at offset 18 is not UTF-8"),
+    ("val model={finished} data={d_latin1_label} imgsz=64", "a.txt: byte 0xe9 at offset 20 is not UTF-8"),
+    ("val model={finished} data={d_nonutf8_list} imgsz=64", "list.txt: byte 0xff at offset 36 is not UTF-8"),
+    ("train model={tiny_yaml} data={d_text_webp} imgsz=64 epochs=1",
+     "x.webp: cannot be read as an image (cannot identify image file)"),
+    ("val model={finished} data={d_text_tif} imgsz=64", "x.tif: cannot be read as an image"),
+    ("train model={tiny_yaml} data={d_trunc_png} imgsz=64 epochs=1", "t.png: cannot be read as an image"),
+    # D11, D18: windows, devices, batches
+    ("predict model={finished} source={sample_dat} stride_ms=1e300", "stride_ms=1e+300: expected a positive number"),
+    ("predict model={finished} source={sample_dat} stride_ms=0.0001", "stride_ms=0.0001: expected a positive number "
+     "of at least 0.001"),
+    ("predict model={finished} source={sample_dat} stride_ms=inf", "stride_ms='inf': expected a positive number"),
+    ("predict model={finished} source={sample_dat} stride_ms=nan", "stride_ms='nan': expected a positive number"),
+    ("gen1 preprocess src={dir} dst={gen1_dst} window_ms=0.0004", "window_ms=0.0004: expected a positive number"),
+    ("energy model={tiny_yaml} imgsz=64 batch=2 max_batches=1 device=99",
+     "Invalid CUDA 'device=99' requested"),
+    ("energy model={tiny_yaml} imgsz=64 batch=0", "batch=0: expected a positive integer"),
+    ("energy model={tiny_yaml} imgsz=64 batch=-1", "batch=-1: expected a positive integer"),
+    ("energy model={tiny_yaml} imgsz=64 batch=2.5", "batch=2.5: expected a positive integer"),
+    ("val model={finished} batch=-1", "batch=-1: expected a positive integer"),
+    ("train model={tiny_yaml} batch=0", "batch=0: expected a positive integer up to 4,096, -1 or a fraction"),
+    # D14: exported models and export options
+    ("predict model={garbage_onnx} source={video}", "garbage.onnx: not an ONNX model"),
+    ("predict model={text_onnx} source={video}", "text.onnx: not an ONNX model"),
+    ("val model={empty_onnx} imgsz=64", "empty.onnx: ONNX file without a model graph"),
+    ("predict model={text_torchscript} source={video}", "text.torchscript: not a TorchScript archive"),
+    ("export model={finished} format=onnx opset=1 imgsz=64", "opset=1: expected an ONNX opset from 11 to 22"),
+    ("export model={finished} format=onnx opset=99 imgsz=64", "opset=99: expected an ONNX opset"),
+    ("export model={finished} format=onnx opset=abc imgsz=64", "opset='abc': expected an ONNX opset"),
+    ("export model={finished} format=tflite imgsz=64", "format='tflite': expected one of onnx, torchscript"),
+    ("export model={finished} format=engine imgsz=64", "format='engine': expected one of onnx, torchscript"),
+    ("export model={finished} format=coreml imgsz=64", "format='coreml'"),
+    # D18: files and keys named
+    ("gen1 preprocess src={dir} dst={dst_file}", "dst_is_a_file: is a file, expected a folder"),
+    ("gen4 preprocess src={dir} dst={dst_file}", "dst_is_a_file: is a file, expected a folder"),
+    ("info model={depth_str}", "depth_str.yaml: depth_multiple='deep': expected a positive number"),
+    ("info model={width_huge}", "width_huge.yaml: width_multiple=100000.0: expected a positive number up to 16"),
+    ("info model={t_float}", "t_float.yaml: time_steps=2.5: expected a positive integer"),
+    ("val model={finished} cfg={cfg_energy}", "cfg_energy.yaml: energy='maybe': expected True or False"),
+    ("train model={tiny_yaml} cfg={cfg_epochs}", "cfg_epochs.yaml: epochs=0: expected a positive integer"),
+    ("predict model={finished} source={video} cfg={cfg_imgsz}", "cfg_imgsz.yaml: imgsz=99999: expected a positive"),
+    ("val model={finished} cfg={cfg_list}", "cfg_list.yaml: expected a mapping"),
+    ("train cfg={dir}/no_such_cfg.yaml", "no_such_cfg.yaml"),
+    # integer keys and upper bounds
+    ("info time_steps=2.5", "time_steps=2.5: expected a positive integer"),
+    ("info time_steps=1000000000 imgsz=64", "time_steps=1000000000: expected a positive integer up to 1,024"),
+    ("info imgsz=99999", "imgsz=99999: expected a positive integer or [height, width] of positive integers, up to"),
+    ("val model={finished} imgsz=[64,99999]", "imgsz=[64, 99999]: expected a positive integer"),
+    ("gen1 preprocess src={dir} dst={gen1_dst} bins=100000", "bins=100000: expected a positive integer up to 1,024"),
+    ("gen1 preprocess src={dir} dst={gen1_dst} cutoff=10.5", "cutoff=10.5: expected a positive integer"),
+    ("gen4 preprocess src={dir} dst={gen1_dst} height=100000", "height=100000: expected a positive integer up to"),
+    ("events source={video} out={dir}/x_td.dat width=1e9", "width=1000000000.0: expected a positive integer up to"),
+    ("train model={tiny_yaml} batch=100000", "batch=100000: expected a positive integer up to 4,096"),
+    ("train model={tiny_yaml} workers=100000", "workers=100000: expected a non-negative integer up to 256"),
 ]
 
 
@@ -303,3 +439,163 @@ def test_help_imports_neither_torch_nor_ultralytics():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                        env={**os.environ, "COLUMNS": "120"})
     assert r.stdout.strip().splitlines()[-1] == "0 False False", r.stdout + r.stderr
+
+
+# Issue 21: what the harness above cannot show (a command that must work, a warning, the Python API, a full disk).
+
+
+@pytest.mark.parametrize("key", ["time_steps", "channels", "nc", "epochs", "max_batches", "bins", "height", "width",
+                                 "max_frames", "cutoff", "workers", "batch"])
+def test_integer_keys_take_integral_floats_and_refuse_fractions(key):
+    from ems_yolo.cfg import check_value
+
+    for given in (10.0, "10", "10.0", 10):
+        value = check_value(key, given)
+        assert value == 10 and type(value) is int, (key, given, value)
+    for bad in (10.5, "10.5", float("inf"), float("nan"), True, "ten", [10]):
+        with pytest.raises(ValueError, match=f"^{key}=.*: expected a (positive|non-negative) integer"):
+            check_value(key, bad)
+
+
+def test_train_batch_keeps_ultralytics_autobatch_values_other_commands_refuse_them():
+    from ems_yolo.cfg import check_value
+
+    assert check_value("batch", -1, "train") == -1 and check_value("batch", 0.7, "train") == 0.7
+    assert check_value("batch", 16.0, "train") == 16
+    for mode in ("val", "predict", "export", "energy"):
+        for bad in (-1, 0.7, 0):
+            with pytest.raises(ValueError, match=f"batch={bad}: expected a positive integer up to 4,096$"):
+                check_value("batch", bad, mode)
+
+
+def test_integral_float_keys_work_on_the_command_line(bad, capsys):
+    """`info time_steps=2.0 imgsz=64.0`: the values Ultralytics' parser gives as floats are used as integers."""
+    codes = []
+    log = _ultralytics_log(lambda: codes.append(run(["info", f"model={bad['tiny_yaml']}", "time_steps=2.0",
+                                                     "imgsz=64.0"])))
+    assert codes == [0], capsys.readouterr().err
+    summary = [line for line in log.splitlines() if "summary:" in line][-1]
+    assert "(T=2, 64x64)" in summary
+
+
+def test_gen1_preprocess_takes_cutoff_and_bins_from_the_command_line(tmp_path, capsys):
+    """`cutoff=10` failed with 'cutoff must be a positive integer, got 10.0' (the parser's float reached the
+    representation); the cache now records the integers given."""
+    from ems_yolo.events.automotive import EventCache
+    from ems_yolo.events.synthetic import make_synthetic_gen1
+
+    src = make_synthetic_gen1(tmp_path / "raw", n_train=1, n_val=1, n_test=1, duration_s=1.0)
+    dst = tmp_path / "caches"
+    code = run(["gen1", "preprocess", f"src={src}", f"dst={dst}", "splits=val", "representation=histogram",
+                "cutoff=10", "bins=2.0"])
+    assert code == 0, capsys.readouterr().err
+    rep = EventCache(dst / "val.h5").representation
+    assert (rep.name, rep.cutoff, rep.bins) == ("histogram", 10, 2)
+
+
+def _ultralytics_log(action) -> str:
+    """Everything Ultralytics logs while `action()` runs."""
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("ultralytics")
+    logger.addHandler(handler)
+    try:
+        action()
+    finally:
+        logger.removeHandler(handler)
+    return "\n".join(r.getMessage() for r in records)
+
+
+def test_validating_on_other_classes_warns_with_both_class_lists(bad, tmp_path):
+    """An 80-class model on a 2-class dataset: one WARNING line naming both class lists (Ultralytics reported the
+    model's names without a word); a model of the dataset's own classes validates without it."""
+    from ems_yolo import EMSYOLO
+    from ems_yolo.engine.checkpoints import write_checkpoint
+    from ems_yolo.nn import EMSDetectionModel
+
+    data = str(bad["bad_class_data"]).replace("bad_class", "good_for_names")
+    _frames_dataset(Path(data).parent, {"a.png": (bad["dir"] / "bad_class/images/train/a.png").read_bytes()},
+                    {"a": b"1 0.5 0.5 0.2 0.2\n"})
+    models = {}
+    for nc, names in ((80, {i: f"coco{i}" for i in range(80)}), (2, {0: "a", 1: "b"})):
+        model = EMSDetectionModel({**load_model_yaml(bad["tiny_yaml"]), "nc": nc}, verbose=False)
+        model.names = names
+        models[nc] = write_checkpoint({"model": model, "optimizer": None, "epoch": -1,
+                                       "train_args": {"task": "detect"}}, tmp_path / f"nc{nc}.pt")
+    val = dict(data=data, imgsz=64, batch=1, plots=False, project=str(tmp_path / "runs"))
+    log = _ultralytics_log(lambda: EMSYOLO(models[80]).val(**val))
+    warnings = [line for line in log.splitlines() if "classes" in line and "dataset's" in line]
+    assert len(warnings) == 1, log
+    assert "80 ['coco0', 'coco1'," in warnings[0] and "2 ['a', 'b']" in warnings[0] and "..." in warnings[0]
+    log = _ultralytics_log(lambda: EMSYOLO(models[2]).val(**val))
+    assert "dataset's" not in log
+
+
+def test_python_api_refuses_what_the_cli_refuses(bad, tmp_path):
+    from ems_yolo import EMSYOLO
+
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(bad["finished"].read_bytes())
+    model = EMSYOLO(weights)
+    for kwargs, message in (({"format": "onnx", "imgsz": 0}, "imgsz=0: expected a positive integer"),
+                            ({"format": "onnx", "imgsz": 64, "opset": 1}, "opset=1: expected an ONNX opset"),
+                            ({"format": "tflite", "imgsz": 64}, "format='tflite': expected one of onnx")):
+        with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+            model.export(**kwargs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.pt"]  # nothing exported
+    for value in ("yes", 1, "True"):
+        with pytest.raises(ValueError, match="energy=.*: expected True or False"):
+            model.val(energy=value, data=str(bad["bad_class_data"]), imgsz=64, project=str(tmp_path / "runs"))
+    with pytest.raises(ValueError, match="cfg_energy.yaml: energy='maybe': expected True or False"):
+        model.val(cfg=str(bad["cfg_energy"]), imgsz=64, project=str(tmp_path / "runs"))
+    with pytest.raises(ValueError, match="cfg_epochs.yaml: epochs=0: expected a positive integer"):
+        EMSYOLO(bad["tiny_yaml"]).train(cfg=str(bad["cfg_epochs"]), project=str(tmp_path / "runs"))
+    for value in (0, -1, 2.5):
+        with pytest.raises(ValueError, match=f"batch={value}: expected a positive integer"):
+            EMSYOLO(bad["tiny_yaml"]).energy(batch=value, imgsz=64, project=str(tmp_path / "runs"))
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("command", ["events source={raw} out={out}/big_td.dat",
+                                     "energy model={tiny_yaml} data={bad_label_data} imgsz=64 project={out}"])
+def test_a_failed_write_names_where_it_was_writing(command, bad, tmp_path):
+    """A write the system refuses without a file name ([Errno 28] No space left on device on a full disk; here
+    [Errno 27] File too large under a file-size limit) names where the command was writing."""
+    import subprocess
+    import sys
+
+    if not RAW.exists():
+        pytest.skip("shared data not available")
+    out = tmp_path / "out"
+    out.mkdir()
+    good = _good_copy(bad, tmp_path)
+    argv = [a.replace(str(bad["bad_label_data"]), str(good)) for a in command.format(**bad, out=out, raw=RAW).split()]
+    code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096)); from ems_yolo.cli import run; "
+            f"sys.exit(run({argv!r}))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, r.stderr
+    key = "out" if command.startswith("events") else "project"
+    expected = f"ems-yolo: error: [Errno 27] File too large (writing to {key}={out}"
+    assert lines[0].startswith(expected) and "Traceback" not in r.stderr, r.stderr
+
+
+def _good_copy(bad, tmp_path) -> Path:
+    """A valid 2-class dataset (the bad-label one with its label fixed)."""
+    image = (bad["dir"] / "bad_label/images/train/a.png").read_bytes()
+    return _frames_dataset(tmp_path / "good", {"a.png": image}, {"a": b"0 0.5 0.5 0.2 0.2\n"})
+
+
+def test_a_system_error_with_a_file_is_named_by_that_file(tmp_path, capsys):
+    """`out=` under a file: the system's error names the path already, and it is shown once."""
+    if not RAW.exists():
+        pytest.skip("shared data not available")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code = run(["events", f"source={RAW}", f"out={blocker}/sub/x_td.dat"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count(str(blocker)) == 1 and blocker.read_text() == "x", err

@@ -35,3 +35,30 @@ def test_info_errors_are_one_clear_line():
     assert r.returncode == 2
     assert "ems-yolo: error: model YAML 'missing.yaml' not found" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_bad_values_and_files_are_one_line_from_the_console_script(tmp_path):
+    """Issue 21 through the installed script: a refused export format, a dataset YAML whose nc and names disagree
+    and a file named .onnx that is not one each give exit code 2 and one line naming the key or the user's file."""
+    import cv2
+    import numpy as np
+    import yaml
+
+    root = tmp_path / "ds"
+    (root / "images").mkdir(parents=True)
+    cv2.imwrite(str(root / "images" / "a.png"), np.full((32, 32, 3), 127, np.uint8))
+    data = root / "data.yaml"
+    data.write_text(yaml.safe_dump({"path": str(root), "train": "images", "val": "images", "nc": 3,
+                                    "names": ["a", "b"]}))
+    fake = tmp_path / "model.onnx"
+    fake.write_text("not a model\n")
+    for args, first in (
+        (["export", "format=tflite"], "ems-yolo: error: format='tflite': expected one of onnx, torchscript"),
+        (["val", f"data={data}", "imgsz=64"], f"ems-yolo: error: {data}: 'nc: 3' but 'names' has 2 classes"),
+        (["predict", f"model={fake}", f"source={root / 'images'}"], f"ems-yolo: error: {fake}: not an ONNX model"),
+    ):
+        r = subprocess.run([str(EXE), *args], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                           env=os.environ.copy())
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert r.stderr.splitlines()[0].startswith(first) and len(r.stderr.splitlines()) == 1, r.stderr
+        assert sorted(tmp_path.iterdir()) == sorted([root, fake])  # no run folder

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from ems_yolo.cfg import BUILTIN_DATA, CFG_DIR, SYNTHETIC_GEN1, SYNTHETIC_GEN4, ems_home, find_dataset_yaml
+from ems_yolo.cfg import BUILTIN_DATA, CFG_DIR, SYNTHETIC_GEN1, SYNTHETIC_GEN4, check_value, ems_home, find_dataset_yaml
 from ems_yolo.data.events import is_event_split, split_representation
 from ems_yolo.events.automotive import SPLITS, EventCache, preprocess_dataset, split_cache_path
 from ems_yolo.events.protocols import GEN1, DatasetProtocol
@@ -57,6 +57,7 @@ def resolve_data(data: str | Path | None) -> str:
     src = find_dataset_yaml(str(data))
     resolved_dir = ems_home() / "data"
     d = read_yaml_mapping(src, ("train", "val", "names"))
+    check_class_names(src, d)
     root = _dataset_root(d, src)
     splits = {k: _split_paths(root, d[k]) for k in ("train", "val", "test") if d.get(k)}
     missing = [p for key in ("train", "val") for p in splits[key] if not p.exists()]
@@ -68,7 +69,57 @@ def resolve_data(data: str | Path | None) -> str:
     d["path"] = str(root)
     if src.parent.resolve() == resolved_dir.resolve():  # already a resolved copy (e.g. from a checkpoint)
         return str(src)
-    return str(content_addressed(resolved_dir, src.stem, yaml.safe_dump(d, sort_keys=False)))
+    copy = content_addressed(resolved_dir, src.stem, yaml.safe_dump(d, sort_keys=False))
+    _ultralytics_check(copy, src)
+    return str(copy)
+
+
+def check_class_names(src: Path, d: dict) -> None:
+    """A dataset's classes: `names` a list or a {0: name, 1: name, ...} mapping and `nc`, when given, their number;
+    checked on the user's file (Ultralytics' errors would name the resolved copy)."""
+    names = d["names"]
+    if isinstance(names, dict):
+        keys = list(names)
+        indices = [int(k) if isinstance(k, str) and k.isdigit() else k for k in keys]  # '0': as Ultralytics reads it
+        if set(indices) != set(range(len(keys))) or any(isinstance(k, bool) for k in keys):
+            raise ValueError(f"{src}: 'names' keys {keys[:8]}{' ...' if len(keys) > 8 else ''}, expected the class "
+                             f"indices 0..{len(keys) - 1}, each once")
+    elif not isinstance(names, list) or not names:
+        raise ValueError(f"{src}: 'names: {names!r}', expected a list of class names or a mapping "
+                         "{0: name, 1: name, ...}")
+    if d.get("nc") is not None:
+        try:
+            nc = check_value("nc", d["nc"])
+        except ValueError as e:
+            raise ValueError(f"{src}: {e}") from None
+        if nc != len(names):
+            raise ValueError(f"{src}: 'nc: {nc}' but 'names' has {len(names)} classes, expected nc equal to the "
+                             "number of names (or no nc)")
+
+
+def _ultralytics_check(copy: Path, src: Path) -> None:
+    """Ultralytics' own dataset checks of the resolved copy, their error one line naming the user's file."""
+    from ems_yolo import ultralytics_compat  # noqa: F401  (first: offline environment before Ultralytics loads)
+    from ultralytics.data.utils import check_det_dataset
+
+    try:
+        check_det_dataset(str(copy))
+    except (AssertionError, KeyError, RuntimeError, SyntaxError, TypeError, ValueError) as e:
+        message = " ".join(str(e.args[0] if isinstance(e, KeyError) and e.args else e).split())
+        raise ValueError(f"{src}: {message.replace(str(copy), '').strip()}") from None
+
+
+def warn_class_mismatch(model_names: dict | list, data_names: dict | list) -> None:
+    """One warning when a model's classes are not the dataset's: metrics compare class indices and are reported
+    under the model's names."""
+    from ultralytics.utils import LOGGER
+
+    model_list = list(model_names.values() if isinstance(model_names, dict) else model_names)
+    data_list = list(data_names.values() if isinstance(data_names, dict) else data_names)
+    if model_list != data_list:
+        shown = [(f"{len(x)} {x[:10]}" + (" ..." if len(x) > 10 else "")) for x in (model_list, data_list)]
+        LOGGER.warning(f"the model's classes ({shown[0]}) are not the dataset's ({shown[1]}): metrics compare class "
+                       "indices and are reported under the model's names")
 
 
 def _event_fields(src: Path, d: dict, splits: dict[str, list[Path]]) -> dict:

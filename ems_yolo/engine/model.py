@@ -48,6 +48,7 @@ from ems_yolo.engine.validator import EMSValidator
 from ems_yolo.nn.model import EMSDetectionModel, ann_twin
 from ems_yolo.nn.original import is_original_checkpoint
 from ems_yolo.nn.parser import ULTRALYTICS_HEADS
+from ems_yolo.utils.checks import check_exported_model
 from ems_yolo.utils.files import claim_run, content_addressed, no_half_written_runs
 
 YAML_OVERRIDES = ("nc", "channels", "input")  # model YAML keys that EMSYOLO(...) may override besides T
@@ -92,6 +93,7 @@ def resolve_model_source(
                          "a weights file")
     if not p.exists():
         raise FileNotFoundError(f"{text}: model weights not found (ems-yolo does not download weights)")
+    check_exported_model(p)
     return str(p)
 
 
@@ -169,6 +171,7 @@ class EMSYOLO(Model):
 
     def export(self, **kwargs):
         """Ultralytics' exporter (ONNX, TorchScript, ...); its closing hints name `ems-yolo` commands."""
+        kwargs = check_values(kwargs)
         with ultralytics_compat.ems_yolo_hints():
             return super().export(**kwargs)
 
@@ -182,7 +185,7 @@ class EMSYOLO(Model):
 
     def train(self, trainer=None, **kwargs):
         """Train with the EMS-YOLO recipe defaults (overridable); `data` defaults to the built-in dataset."""
-        kwargs = {**EMS_TRAIN_DEFAULTS, "project": default_project(), **check_values(kwargs)}
+        kwargs = {**EMS_TRAIN_DEFAULTS, "project": default_project(), **check_values(kwargs, "train")}
         if self.ckpt and not isinstance(self.model, EMSDetectionModel):  # e.g. a stock Ultralytics YOLO .pt
             raise ValueError(f"{self.ckpt_path}: holds an Ultralytics {type(self.model).__name__} with "
                              f"{ULTRALYTICS_HEADS}")
@@ -201,7 +204,8 @@ class EMSYOLO(Model):
         the energy report of the validation data into the validation run folder."""
         from ems_yolo.engine.energy import energy_after_val
 
-        kwargs = check_values(kwargs)
+        kwargs = check_values({**kwargs, "energy": energy})
+        energy = kwargs.pop("energy")
         kwargs["data"] = resolve_data(kwargs.get("data") or self.overrides.get("data"))
         kwargs = {**EMS_VAL_DEFAULTS, "project": default_project(), **kwargs}
         callback = energy_after_val(self.model, untrained=not self.ckpt) if energy else None
@@ -253,12 +257,16 @@ class EMSYOLO(Model):
         `energy_kwargs`: e_ac, e_mac (pJ) or preset ("fp32", "fp16", "int8"), device.
         """
         from ultralytics.utils.files import increment_path
+        from ultralytics.utils.torch_utils import select_device
 
         from ems_yolo.engine.energy import energy_dataloader, run_energy
 
         if not isinstance(self.model, nn.Module):
             raise ValueError("energy needs a PyTorch model (a YAML or .pt), not an exported one")
-        check_values({"imgsz": imgsz, "max_batches": max_batches, "split": split, **energy_kwargs})
+        batch = check_values({"imgsz": imgsz, "batch": batch, "max_batches": max_batches, "split": split,
+                              **energy_kwargs}, "energy")["batch"]
+        if energy_kwargs.get("device") is not None:  # Ultralytics' check, as train and val make
+            energy_kwargs["device"] = select_device(energy_kwargs["device"], verbose=False)
         imgsz = int(imgsz or self.overrides.get("imgsz") or 640)
         data = resolve_data(data or self.overrides.get("data"))
         model = self.model if self.ckpt else model_for_data(self.model.yaml, load_data(data, split=split))

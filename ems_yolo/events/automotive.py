@@ -75,10 +75,8 @@ def downsample_events(events: np.ndarray, factor: int) -> np.ndarray:
 
 
 def default_representation(protocol: str | DatasetProtocol = GEN1, **keys) -> EventRepresentation:
-    """The EMS-YOLO representation at the protocol's input resolution; `keys` override its fields (an integral
-    float, as the command line's key parser gives `cutoff=10`, counts as that integer; 10.5 stays refused)."""
+    """The EMS-YOLO representation at the protocol's input resolution; `keys` override its fields."""
     p = get_protocol(protocol)
-    keys = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in keys.items()}
     return EventRepresentation.from_dict({"height": p.input_height, "width": p.input_width, **keys})
 
 

@@ -87,7 +87,7 @@ class EMSDetectionModel(DetectionModel):
         missing = [k for k in ("nc", "backbone", "head") if self.yaml.get(k) is None]
         if missing:
             raise ValueError(f"{where}: missing required key '{missing[0]}'")
-        for key in ("nc", "time_steps", "channels", "input"):
+        for key in ("nc", "time_steps", "channels", "input", "depth_multiple", "width_multiple"):
             try:
                 check_value(key, self.yaml.get(key))
             except ValueError as e:
