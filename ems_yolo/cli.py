@@ -181,8 +181,6 @@ def _preprocess(dataset: str, action: str, ctx: typer.Context) -> None:
     kv = parse_key_values(ctx.args, DATASET_KEYS, f"{dataset} preprocess")
     for key in ("src", "dst"):
         require(kv, key, f"{dataset} preprocess")
-    if Path(str(kv["dst"])).expanduser().is_file():
-        raise UsageError(f"dst={kv['dst']}: is a file, expected a folder (new, or with the caches of an earlier run)")
     p = get_protocol(dataset)
     rep_keys = {"name": kv.get("representation", "ems_frames")}
     rep_keys.update({k: kv[k] for k in ("bins", "cutoff") if k in kv})

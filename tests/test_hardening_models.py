@@ -91,7 +91,8 @@ def evil(tmp_path_factory, tiny):
     save("in_train_args", {"model": legit, "epoch": -1, "train_args": {"epochs": 3, "hook": [rce]}},
          "calls ultralytics.nn.tasks.DetectionModel")
     distill = allocated(DistillationModel, feats_idx=[0], _teacher_feats={}, _student_feats={})
-    save("setstate", {"model": distill, "epoch": -1}, "needs ultralytics.nn.distill_model.DistillationModel.__setstate__")
+    save("setstate", {"model": distill, "epoch": -1},
+         "needs ultralytics.nn.distill_model.DistillationModel.__setstate__")
     save("build_dict", {"model": legit, "epoch": -1, "x": Call(collections.OrderedDict, (), {"a": 1})},
          "sets the state of a collections.OrderedDict")
     save("no_state", {"model": Call(DetectionModel, ()), "epoch": -1},

@@ -433,7 +433,8 @@ def test_many_windows_are_announced_with_count_and_size(event_model, tmp_path, c
     stream = EMSYOLO(pt).predict(str(raw), stream=True, stride_ms=2, imgsz=64, project=str(tmp_path), save=False)
     next(iter(stream))
     warning = [r.getMessage() for r in caplog.records if "windows" in r.getMessage()]
-    assert len(warning) == 1 and "stride_ms=2 gives 15,000 windows" in warning[0] and "stride_ms=3 gives at most 10,000" in warning[0]
+    assert len(warning) == 1
+    assert "stride_ms=2 gives 15,000 windows" in warning[0] and "stride_ms=3 gives at most 10,000" in warning[0]
     caplog.clear()
     next(iter(EMSYOLO(pt).predict(str(raw), stream=True, stride_ms=50, imgsz=64, project=str(tmp_path),
                                   save=False)))

@@ -181,6 +181,8 @@ def preprocess_dataset(
     """
     p = get_protocol(protocol)
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
+    if dst.exists() and not dst.is_dir():
+        raise NotADirectoryError(f"dst={dst}: is a file, expected a folder (new, or with the caches of an earlier run)")
     rep = representation or default_representation(p)
     check_sample_size(rep)
     if (rep.width, rep.height) != (p.input_width, p.input_height):  # a sensor of another size
@@ -194,8 +196,6 @@ def preprocess_dataset(
         if not found:
             raise FileNotFoundError(f"{src / split}: split '{split}' has no recordings, expected <name>_td.dat (or "
                                     f"{', '.join(EVENT_FILE_PATTERNS[1:])}) with <name>_bbox.npy pairs")
-    if dst.exists() and not dst.is_dir():
-        raise NotADirectoryError(f"dst={dst}: a file, expected a folder for the split caches")
     created = [d for d in (dst, *dst.parents) if not d.exists()]  # deepest first
     owned = _is_tool_owned(dst)
     out, line_open = {}, False
