@@ -277,7 +277,7 @@ def test_failed_preprocess_leaves_no_file_it_created(synth, tmp_path, capsys):
 
 def test_huge_representations_are_refused_before_allocating(synth, tmp_path, capsys):
     """D15: bins x channels x height x width per sample is bounded (one line with the key, value and limit)."""
-    for keys in (["bins=100000"], ["bins=2000", "representation=histogram"]):
+    for keys in (["bins=1000"], ["bins=600", "representation=histogram"]):  # within the key's bound of 1024
         line = _gen1_fails(synth, tmp_path / "d", capsys, *keys)
         assert line.startswith("ems-yolo: error: bins=") and f"expected at most {automotive.MAX_SAMPLE_BYTES:,}" \
             in line
@@ -341,8 +341,13 @@ def _npy_events(n: int = 50, **dtypes) -> np.ndarray:
     ("p", 2, r"field 'p' of event 7 is 2.0, expected 0..1"),
     ("t", 5.0, r"field 't' must be non-decreasing: event 7 has t=5.0 after t=60.0"),
 ])
-def test_bad_npy_event_fields_name_file_field_and_event(tmp_path, field, value, message, capsys):
+@pytest.mark.parametrize("piece", [None, 7])  # checked in pieces: event 7 inside the first, or first of the second
+def test_bad_npy_event_fields_name_file_field_and_event(tmp_path, field, value, message, piece, capsys, monkeypatch):
     """D18: NaN/inf/fractional/out-of-range/unsorted `.npy` event fields: the file, field and event index."""
+    from ems_yolo.events import io
+
+    if piece:
+        monkeypatch.setattr(io, "CHUNK_EVENTS", piece)
     ev = _npy_events(t=np.float64, x=np.float32, y=np.float64, p=np.float32)
     ev[field][7] = value
     path = tmp_path / "bad.npy"

@@ -281,7 +281,7 @@ ORIGINAL_EDITS = {
     "names_mixed": ([_names_as_mixed_dict(_original_pickle())] if (SHARED_DATA / "checkpoints").exists() else [],
                     "names have keys [0, 'x']", "expected the integers 0..1"),
     "width_huge": ([_float_after("width_multiple", 1.0, 1e5)] if (SHARED_DATA / "checkpoints").exists() else [],
-                   "width_multiple, depth_multiple or the rows' channels: the model needs about", "GB of memory"),
+                   "width_multiple=100000.0: expected a positive number up to 16"),
 }
 
 
@@ -323,8 +323,12 @@ YAML_EDITS = {  # name: (edit of the tiny ems-res10 dict, what the one line must
     "tau_str": (lambda d: d.__setitem__("neuron", {"tau": "abc", "vth": 0.5}),
                 ["neuron.tau: expected a decay factor in [0, 1], got 'abc'"]),
     "vth_negative": (lambda d: d.__setitem__("neuron", {"vth": -1}), ["neuron.vth: expected a positive threshold"]),
-    "time_steps_huge": (lambda d: d.__setitem__("time_steps", 10**9), ["time_steps: the model needs about"]),
-    "width_huge": (lambda d: d.__setitem__("width_multiple", 1e5), ["width_multiple, depth_multiple"]),
+    "time_steps_huge": (lambda d: d.__setitem__("time_steps", 10**9),
+                        ["time_steps=1000000000: expected a positive integer up to 1,024"]),
+    "time_steps_width_too_big": (lambda d: d.update(time_steps=1024, width_multiple=16),  # within each bound
+                                 ["time_steps: the model needs about", "GB of memory"]),
+    "width_huge": (lambda d: d.__setitem__("width_multiple", 1e5),
+                   ["width_multiple=100000.0: expected a positive number up to 16"]),
 }
 
 
@@ -343,15 +347,19 @@ def test_d12_d15_bad_model_yaml_is_refused_at_build(tmp_path, tiny, case, capsys
 
 
 def test_d15_info_sizes_that_cannot_fit(tmp_path, tiny, capsys):
-    """T = 1e9 (an OOM kill before) and imgsz = 99999 (a 120 GB request) are refused before allocating, with the
-    estimate and the key; the same model at sane sizes still reports its summary."""
+    """T = 1e9 (an OOM kill before) and imgsz = 99999 (a 120 GB request) are refused by the keys' bounds; sizes
+    within the bounds that still cannot fit (T = 1024 at 8192 px) are refused before allocating, with the estimate
+    and the key; the same model at sane sizes still reports its summary."""
     path = _model_yaml(tmp_path / "tiny.yaml", tiny, lambda d: None)
-    assert run(["info", f"model={path}", "time_steps=1000000000", "imgsz=64"]) == 2
+    for keys, expected in ((["time_steps=1000000000", "imgsz=64"], "time_steps=1000000000: expected a positive "
+                            "integer up to 1,024"), (["imgsz=99999"], "imgsz=99999: expected")):
+        assert run(["info", f"model={path}", *keys]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0], err
+    assert run(["info", f"model={path}", "time_steps=1024", "imgsz=8192"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "time_steps: the model needs about" in err[0] and "T=1000000000" in err[0], err
-    assert run(["info", f"model={path}", "imgsz=99999"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "imgsz: the model needs about" in err[0] and "at 99999x99999" in err[0], err
+    assert len(err) == 1 and "imgsz: the model needs about" in err[0] and "T=1024" in err[0], err
+    assert "at 8192x8192" in err[0], err
     assert run(["info", f"model={path}", "imgsz=64", "time_steps=2"]) == 0
 
 

@@ -17,13 +17,13 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ems_yolo.events.io import (
-    EVENT_DTYPE, check_sensor_size, dat_header, dat_records, load_npy_events, read_dat, read_dat_header, write_dat,
+    CHUNK_EVENTS, EVENT_DTYPE, check_sensor_size, dat_header, dat_records, load_npy_events, npy_chunks, read_dat,
+    read_dat_header, write_dat,
 )
 from ems_yolo.events.raw import RawIndex, RawReader, encode_evt2, evt2_header, write_raw_evt2
 from ems_yolo.utils.files import atomic_write, refuse_overwriting_inputs, sigterm_as_interrupt
 
 EVENT_FILE_SUFFIXES = (".dat", ".raw", ".npy", ".h5")
-CHUNK_EVENTS = 1 << 20  # events per chunk of a whole-file pass (conversion): memory does not grow with the file
 
 
 @dataclass(frozen=True)
@@ -97,11 +97,8 @@ def _npy(path: Path) -> EventSource:
         hi = len(t) if t1 is None else int(np.searchsorted(t, t1, "left"))
         return as_events(events[lo:hi])
 
-    def parts():  # read from the file, not the memory map, whose pages would stay resident
-        with path.open("rb") as f:
-            f.seek(events.offset)
-            for lo in range(0, len(t), CHUNK_EVENTS):
-                yield np.fromfile(f, events.dtype, min(CHUNK_EVENTS, len(t) - lo))
+    def parts():
+        return (part for _, part in npy_chunks(path, events))
 
     def chunks():
         return (as_events(part) for part in parts())

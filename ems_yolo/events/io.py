@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -498,32 +499,52 @@ def read_bbox(path: PathLike) -> np.ndarray:
     return convert_boxes(_load_npy(path, "boxes file"), BBOX_DTYPE, str(path))
 
 
+CHUNK_EVENTS = 1 << 20  # events per piece of a whole-file pass (checks, conversion): memory does not grow with the file
+
+
+def npy_chunks(path: PathLike, events: np.memmap) -> Iterator[tuple[int, np.ndarray]]:
+    """(index of the first event, records) of the memory-mapped `.npy` array `events`, read from the file in pieces
+    of CHUNK_EVENTS rather than through the memory map, whose touched pages would stay resident."""
+    with open(path, "rb") as f:
+        f.seek(events.offset)
+        for lo in range(0, len(events), CHUNK_EVENTS):
+            yield lo, np.fromfile(f, events.dtype, min(CHUNK_EVENTS, len(events) - lo))
+
+
 def load_npy_events(path: PathLike) -> np.ndarray:
-    """A `.npy` event array, memory-mapped, after checking it: 1-D structured with fields t, x, y, p, each a finite
-    number with an integral value, t non-decreasing, coordinates inside MAX_SENSOR_SIZE. Errors name the file, the
-    field and the first bad event."""
+    """A `.npy` event array, memory-mapped, after checking it piece by piece (`npy_chunks`): 1-D structured with
+    fields t, x, y, p, each a finite number with an integral value, t non-decreasing, coordinates inside
+    MAX_SENSOR_SIZE. Errors name the file, the field and the first bad event."""
     events = _load_npy(path, "event array", mmap_mode="r")
     names = events.dtype.names or ()
     if not {"t", "x", "y", "p"} <= set(names) or events.ndim != 1:
         raise ValueError(f"{path}: a {events.dtype} array of shape {events.shape}, expected a 1-D structured array "
                          "with fields t, x, y, p")
-    for name, high in (("t", np.iinfo(np.int64).max), ("x", MAX_SENSOR_SIZE - 1), ("y", MAX_SENSOR_SIZE - 1),
-                       ("p", 1)):
-        values = events[name]
-        if values.dtype.kind not in "iubf":
-            raise ValueError(f"{path}: field {name!r} has dtype {values.dtype}, expected integers")
-        if values.dtype.kind == "f":
-            bad = np.flatnonzero(~np.isfinite(values) | (values != np.round(values)))
+    for name in "txyp":
+        if events.dtype[name].kind not in "iubf":
+            raise ValueError(f"{path}: field {name!r} has dtype {events.dtype[name]}, expected integers")
+    previous = None  # the last time of the piece before
+    for lo, part in npy_chunks(path, events):
+        for name, high in (("t", np.iinfo(np.int64).max), ("x", MAX_SENSOR_SIZE - 1), ("y", MAX_SENSOR_SIZE - 1),
+                           ("p", 1)):
+            values = part[name]
+            if values.dtype.kind == "f":
+                bad = np.flatnonzero(~np.isfinite(values) | (values != np.round(values)))
+                if bad.size:
+                    raise ValueError(f"{path}: field {name!r} of event {lo + bad[0]} is {values[bad[0]]}, expected "
+                                     "an integer")
+            bad = np.flatnonzero((values < 0) | (values > high))
             if bad.size:
-                raise ValueError(f"{path}: field {name!r} of event {bad[0]} is {values[bad[0]]}, expected an integer")
-        bad = np.flatnonzero((values < 0) | (values > high))
-        if bad.size:
-            raise ValueError(f"{path}: field {name!r} of event {bad[0]} is {values[bad[0]]}, expected 0..{high}")
-    unsorted = np.flatnonzero(events["t"][1:] < events["t"][:-1])
-    if unsorted.size:
-        i = int(unsorted[0]) + 1
-        raise ValueError(f"{path}: field 't' must be non-decreasing: event {i} has t={events['t'][i]} after "
-                         f"t={events['t'][i - 1]}")
+                raise ValueError(f"{path}: field {name!r} of event {lo + bad[0]} is {values[bad[0]]}, expected "
+                                 f"0..{high}")
+        t = part["t"] if previous is None else np.concatenate(([previous], part["t"]))
+        unsorted = np.flatnonzero(t[1:] < t[:-1])
+        if unsorted.size:
+            i = int(unsorted[0]) + 1
+            raise ValueError(f"{path}: field 't' must be non-decreasing: event {lo + i - (previous is not None)} has "
+                             f"t={t[i]} after t={t[i - 1]}")
+        if len(part):
+            previous = part["t"][-1]
     return events
 
 
