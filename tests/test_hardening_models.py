@@ -346,6 +346,16 @@ def test_d12_d15_bad_model_yaml_is_refused_at_build(tmp_path, tiny, case, capsys
         EMSDetectionModel(str(path), verbose=False)
 
 
+def test_errors_of_a_yaml_with_overrides_name_the_users_file(tmp_path, tiny, capsys):
+    """With `time_steps=` (or nc, ann, ...) the model is built from a derived copy in $EMS_YOLO_HOME; its errors
+    still name the user's YAML."""
+    path = _model_yaml(tmp_path / "tau.yaml", tiny, lambda d: d.__setitem__("neuron", {"tau": "abc", "vth": 0.5}))
+    for extra in ([], ["time_steps=2"], ["nc=3"]):
+        assert run(["info", f"model={path}", "imgsz=64", *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"ems-yolo: error: {path}: neuron.tau: "), err
+
+
 def test_d15_info_sizes_that_cannot_fit(tmp_path, tiny, capsys):
     """T = 1e9 (an OOM kill before) and imgsz = 99999 (a 120 GB request) are refused by the keys' bounds; sizes
     within the bounds that still cannot fit (T = 1024 at 8192 px) are refused before allocating, with the estimate

@@ -125,7 +125,12 @@ class EMSYOLO(Model):
         if trust:  # the user vouches for the file: unpickle it without the allow-list
             trust_file(source)
         self._conversion_time_steps = time_steps  # read by _load if `source` is an original EMS-YOLO checkpoint
-        super().__init__(source, task=task, verbose=verbose)
+        try:
+            super().__init__(source, task=task, verbose=verbose)
+        except ValueError as e:  # an error in a derived YAML (overrides applied) names the user's model instead
+            if source == str(model) or source not in str(e):
+                raise
+            raise ValueError(str(e).replace(source, str(model))) from None
         if time_steps and isinstance(self.model, nn.Module) and self.model.yaml.get("time_steps") != time_steps:
             self.model.set_time_steps(int(time_steps))
         elif time_steps and not isinstance(self.model, nn.Module):

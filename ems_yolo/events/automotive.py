@@ -24,10 +24,10 @@ absent).
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import os
 import sys
-import warnings
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
@@ -44,6 +44,7 @@ SPLITS = ("train", "val", "test")
 CACHE_VERSION = 2
 # events file suffixes of a recording <name>, in order of preference: Prophesee's, then RVT's HDF5 copies
 EVENT_FILE_PATTERNS = ("_td.dat", "_td.raw", "_td.dat.h5", "_td.h5")
+LOGGER = logging.getLogger(__name__)  # plain stderr lines (Python's last-resort handler) unless logging is set up
 MAX_SAMPLE_BYTES = 1 << 26  # one sample's model input (bins x channels x height x width bytes): 64 MiB
 BATCH_BYTES = 1 << 28  # stored samples held in memory at once while a cache is written
 
@@ -291,9 +292,9 @@ def _recording_batches(name: str, events_path: Path, bbox: Path, rep: EventRepre
     end = -1 if source.t_last is None else source.t_last
     late = {ts for ts in labels if ts - rep.window_us > end}  # windows without a single event
     if late:
-        warnings.warn(f"{bbox}: {len(late)} of {len(labels)} label times come more than the {rep.window_us} us "
-                      f"window after the last event of {events_path.name} (t={end} us), dropped (first at "
-                      f"t={min(late)} us)", stacklevel=2)
+        LOGGER.warning(f"WARNING {bbox}: {len(late)} of {len(labels)} label times come more than the "
+                       f"{rep.window_us} us window after the last event of {events_path.name} (t={end} us), dropped "
+                       f"(first at t={min(late)} us)")
     size = _batch_size(rep)
     batch: list[list] = [[], [], [], []]
     for ts, rows in labels.items():
