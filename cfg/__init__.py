@@ -26,7 +26,8 @@ DEFAULT_MODEL = "ems-res10.yaml"
 EXPORT_FORMATS = ("onnx", "torchscript")  # the export formats ems-yolo supports and tests (format=)
 ONNX_OPSETS = (11, 22)  # the ONNX opsets ems-yolo's export is tested with, lowest and highest (opset=)
 
-# Validation defaults that differ from Ultralytics': the original code's NMS IoU (its val.py; Ultralytics uses 0.7).
+# Validation (and prediction) defaults that differ from Ultralytics': the original code's NMS IoU (its val.py;
+# Ultralytics uses 0.7), so predict shows the boxes val scores.
 # The original scores its final COCO result with iou=0.65 (README: the reproduction command).
 EMS_VAL_DEFAULTS: dict[str, Any] = {"iou": 0.6}
 # Training defaults that differ from Ultralytics' to follow the EMS-YOLO recipe (model-spec §9); `iou` is that of

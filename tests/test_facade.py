@@ -86,6 +86,16 @@ def test_predict(setup):
         assert np.allclose(np.loadtxt(a, ndmin=2), np.loadtxt(b, ndmin=2), atol=1e-4)
 
 
+def test_predict_uses_the_nms_iou_of_val(setup, tmp_path):
+    """predict's NMS IoU is val's (0.6, the original's), not Ultralytics' 0.7, unless `iou` is given."""
+    project, data = setup
+    image = str(sorted((data.parent / "images" / "val").iterdir())[0])
+    model = EMSYOLO(project / "train" / "cli" / "weights" / "best.pt")
+    for given, used in (({}, 0.6), ({"iou": 0.45}, 0.45)):
+        model.predict(image, imgsz=64, project=str(tmp_path), **given)
+        assert model.predictor.args.iou == used
+
+
 def test_export(setup, tmp_path):
     project, _ = setup
     best = project / "train" / "cli" / "weights" / "best.pt"

@@ -226,9 +226,10 @@ class EMSYOLO(Model):
     def predict(self, source=None, stream: bool = False, predictor=None, events: bool = False,
                 stride_ms: float = 50.0, **kwargs):
         """Ultralytics prediction on images, videos and streams; event recordings (.dat, .raw), event caches (.h5) and,
-        with `events=True`, videos simulated into events go to `EventPredictor` (window step `stride_ms`).
-        Saved results go to ./runs/detect/<name> unless `project` is given."""
-        kwargs = check_values({**kwargs, "events": events, "stride_ms": stride_ms})
+        with `events=True`, videos simulated into events go to `EventPredictor` (window step `stride_ms`). NMS keeps
+        val's IoU (0.6, the original's) unless `iou` is given. Saved results go to ./runs/detect/<name> unless
+        `project` is given."""
+        kwargs = {**EMS_VAL_DEFAULTS, **check_values({**kwargs, "events": events, "stride_ms": stride_ms})}
         stride_ms = kwargs.pop("stride_ms")
         events = kwargs.pop("events")
         kwargs.setdefault("project", default_project())
