@@ -28,7 +28,7 @@ from ems_yolo.cfg import (
 app = typer.Typer(
     name="ems-yolo",
     help="Directly-trained spiking neural networks for object detection (EMS-YOLO). Arguments are key=value pairs.",
-    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
     add_completion=False,
     pretty_exceptions_enable=False,
 )
@@ -39,9 +39,36 @@ class UsageError(ValueError):
     """A bad command line: an unknown key, a value of the wrong type or range, a missing required key."""
 
 
-@app.callback()
-def _root() -> None:
-    """Keep `ems-yolo` a group of commands (Typer collapses a lone command into the root)."""
+@app.callback(invoke_without_command=True)
+def _root(ctx: typer.Context, version: bool = typer.Option(False, "--version", help="Print the version and exit.")
+          ) -> None:
+    """Keep `ems-yolo` a group of commands (Typer collapses a lone command into the root); alone, it prints this
+    help and exits 0, as `yolo` does."""
+    if version:
+        _version()
+    elif ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help())
+    else:
+        return
+    raise typer.Exit()
+
+
+def _version() -> None:
+    from ems_yolo import __version__
+
+    typer.echo(f"ems-yolo {__version__}")
+
+
+@app.command(name="version", help="Print the version of ems-yolo (also: ems-yolo --version).")
+def version_command() -> None:
+    """`ems-yolo version`."""
+    _version()
+
+
+@app.command(name="help", help="Show the commands (also: ems-yolo -h, ems-yolo --help).")
+def help_command(ctx: typer.Context) -> None:
+    """`ems-yolo help`: the root help."""
+    typer.echo(ctx.parent.get_help())
 
 
 def parse_key_values(tokens: list[str], allowed: dict[str, str], command: str) -> dict[str, Any]:

@@ -18,6 +18,20 @@ def test_help_lists_commands():
     assert "info" in r.stdout
 
 
+def test_help_version_and_the_bare_command_exit_0():
+    """`ems-yolo`, `ems-yolo help`, `-h` and `--help` print the commands; `version` and `--version` the version."""
+    from ems_yolo import __version__
+
+    for args in ((), ("help",), ("-h",), ("--help",)):
+        r = run(*args)
+        assert r.returncode == 0 and "Commands" in r.stdout and "predict" in r.stdout, (args, r.stdout, r.stderr)
+    for args in (("version",), ("--version",)):
+        r = run(*args)
+        assert r.returncode == 0 and r.stdout.strip() == f"ems-yolo {__version__}", (args, r.stdout, r.stderr)
+    r = run("predict", "-h")
+    assert r.returncode == 0 and "source" in r.stdout
+
+
 def test_info_prints_table_and_summary():
     r = run("info", "model=ems-res10.yaml", "nc=2", "imgsz=320", "time_steps=4")
     out = r.stdout + r.stderr
