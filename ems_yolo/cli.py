@@ -29,6 +29,7 @@ app = typer.Typer(
     name="ems-yolo",
     help="Directly-trained spiking neural networks for object detection (EMS-YOLO). Arguments are key=value pairs.",
     context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode=None,  # help texts are plain: "[h, w]" is text, not markup
     add_completion=False,
     pretty_exceptions_enable=False,
 )
@@ -57,18 +58,6 @@ def _version() -> None:
     from ems_yolo import __version__
 
     typer.echo(f"ems-yolo {__version__}")
-
-
-@app.command(name="version", help="Print the version of ems-yolo (also: ems-yolo --version).")
-def version_command() -> None:
-    """`ems-yolo version`."""
-    _version()
-
-
-@app.command(name="help", help="Show the commands (also: ems-yolo -h, ems-yolo --help).")
-def help_command(ctx: typer.Context) -> None:
-    """`ems-yolo help`: the root help."""
-    typer.echo(ctx.parent.get_help())
 
 
 def parse_key_values(tokens: list[str], allowed: dict[str, str], command: str) -> dict[str, Any]:
@@ -272,6 +261,18 @@ def events(ctx: typer.Context) -> None:
     ev = video_to_events(source, out, width=int(kv.get("width", 304)), height=int(kv.get("height", 240)),
                          config=SimulatorConfig(**sim), max_frames=kv.get("max_frames"), progress=True)
     typer.echo(f"{len(ev):,} events -> {out}")
+
+
+@app.command(name="version", help="Print the version of ems-yolo (also: ems-yolo --version).")
+def version_command() -> None:
+    """`ems-yolo version`."""
+    _version()
+
+
+@app.command(name="help", help="Show the commands (also: ems-yolo -h, ems-yolo --help).")
+def help_command(ctx: typer.Context) -> None:
+    """`ems-yolo help`: the root help."""
+    typer.echo(ctx.parent.get_help())
 
 
 USER_ERRORS = (OSError, ValueError)  # bad paths, values, configs and files (OSError: also permissions)

@@ -30,6 +30,8 @@ def test_help_version_and_the_bare_command_exit_0():
         assert r.returncode == 0 and r.stdout.strip() == f"ems-yolo {__version__}", (args, r.stdout, r.stderr)
     r = run("predict", "-h")
     assert r.returncode == 0 and "source" in r.stdout
+    r = run("info", "--help")  # help texts are plain text: brackets stay
+    assert r.returncode == 0 and "int or [h, w] (default 640)" in r.stdout
 
 
 def test_info_prints_table_and_summary():
