@@ -120,7 +120,9 @@ ENGINE_KEYS = {
 }
 # keys that choose the model, not mode settings
 MODEL_KEYS = ("model", "time_steps", "ann", "checkpoint", "sync_bn", "trust")
-MODE_ONLY_KEYS = {"events": "predict", "stride_ms": "predict", "energy": "val"}  # the one mode each key applies to
+# the one mode each key applies to (the others' help does not list it, their command lines refuse it)
+MODE_ONLY_KEYS = {"events": "predict", "stride_ms": "predict", "energy": "val", "checkpoint": "train",
+                  "sync_bn": "train"}
 MODE_HELP = {
     "train": "Train a spiking detector. data= defaults to the built-in shapes dataset (also data=shapes).",
     "val": "Validate a model (mAP50, mAP50-95; save_json=True adds pycocotools mAP).",

@@ -32,6 +32,11 @@ def test_help_version_and_the_bare_command_exit_0():
     assert r.returncode == 0 and "source" in r.stdout
     r = run("info", "--help")  # help texts are plain text: brackets stay
     assert r.returncode == 0 and "int or [h, w] (default 640)" in r.stdout
+    helps = {m: run(m, "--help").stdout for m in ("train", "val", "predict", "export")}  # each lists its own keys
+    for mode, keys in (("train", ("checkpoint:", "sync_bn:")), ("val", ("energy:",)), ("predict", ("stride_ms:",))):
+        assert all((k in helps[m]) == (m == mode) for k in keys for m in helps), (mode, keys)
+    r = run("val", "checkpoint=True")
+    assert r.returncode == 2 and "'checkpoint' applies to 'train' only" in r.stderr
 
 
 def test_info_prints_table_and_summary():
