@@ -93,7 +93,7 @@ class EMSTrainer(DetectionTrainer):
     def check_resume(self, overrides: dict) -> None:
         """Ultralytics' resume, then the run folder is fixed before anything is written: a resumed run is the folder
         its checkpoint lives in (`<run>/weights/last.pt`), never the paths the checkpoint records (they may point
-        anywhere), and its results.csv keeps only the checkpoint's epochs. The folder is claimed for cleanup."""
+        anywhere). The folder is claimed for cleanup."""
         super().check_resume(overrides)
         if self.resume:
             last = Path(self.args.resume).resolve()
@@ -106,12 +106,17 @@ class EMSTrainer(DetectionTrainer):
                 LOGGER.warning(f"{last}: its train_args.save_dir '{recorded}' is not the folder it lives in; "
                                f"resuming in {run}")
             self.args.save_dir, self.args.project, self.args.name = str(run), str(run.parent), run.name
-            if RANK in {-1, 0}:
-                trim_results_csv(run / "results.csv", int(load_checkpoint_file(last).get("epoch", -1)) + 1)
         elif RANK in {-1, 0}:
             self.args.save_dir = str(get_save_dir(self.args))
         if RANK in {-1, 0}:
             claim_run(self.args.save_dir)
+
+    def resume_training(self, ckpt) -> None:
+        """Ultralytics' resume; then results.csv keeps only the checkpoint's epochs (the checkpoint was read once,
+        by Ultralytics)."""
+        super().resume_training(ckpt)
+        if self.resume and ckpt is not None and RANK in {-1, 0}:
+            trim_results_csv(Path(self.save_dir) / "results.csv", self.start_epoch)
 
     def _setup_ddp(self) -> None:
         """Ultralytics' process group on accelerators; gloo for CPU workers (the device stays the CPU)."""

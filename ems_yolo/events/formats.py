@@ -83,7 +83,7 @@ def _raw(path: Path) -> EventSource:
 
 
 def _npy(path: Path) -> EventSource:
-    events = load_npy_events(path)
+    events, width, height = load_npy_events(path)
     t = np.asarray(events["t"])
 
     def as_events(part: np.ndarray) -> np.ndarray:
@@ -97,15 +97,9 @@ def _npy(path: Path) -> EventSource:
         hi = len(t) if t1 is None else int(np.searchsorted(t, t1, "left"))
         return as_events(events[lo:hi])
 
-    def parts():
-        return (part for _, part in npy_chunks(path, events))
-
     def chunks():
-        return (as_events(part) for part in parts())
+        return (as_events(part) for _, part in npy_chunks(path, events))
 
-    sides = [(int(part["x"].max()), int(part["y"].max())) for part in parts()]
-    width = max(x for x, _ in sides) + 1 if sides else None
-    height = max(y for _, y in sides) + 1 if sides else None
     return EventSource(path, "structured .npy", width, height, int(t[0]) if len(t) else None,
                        int(t[-1]) if len(t) else None, len(t), read, chunks)
 

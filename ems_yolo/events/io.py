@@ -511,10 +511,11 @@ def npy_chunks(path: PathLike, events: np.memmap) -> Iterator[tuple[int, np.ndar
             yield lo, np.fromfile(f, events.dtype, min(CHUNK_EVENTS, len(events) - lo))
 
 
-def load_npy_events(path: PathLike) -> np.ndarray:
-    """A `.npy` event array, memory-mapped, after checking it piece by piece (`npy_chunks`): 1-D structured with
-    fields t, x, y, p, each a finite number with an integral value, t non-decreasing, coordinates inside
-    MAX_SENSOR_SIZE. Errors name the file, the field and the first bad event."""
+def load_npy_events(path: PathLike) -> tuple[np.ndarray, int | None, int | None]:
+    """A `.npy` event array, memory-mapped, with the sensor size its events span (max x + 1, max y + 1; None when
+    empty), after checking it in the same one pass piece by piece (`npy_chunks`): 1-D structured with fields t, x,
+    y, p, each a finite number with an integral value, t non-decreasing, coordinates inside MAX_SENSOR_SIZE. Errors
+    name the file, the field and the first bad event."""
     events = _load_npy(path, "event array", mmap_mode="r")
     names = events.dtype.names or ()
     if not {"t", "x", "y", "p"} <= set(names) or events.ndim != 1:
@@ -524,6 +525,7 @@ def load_npy_events(path: PathLike) -> np.ndarray:
         if events.dtype[name].kind not in "iubf":
             raise ValueError(f"{path}: field {name!r} has dtype {events.dtype[name]}, expected integers")
     previous = None  # the last time of the piece before
+    width = height = None
     for lo, part in npy_chunks(path, events):
         for name, high in (("t", np.iinfo(np.int64).max), ("x", MAX_SENSOR_SIZE - 1), ("y", MAX_SENSOR_SIZE - 1),
                            ("p", 1)):
@@ -545,7 +547,9 @@ def load_npy_events(path: PathLike) -> np.ndarray:
                              f"t={t[i]} after t={t[i - 1]}")
         if len(part):
             previous = part["t"][-1]
-    return events
+            width = max(width or 0, int(part["x"].max()) + 1)
+            height = max(height or 0, int(part["y"].max()) + 1)
+    return events, width, height
 
 
 def write_bbox(path: PathLike, boxes: np.ndarray, version: int = 1) -> None:
