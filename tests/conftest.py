@@ -3,7 +3,12 @@
 import os
 import tempfile
 
-os.environ.setdefault("EMS_YOLO_HOME", tempfile.mkdtemp(prefix="ems-yolo-tests-"))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # a worker of `pytest -n N`: a home of its own (the controller's would be shared), one thread per worker
+    os.environ["EMS_YOLO_HOME"] = tempfile.mkdtemp(prefix=f"ems-yolo-tests-{os.environ['PYTEST_XDIST_WORKER']}-")
+    os.environ["OMP_NUM_THREADS"] = "1"
+else:
+    os.environ.setdefault("EMS_YOLO_HOME", tempfile.mkdtemp(prefix="ems-yolo-tests-"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
