@@ -152,3 +152,64 @@ def test_dynamo_traces_the_training_model_in_one_graph(tiny_cfg):
     explained = torch._dynamo.explain(model)(torch.rand(2, 3, 64, 64))
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
     assert explained.graph_count == 1
+
+
+def _lcb_pair(T: int, backend: str) -> torch.nn.Sequential:
+    from ems_yolo.nn.layers import LCB
+
+    torch.manual_seed(0)
+    pair = torch.nn.Sequential(LCB(5, 6, 3, 2, 1.0, T, NeuronConfig(backend=backend)),
+                               LCB(6, 4, 3, 1, 0.2, T, NeuronConfig(backend=backend))).train()
+    for m in pair.modules():  # away from the init, so that the affine map matters
+        if isinstance(m, TDBatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.6)
+    return pair
+
+
+def fused_and_unfused(pair: torch.nn.Sequential, x: torch.Tensor) -> list[tuple]:
+    """(output, input gradient, parameter gradients, buffers) of one training step of `pair` with the tdBN that
+    feeds the second LIF fused into it, then of a copy with fusion off."""
+    import copy
+
+    from ems_yolo.nn.layers import configure_kernels, lcb_chain
+
+    unfused = configure_kernels(copy.deepcopy(pair), fuse_bn=False)
+    assert pair[1].fuses(pair[0].bn) and not unfused[1].fuses(unfused[0].bn)
+    results = []
+    for m in (pair, unfused):
+        xi = x.clone().requires_grad_()
+        y = lcb_chain(m, xi)
+        node = type(y.grad_fn.next_functions[0][0]).__name__  # under the last tdBN
+        assert ("BNLIFConv" in node) == (m is pair), node
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)) * 0.01
+        (y * g).sum().backward()
+        results.append((y.detach(), xi.grad, [p.grad for p in m.parameters()], list(m.buffers())))
+    return results
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, CL], ids=["nchw", "channels_last"])
+def test_fused_tdbn_lif_equals_unfused_layers(layout):
+    """On the torch backend the fused tdBN -> LIF -> conv node gives exactly the unfused layers' outputs and
+    gradients (BatchNorm weight, bias and the gradient through the batch statistics included); running statistics
+    within 1e-6 (updated from the batch (mean, 1/std) instead of BatchNorm's own arithmetic)."""
+    pair = _lcb_pair(3, "torch")
+    x = (torch.randn(6, 5, 9, 10) * 0.8 + 0.5).contiguous(memory_format=layout)
+    (y1, g1, p1, b1), (y2, g2, p2, b2) = fused_and_unfused(pair, x)
+    assert torch.equal(y1, y2) and torch.equal(g1, g2) and all(map(torch.equal, p1, p2))
+    assert y1.is_contiguous(memory_format=layout)
+    assert [int(b.sum()) for b in b1 if b.dtype == torch.long] == [1, 1]  # num_batches_tracked
+    for a, b in zip(b1, b2):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert not torch.equal(b1[0], torch.zeros_like(b1[0]))  # the running mean moved
+
+
+def test_fusion_only_in_training_and_without_hooks():
+    """Eval, no-grad and hooked tdBNs (the energy monitor's) take the unfused layers."""
+    pair = _lcb_pair(2, "auto")
+    assert pair[1].fuses(pair[0].bn)
+    handle = pair[0].bn.register_forward_hook(lambda *a: None)
+    assert not pair[1].fuses(pair[0].bn)
+    handle.remove()
+    pair.eval()
+    assert not pair[1].fuses(pair[0].bn)

@@ -1,8 +1,9 @@
-"""The Triton LIF kernels against the torch path, run by Triton's interpreter on the CPU (no GPU needed).
+"""The Triton kernels (`ems_yolo/nn/ops`) against their torch references, run by Triton's interpreter on the CPU.
 
 The interpreter is chosen when triton is first imported, so the comparison runs in a subprocess with
 TRITON_INTERPRET=1: identical spikes and backward codes (float32), input gradients within 1e-6, for the LIF alone
-and for LCB's fused LIF + conv node, in both activation layouts.
+and for LCB's fused LIF + conv node, in both activation layouts; the fused tdBN + LIF kernel against the unfused
+layers (identical spikes, every gradient within 1e-5, running statistics within 1e-6); the spike decoder.
 """
 
 import os
@@ -56,6 +57,48 @@ SCRIPT = textwrap.dedent(
             for a, b in zip(outs[0][1:], outs[1][1:]):
                 torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
             checked += 1
+    # tdBN -> LIF fused in the kernel vs the unfused layers (torch path)
+    from ems_yolo.nn.layers import LCB, TDBatchNorm2d, configure_kernels, lcb_chain
+    from ems_yolo.nn.ops import bn_lif, lif
+    from ems_yolo.nn.ops.bn_lif import reference as bn_lif_reference
+    import copy
+    for T in (1, 3):
+        for layout in (torch.contiguous_format, torch.channels_last):
+            torch.manual_seed(2)
+            pair = torch.nn.Sequential(LCB(5, 6, 3, 2, 1.0, T, NeuronConfig(backend="triton")),
+                                       LCB(6, 4, 3, 1, 0.2, T, NeuronConfig(backend="triton"))).train()
+            for m in pair.modules():
+                if isinstance(m, TDBatchNorm2d):
+                    m.weight.data.uniform_(0.5, 1.5)
+                    m.bias.data.uniform_(-0.2, 0.6)
+            ref = configure_kernels(copy.deepcopy(pair), backend="torch", fuse_bn=False)
+            x = (torch.randn(T * 2, 5, 9, 10) * 0.8 + 0.5).contiguous(memory_format=layout)
+            res = []
+            for m in (pair, ref):
+                xi = x.clone().requires_grad_()
+                y = lcb_chain(m, xi)
+                assert ("BNLIFConv" in type(y.grad_fn.next_functions[0][0]).__name__) == (m is pair)
+                g = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)) * 0.01
+                (y * g).sum().backward()
+                res.append((y.detach(), xi.grad, [p.grad for p in m.parameters()], list(m.buffers())))
+            (y1, g1, p1, b1), (y2, g2, p2, b2) = res
+            assert torch.equal(y1, y2), (T, layout)  # identical spikes into identical convs
+            torch.testing.assert_close(g1, g2, rtol=0, atol=1e-5)
+            for a, b in zip(p1, p2):
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+            for a, b in zip(b1, b2):
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+            # the op alone: kernel and reference, spikes and codes
+            z = (torch.randn(T * 2, 6, 5, 4) * 0.8 + 0.5).contiguous(memory_format=layout)
+            w, b = torch.rand(6) + 0.5, torch.rand(6) - 0.2
+            out_k = bn_lif.forward(z, w, b, 1e-5, T, 0.25, 0.5, 1.0, True)
+            out_r = bn_lif_reference.forward(z, w, b, 1e-5, T, 0.25, 0.5, 1.0)
+            assert torch.equal(out_k[0], out_r[0]) and torch.equal(out_k[1], out_r[1])
+            assert out_k[1].stride() == z.stride() and 0 < out_k[0].sum() < out_k[0].numel()
+            for a, b in zip(out_k[2:], out_r[2:]):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+            assert torch.equal(lif.decode(out_k[1], torch.float16, True), (out_k[1] >> 1).half())
+            checked += 1
     print("checked", checked)
     """
 )
@@ -65,7 +108,7 @@ def test_triton_kernels_equal_torch_path():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     run = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "checked 6" in run.stdout
+    assert "checked 10" in run.stdout
 
 
 def test_unknown_backend_is_rejected():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ems_yolo.nn.layers import LCB, TDBatchNorm2d, max_pool, spike_conv
+from ems_yolo.nn.layers import LCB, TDBatchNorm2d, lcb_chain, max_pool, spike_conv
 from ems_yolo.nn.neuron import NeuronConfig, SiLUNeuron, make_neuron
 
 RESIDUAL_ALPHA = 0.2  # tdBN alpha of the last BN of every residual branch
@@ -49,7 +49,7 @@ class EMSBlock1(nn.Module):
             self.shortcut = nn.Sequential(max_pool(s), LCB(c1, c2, 1, 1, 1.0, time_steps, neuron))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return self.residual(x) + self.shortcut(x)
+        return lcb_chain(self.residual, x) + self.shortcut(x)
 
 
 class WideBlock(EMSBlock1):
@@ -107,7 +107,7 @@ class EMSBlock2(nn.Module):
         return torch.cat((self.new(x), x), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return self.residual(x) + self.shortcut(x)
+        return lcb_chain(self.residual, x) + self.shortcut(x)
 
 
 class MSBlock(nn.Module):
@@ -140,7 +140,7 @@ class MSBlock(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return self.residual(x) + self.shortcut(x)
+        return lcb_chain(self.residual, x) + self.shortcut(x)
 
 
 class SiLUConv(nn.Module):

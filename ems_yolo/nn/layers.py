@@ -14,6 +14,7 @@ from torch import nn
 from ems_yolo.nn.neuron import (
     LIF,
     NeuronConfig,
+    check_backend,
     lif_backward,
     lif_forward,
     make_neuron,
@@ -21,6 +22,9 @@ from ems_yolo.nn.neuron import (
     tracing,
     unfold_time,
 )
+from ems_yolo.nn.ops import bn_lif as bn_lif_ops
+from ems_yolo.nn.ops import lif as lif_ops
+from ems_yolo.nn.ops import runtime
 
 
 def memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -85,6 +89,23 @@ class TDBatchNorm2d(nn.BatchNorm2d):
         shift = self.bias - mean * scale
         return x * scale.view(1, c, 1, 1).to(x.dtype) + shift.view(1, c, 1, 1).to(x.dtype)
 
+    def fusable(self) -> bool:
+        """Whether a following LIF may apply this layer itself (`ems_yolo::bn_lif_forward`): training with batch
+        statistics, not synced over processes, no hooks to honour."""
+        synced = self.sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        return (self.training and self.track_running_stats and self.affine and not synced
+                and not (self._forward_hooks or self._forward_pre_hooks or self._backward_hooks))
+
+    @torch.no_grad()
+    def update_running_stats(self, mean: torch.Tensor, invstd: torch.Tensor, count: int) -> None:
+        """Running statistics updated from a training batch's (mean, 1/sqrt(var + eps)) over `count` values per
+        channel, as BatchNorm2d's forward does (unbiased variance, momentum or a cumulative average)."""
+        self.num_batches_tracked += 1
+        factor = self.momentum if self.momentum is not None else 1 / float(self.num_batches_tracked)
+        var = invstd.pow(-2) - self.eps
+        self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
+        self.running_var.lerp_((var * (count / max(count - 1, 1))).to(self.running_var.dtype), factor)
+
     def reset_parameters(self) -> None:  # noqa: D102
         super().reset_parameters()
         nn.init.constant_(self.weight, self.alpha * self.vth)
@@ -94,14 +115,15 @@ class TDBatchNorm2d(nn.BatchNorm2d):
 
 
 def conv_backward(
-    ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need_x: bool
+    ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need_x: bool,
+    need_w: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Gradients of a bias-free conv for input `x` restored from compact storage, in the dtype the forward ran in
     (that of `grad`, e.g. under autocast); the weight gradient in the weight's dtype. ctx carries stride/padding."""
     dtype = grad.dtype
     grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
         grad, x.to(dtype), weight.to(dtype), None, ctx.stride, ctx.padding, (1, 1), False, (0, 0), 1,
-        (need_x, ctx.needs_input_grad[1], False),
+        (need_x, need_w, False),
     )
     return grad_x, None if grad_w is None else grad_w.to(weight.dtype)
 
@@ -119,7 +141,7 @@ class SpikeConvFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         spikes, weight = ctx.saved_tensors
-        grad_x, grad_w = conv_backward(ctx, grad, spikes, weight, ctx.needs_input_grad[0])
+        grad_x, grad_w = conv_backward(ctx, grad, spikes, weight, *ctx.needs_input_grad[:2])
         return None if grad_x is None else grad_x.to(ctx.x_dtype), grad_w, None, None
 
 
@@ -138,13 +160,44 @@ class LIFConvFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         weight, *state = ctx.saved_tensors
-        spikes = spikes_from_state(state, grad.dtype).flatten(0, 1)
-        grad_spikes, grad_w = conv_backward(ctx, grad, spikes, weight, ctx.needs_input_grad[0])
+        spikes = spikes_from_state(state, grad.dtype, ctx.lif).flatten(0, 1)
+        grad_spikes, grad_w = conv_backward(ctx, grad, spikes, weight, *ctx.needs_input_grad[:2])
         grad_currents = None
         if grad_spikes is not None:
             grad_spikes = unfold_time(grad_spikes.to(ctx.dtype), ctx.lif.time_steps)
             grad_currents = lif_backward(grad_spikes, state, ctx.lif).flatten(0, 1)
         return grad_currents, grad_w, None, None, None
+
+
+class BNLIFConvFunction(torch.autograd.Function):
+    """tdBN (training) -> LIF -> bias-free conv as one node: the BatchNorm output is never written (the LIF kernel
+    normalizes its input itself) and the conv's input spikes are rebuilt in backward from the LIF's 1-byte code.
+    Returns the conv output and the batch (mean, 1/sqrt(var + eps)) for the running statistics."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bn_weight: torch.Tensor, bn_bias: torch.Tensor, weight: torch.Tensor,
+                eps: float, lif: LIF, stride: tuple, padding: tuple):
+        kernel = runtime.use_kernels(lif.backend, unfold_time(x, lif.time_steps))
+        spikes, code, mean, invstd = bn_lif_ops.forward(
+            x, bn_weight, bn_bias, eps, lif.time_steps, lif.tau, lif.vth, lif.alpha, kernel)
+        out = F.conv2d(spikes, weight, None, stride, padding)
+        ctx.save_for_backward(x, bn_weight, weight, code, mean, invstd)
+        ctx.stride, ctx.padding, ctx.eps, ctx.lif, ctx.kernel = stride, padding, eps, lif, kernel
+        ctx.mark_non_differentiable(mean, invstd)
+        return out, mean, invstd
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, _grad_mean, _grad_invstd):
+        x, bn_weight, weight, code, mean, invstd = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grad_spikes, grad_w = conv_backward(ctx, grad, lif_ops.decode(code, grad.dtype, ctx.kernel), weight,
+                                            any(needs[:3]), needs[3])
+        grads = (None, None, None)
+        if grad_spikes is not None:
+            lif = ctx.lif
+            grads = bn_lif_ops.backward(grad_spikes, x, code, bn_weight, mean, invstd, ctx.eps, lif.time_steps,
+                                        lif.tau, lif.alpha, ctx.kernel, tuple(needs[:3]))
+        return (*grads, grad_w, None, None, None, None)
 
 
 class SpikeConv2d(nn.Conv2d):
@@ -294,10 +347,29 @@ class LCB(nn.Module):
         self.conv = spike_conv(c1, c2, k, s, spike_input=neuron.kind == "lif")
         self.bn = TDBatchNorm2d(c2, alpha, neuron.vth)
 
+    fuse_bn = True  # apply the previous LCB's tdBN inside this LIF in training (`configure_kernels`)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return self.bn(self.pre_bn(x))
+
+    def pre_bn(self, x: torch.Tensor) -> torch.Tensor:
+        """LIF -> conv, the unit without its tdBN."""
         if self._fused():
-            return self.bn(LIFConvFunction.apply(x, self.conv.weight, self.lif, self.conv.stride, self.conv.padding))
-        return self.bn(self.conv(self.lif(x)))
+            return LIFConvFunction.apply(x, self.conv.weight, self.lif, self.conv.stride, self.conv.padding)
+        return self.conv(self.lif(x))
+
+    def fuses(self, bn: nn.Module) -> bool:
+        """Whether this unit applies `bn` (the tdBN that feeds its LIF) inside its LIF kernel."""
+        return (self.fuse_bn and self._fused() and self.lif.rectangular and type(bn) is TDBatchNorm2d
+                and bn.fusable())
+
+    def pre_bn_after(self, x: torch.Tensor, bn: TDBatchNorm2d) -> torch.Tensor:
+        """`pre_bn(bn(x))` as one `BNLIFConvFunction` node (see `fuses`); updates bn's running statistics."""
+        conv = self.conv
+        out, mean, invstd = BNLIFConvFunction.apply(x, bn.weight, bn.bias, conv.weight, bn.eps, self.lif,
+                                                    conv.stride, conv.padding)
+        bn.update_running_stats(mean, invstd, x.numel() // x.shape[1])
+        return out
 
     def _fused(self) -> bool:
         """Train LIF + conv as one `LIFConvFunction` node: detached-reset LIF, spike conv, no hooks to honour."""
@@ -310,3 +382,33 @@ class LCB(nn.Module):
             and isinstance(conv, SpikeConv2d)
             and not (lif._forward_hooks or lif._forward_pre_hooks or conv._forward_hooks or conv._forward_pre_hooks)
         )
+
+
+def lcb_chain(units: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """Run a Sequential of LCBs; in training, each tdBN that feeds the next LCB's LIF is applied inside that LIF
+    (`LCB.pre_bn_after`), so its output is never written. Same values as `units(x)`."""
+    if units._forward_hooks or units._forward_pre_hooks or not all(isinstance(m, LCB) for m in units):
+        return units(x)
+    bn = None  # the tdBN still to apply to x
+    for unit in units:
+        if bn is None:
+            x = unit.pre_bn(x)
+        elif unit.fuses(bn):
+            x = unit.pre_bn_after(x, bn)
+        else:
+            x = unit.pre_bn(bn(x))
+        bn = unit.bn
+    return bn(x)
+
+
+def configure_kernels(model: nn.Module, backend: str | None = None, fuse_bn: bool | None = None) -> nn.Module:
+    """Set the LIF backend ('auto', 'torch', 'triton') of every LIF and/or whether LCBs fuse the tdBN that feeds
+    them (benchmarks compare the paths on one model); returns the model."""
+    if backend is not None:
+        check_backend(backend)
+    for m in model.modules():
+        if backend is not None and isinstance(m, LIF):
+            m.backend = backend
+        if fuse_bn is not None and isinstance(m, LCB):
+            m.fuse_bn = fuse_bn
+    return model

@@ -136,9 +136,11 @@ def lif_backward(grad_spikes: torch.Tensor, state: tuple[torch.Tensor, ...], lif
     return grad
 
 
-def spikes_from_state(state: tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Tensor:
+def spikes_from_state(state: tuple[torch.Tensor, ...], dtype: torch.dtype, lif: LIF) -> torch.Tensor:
     """The spikes `lif_forward` returned, rebuilt from its saved state (to spare a second saved copy)."""
-    return lif_ops.decode(state[0], dtype) if len(state) == 1 else state[1].to(dtype)
+    if len(state) > 1:
+        return state[1].to(dtype)
+    return lif_ops.decode(state[0], dtype, runtime.use_kernels(lif.backend, state[0]))
 
 
 class MultiStepLIF(torch.autograd.Function):

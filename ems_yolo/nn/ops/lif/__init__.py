@@ -1,5 +1,6 @@
 """The multi-step LIF (rectangular surrogate) as `torch.library` custom ops: `ems_yolo::lif_forward` (spikes and
-the 1-byte backward code, differentiable in the currents) and `ems_yolo::lif_backward`.
+the 1-byte backward code, differentiable in the currents), `ems_yolo::lif_backward` and `ems_yolo::lif_decode`
+(the spikes rebuilt from the code, for a conv's backward).
 
 Custom ops are opaque to dynamo and inductor (each is one node with a fake implementation giving its outputs'
 shapes), so a compiled model traces as one graph and inductor fuses what surrounds them. `kernel` picks the
@@ -62,6 +63,16 @@ def backward(grad_spikes: torch.Tensor, code: torch.Tensor, tau: float, scale: f
     return _backward(grad_spikes, code, tau, scale, kernel)
 
 
-def decode(code: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The spikes of a forward from its code."""
-    return reference.decode(code, dtype)
+@torch.library.custom_op("ems_yolo::lif_decode", mutates_args=())
+def _decode(code: torch.Tensor, dtype: torch.dtype, kernel: bool) -> torch.Tensor:
+    return (kernels if kernel else reference).decode(code, dtype)
+
+
+@_decode.register_fake
+def _(code, dtype, kernel):
+    return torch.empty_like(code, dtype=dtype)
+
+
+def decode(code: torch.Tensor, dtype: torch.dtype, kernel: bool) -> torch.Tensor:
+    """The spikes of a forward from its code, in `dtype`."""
+    return _decode(code, dtype, kernel)

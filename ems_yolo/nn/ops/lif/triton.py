@@ -26,13 +26,20 @@ BLOCK = 1024
 if triton is not None:
 
     @triton.jit
-    def _forward_kernel(cur_ptr, spk_ptr, code_ptr, n, tau, vth, half_width, T: tl.constexpr, BLOCK: tl.constexpr):
+    def _forward_kernel(cur_ptr, spk_ptr, code_ptr, scale_ptr, shift_ptr, n, channels, inner, tau, vth, half_width,
+                        T: tl.constexpr, AFFINE: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         u = tl.zeros([BLOCK], dtype=tl.float32)
         s = tl.zeros([BLOCK], dtype=tl.float32)
+        if AFFINE:  # a per-channel affine map of the input (tdBN's normalize + scale + shift) fused in front
+            c = (offs // inner) % channels
+            a = tl.load(scale_ptr + c, mask=mask, other=0.0)
+            b = tl.load(shift_ptr + c, mask=mask, other=0.0)
         for t in tl.static_range(T):
             i = tl.load(cur_ptr + t * n + offs, mask=mask, other=0.0).to(tl.float32)
+            if AFFINE:
+                i = i * a + b
             if t == 0:
                 u = i
             else:
@@ -58,13 +65,31 @@ if triton is not None:
             tl.store(grad_ptr + t * n + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
             carry = g
 
+    @triton.jit
+    def _decode_kernel(code_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        code = tl.load(code_ptr + offs, mask=mask, other=0)
+        tl.store(out_ptr + offs, (code >> 1).to(out_ptr.dtype.element_ty), mask=mask)
 
-def forward(currents: torch.Tensor, tau: float, vth: float, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(spikes in the currents' dtype, uint8 code) for `[T, ...]` currents; see `usable`."""
+
+def forward(
+    currents: torch.Tensor, tau: float, vth: float, alpha: float,
+    affine: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(spikes in the currents' dtype, uint8 code) for `[T, B, C, ...]` currents; see `usable`. `affine`: float32
+    per-channel (scale, shift) applied to the currents first, in registers (the input is still read once)."""
     T, n = currents.shape[0], currents[0].numel()
     spikes = torch.empty_like(currents)
     code = torch.empty_like(currents, dtype=torch.uint8)
-    _forward_kernel[(triton.cdiv(n, BLOCK),)](currents, spikes, code, n, tau, vth, alpha / 2, T=T, BLOCK=BLOCK)
+    channels, inner = 1, 1
+    scale = shift = code  # unread placeholders without affine
+    if affine is not None:
+        scale, shift = (v.float().contiguous() for v in affine)
+        channels = currents.shape[2]
+        inner = 1 if currents[0].is_contiguous(memory_format=torch.channels_last) else currents[0, 0, 0].numel()
+    _forward_kernel[(triton.cdiv(n, BLOCK),)](currents, spikes, code, scale, shift, n, channels, inner, tau, vth,
+                                              alpha / 2, T=T, AFFINE=affine is not None, BLOCK=BLOCK)
     return spikes, code
 
 
@@ -76,3 +101,11 @@ def backward(grad_spikes: torch.Tensor, code: torch.Tensor, tau: float, scale: f
     grad = torch.empty_like(code, dtype=grad_spikes.dtype)
     _backward_kernel[(triton.cdiv(n, BLOCK),)](grad_spikes, code, grad, n, tau, scale, T=T, BLOCK=BLOCK)
     return grad
+
+
+def decode(code: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spikes (bit 1 of the code) in `dtype`, in one pass (the reference's shift and cast take two)."""
+    out = torch.empty_like(code, dtype=dtype)
+    n = code.numel()
+    _decode_kernel[(triton.cdiv(n, BLOCK),)](code, out, n, BLOCK=BLOCK)
+    return out
