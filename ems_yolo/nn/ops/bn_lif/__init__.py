@@ -6,8 +6,6 @@ applies the normalize + affine map itself. Backward runs the LIF backward to dL/
 The batch statistics come back as outputs (not differentiable) so the caller updates the running statistics.
 """
 
-from __future__ import annotations
-
 import torch
 
 from ems_yolo.nn.ops import lif as lif_ops

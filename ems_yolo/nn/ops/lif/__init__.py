@@ -7,8 +7,6 @@ shapes), so a compiled model traces as one graph and inductor fuses what surroun
 Triton kernels (`triton.py`) over the torch reference (`reference.py`); `runtime.use_kernels` decides it.
 """
 
-from __future__ import annotations
-
 import torch
 
 from ems_yolo.nn.ops.lif import reference

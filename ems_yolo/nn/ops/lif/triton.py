@@ -11,8 +11,6 @@ Runs on CUDA tensors; with TRITON_INTERPRET=1 set before the first import of tri
 (Triton's interpreter, used by the tests on machines without a GPU).
 """
 
-from __future__ import annotations
-
 import torch
 
 from ems_yolo.nn.ops.runtime import triton
