@@ -92,7 +92,7 @@ def test_compile_key_trains_validates_and_predicts(tmp_path, monkeypatch, caplog
         monkeypatch.setattr(torch, "compile", fast_compile)
     data = make_shapes_dataset(n_train=8, n_val=4, imgsz=64)
     fast = dict(imgsz=64, batch=4, workers=0, plots=False, verbose=False, compile=True)
-    EMSYOLO(derive_model_yaml(small_cfg())).train(data=str(data), epochs=1, project=str(tmp_path), name="t", **fast)
+    EMSYOLO(derive_model_yaml(small_cfg(1))).train(data=str(data), epochs=1, project=str(tmp_path), name="t", **fast)
     best = tmp_path / "t" / "weights" / "best.pt"
     val = EMSYOLO(best).val(data=str(data), project=str(tmp_path), name="v", **fast)
     ref = EMSYOLO(best).val(data=str(data), project=str(tmp_path), name="v2", **{**fast, "compile": False})
