@@ -37,6 +37,7 @@ def test_custom_ops_pass_opcheck():
         (torch.ops.ems_yolo.lif_backward.default, (torch.randn_like(spikes), code, 0.25, 1.0, False)),
         (torch.ops.ems_yolo.lif_decode.default, (code, torch.float16, False)),
         (torch.ops.ems_yolo.bn_lif_forward.default, (x, w, b, 1e-5, 2, 0.25, 0.5, 1.0, False)),
+        (torch.ops.ems_yolo.max_pool2_forward.default, (x, False)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

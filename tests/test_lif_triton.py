@@ -3,7 +3,8 @@
 The interpreter is chosen when triton is first imported, so the comparison runs in a subprocess with
 TRITON_INTERPRET=1: identical spikes and backward codes (float32), input gradients within 1e-6, for the LIF alone
 and for LCB's fused LIF + conv node, in both activation layouts; the fused tdBN + LIF kernel against the unfused
-layers (identical spikes, every gradient within 1e-5, running statistics within 1e-6); the spike decoder.
+layers (identical spikes, every gradient within 1e-5, running statistics within 1e-6); the spike decoder; the 2x2
+max-pool with its 1-byte argmax against max_pool2d (identical values and gradients).
 """
 
 import os
@@ -99,6 +100,27 @@ SCRIPT = textwrap.dedent(
                 torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
             assert torch.equal(lif.decode(out_k[1], torch.float16, True), (out_k[1] >> 1).half())
             checked += 1
+    # 2x2 max-pool with a 1-byte argmax: values and gradients of max_pool2d (ties of binary inputs included)
+    import torch.nn.functional as F
+    from ems_yolo.nn.layers import MaxPool
+    from ems_yolo.nn.ops.max_pool2 import reference as pool_reference, triton as pool_kernels
+    for shape in ((2, 3, 8, 8), (1, 2, 7, 9)):
+        for layout in (torch.contiguous_format, torch.channels_last):
+            for binary in (False, True):
+                x = (torch.rand(shape) > 0.5).float() if binary else torch.randn(shape)
+                x = x.contiguous(memory_format=layout)
+                xi, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+                y, yr = MaxPool(2, "triton")(xi), F.max_pool2d(xr, 2, 2)
+                assert "max_pool2" in type(y.grad_fn).__name__
+                g = torch.randn_like(yr)
+                (y * g).sum().backward()
+                (yr * g).sum().backward()
+                assert torch.equal(y, yr) and torch.equal(xi.grad, xr.grad), (shape, layout, binary)
+                assert y.is_contiguous(memory_format=layout) and xi.grad.is_contiguous(memory_format=layout)
+                (o1, a1), (o2, a2) = pool_kernels.forward(x), pool_reference.forward(x)
+                assert torch.equal(o1, o2) and torch.equal(a1, a2) and a1.dtype == torch.uint8
+                assert torch.equal(pool_kernels.backward(g, a1, *shape[2:]), pool_reference.backward(g, a1, *shape[2:]))
+                checked += 1
     print("checked", checked)
     """
 )
@@ -108,7 +130,7 @@ def test_triton_kernels_equal_torch_path():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     run = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "checked 10" in run.stdout
+    assert "checked 18" in run.stdout
 
 
 def test_unknown_backend_is_rejected():
@@ -143,7 +165,7 @@ def test_backend_dispatch(monkeypatch):
     expected = LIF(3, backend="torch").train()(x)
     for backend in ("triton", "auto"):  # CPU: not usable
         assert torch.equal(LIF(3, backend=backend).train()(x), expected) and calls == []
-    monkeypatch.setattr(runtime, "usable", lambda tensor: True)
+    monkeypatch.setattr(runtime, "usable", lambda tensor, steps=True: True)
     for backend in ("torch", "auto"):  # auto: a CPU tensor is never sent to the interpreter
         assert torch.equal(LIF(3, backend=backend).train()(x), expected) and calls == []
     with pytest.raises(RuntimeError, match="triton kernel called"):

@@ -46,7 +46,7 @@ class EMSBlock1(nn.Module):
         if s == 1 and c1 == c2:
             self.shortcut = nn.Identity()
         else:
-            self.shortcut = nn.Sequential(max_pool(s), LCB(c1, c2, 1, 1, 1.0, time_steps, neuron))
+            self.shortcut = nn.Sequential(max_pool(s, neuron.backend), LCB(c1, c2, 1, 1, 1.0, time_steps, neuron))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         return lcb_chain(self.residual, x) + self.shortcut(x)
@@ -95,7 +95,7 @@ class EMSBlock2(nn.Module):
         self.pool_order = pool_order
         self.residual = _residual(c1, int(c2 * e), c2, k, s, time_steps, neuron)
         self.new = LCB(c1, c2 - c1, 1, 1, 1.0, time_steps, neuron) if c2 > c1 else None
-        self.pool = max_pool(s)
+        self.pool = max_pool(s, neuron.backend)
 
     def shortcut(self, x: torch.Tensor) -> torch.Tensor:
         """Concat shortcut in the configured pooling order."""
@@ -135,7 +135,8 @@ class MSBlock(nn.Module):
         else:
             lif = [make_neuron(neuron, time_steps)] if shortcut_lif else []
             self.shortcut = nn.Sequential(
-                max_pool(s), *lif, spike_conv(c1, c2, spike_input=shortcut_lif and neuron.kind == "lif"),
+                max_pool(s, neuron.backend), *lif,
+                spike_conv(c1, c2, spike_input=shortcut_lif and neuron.kind == "lif"),
                 TDBatchNorm2d(c2, 1.0, neuron.vth),
             )
 

@@ -24,6 +24,7 @@ from ems_yolo.nn.neuron import (
 )
 from ems_yolo.nn.ops import bn_lif as bn_lif_ops
 from ems_yolo.nn.ops import lif as lif_ops
+from ems_yolo.nn.ops import max_pool2
 from ems_yolo.nn.ops import runtime
 
 
@@ -250,15 +251,23 @@ class MaxPoolFunction(torch.autograd.Function):
 
 class MaxPool(nn.MaxPool2d):
     """s x s max-pool with stride s, the same values as `max_pool2d`. With autograd it runs `MaxPoolFunction`
-    (int32 indices are all it saves); in eager inference the element-wise maximum of the s * s strided views of the
-    input, up to 9x faster on CPU (no indices); traced or exported, `max_pool2d` (one MaxPool node)."""
+    (int32 indices are all it saves), or for s = 2 where the Triton kernels run (`backend`, as the LIF's) the op
+    `ems_yolo::max_pool2_forward` (a 1-byte argmax); in eager inference the element-wise maximum of the s * s
+    strided views of the input, up to 9x faster on CPU (no indices); traced or exported, `max_pool2d`."""
 
-    def __init__(self, s: int):
+    backend = "auto"
+
+    def __init__(self, s: int, backend: str = "auto"):
         super().__init__(s, s)
+        if backend != "auto":
+            check_backend(backend)
+            self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         s = self.kernel_size
         if torch.is_grad_enabled() and x.requires_grad:
+            if s == 2 and runtime.use_kernels(self.backend, x, steps=False):
+                return max_pool2.forward(x, True)
             return MaxPoolFunction.apply(x, s)
         if tracing():
             return super().forward(x)
@@ -271,9 +280,9 @@ class MaxPool(nn.MaxPool2d):
         return out
 
 
-def max_pool(s: int) -> nn.Module:
+def max_pool(s: int, backend: str = "auto") -> nn.Module:
     """s x s max-pool with stride s, or identity for s = 1."""
-    return MaxPool(s) if s > 1 else nn.Identity()
+    return MaxPool(s, backend) if s > 1 else nn.Identity()
 
 
 class EncodingConv(nn.Module):
@@ -402,12 +411,12 @@ def lcb_chain(units: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
 
 
 def configure_kernels(model: nn.Module, backend: str | None = None, fuse_bn: bool | None = None) -> nn.Module:
-    """Set the LIF backend ('auto', 'torch', 'triton') of every LIF and/or whether LCBs fuse the tdBN that feeds
-    them (benchmarks compare the paths on one model); returns the model."""
+    """Set the kernel backend ('auto', 'torch', 'triton') of every LIF and max-pool and/or whether LCBs fuse the
+    tdBN that feeds them (benchmarks compare the paths on one model); returns the model."""
     if backend is not None:
         check_backend(backend)
     for m in model.modules():
-        if backend is not None and isinstance(m, LIF):
+        if backend is not None and isinstance(m, (LIF, MaxPool)):
             m.backend = backend
         if fuse_bn is not None and isinstance(m, LCB):
             m.fuse_bn = fuse_bn
