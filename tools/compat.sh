@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the test suite against another release of a dependency, by default the oldest one setup.cfg allows:
 #   bash tools/compat.sh [VERSION] [pytest arguments...]            Ultralytics VERSION (default 8.4.135)
-#   bash tools/compat.sh --torch [VERSION] [pytest arguments...]    torch VERSION (default 2.4.1) and its torchvision;
+#   bash tools/compat.sh --torch [VERSION] [pytest arguments...]    torch VERSION (default 2.6.0) and its torchvision;
 #                                                                   runs tests/test_compile.py unless tests are named
 # A second venv (.venv-ultralytics-VERSION / .venv-torch-VERSION) holds that release and an editable ems-yolo;
 # everything else (the other dependencies, pytest) comes from the project venv through a path entry, so only the
@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PACKAGE=ultralytics
 VERSION=8.4.135
-if [[ ${1:-} == --torch ]]; then PACKAGE=torch; VERSION=2.4.1; shift; fi
+if [[ ${1:-} == --torch ]]; then PACKAGE=torch; VERSION=2.6.0; shift; fi
 if [[ $# -gt 0 && $1 != -* && $1 != tests* ]]; then VERSION=$1; shift; fi
 PY=${PROJECT_PY:-.venv/bin/python}
 [[ -n ${PROJECT_PY:-} ]] || make install
