@@ -34,6 +34,7 @@ DEFAULT_THREADS = torch.get_num_threads()
 
 import argparse
 import copy
+import importlib.util
 import inspect
 import json
 import os
@@ -56,6 +57,7 @@ from ems_yolo.nn import lif_triton
 from ems_yolo.nn.flops import conv_ops
 from ems_yolo.nn.head import EMSDetect
 from ems_yolo.nn.layers import EncodingConv
+from ems_yolo.nn import layers
 from ems_yolo.nn.model import EMSDetectionModel
 from ems_yolo.nn.neuron import LIF
 
@@ -489,8 +491,8 @@ def default_backend() -> str:
 
 
 def build_cuda(c: TrainConfig, impl: str, device: torch.device, toy: bool) -> nn.Module:
-    """Model of a CUDA configuration: "ours" (its YAML as shipped), "torch" / "triton" (that LIF backend), or
-    "naive" around a fresh "ours" (same initialisation)."""
+    """Model of a CUDA configuration: "ours" (its YAML as shipped), "torch" / "triton" (that LIF backend),
+    "unfused" (ours without the tdBN + LIF fusion) or "naive" around a fresh "ours" (same initialisation)."""
     torch.manual_seed(0)
     cfg = load_model_yaml(c.yaml)
     cfg.update(time_steps=2 if toy else c.time_steps, nc=c.nc)
@@ -499,6 +501,8 @@ def build_cuda(c: TrainConfig, impl: str, device: torch.device, toy: bool) -> nn
     if impl in ("torch", "triton"):
         cfg["neuron"] = {**cfg.get("neuron", {}), "backend": impl}
     model = EMSDetectionModel(cfg, verbose=False).to(device)
+    if impl == "unfused":  # the LCBs' tdBN not fused into their LIF (the layers' switch, where it exists)
+        layers.configure_kernels(model, fuse_bn=False)
     return NaiveEMS(model) if impl == "naive" else model
 
 
@@ -519,15 +523,17 @@ def cuda_training(device: torch.device, toy: bool, amp: bool) -> list[Result]:
     """Training images/s and peak memory (build + 2 steps) of ours, the other LIF backend and naive, per config."""
     other = "torch" if default_backend() != "torch" else "triton"
     print(f"\nTraining (fp16 AMP, SGD step, synthetic loss on the raw outputs): ours = the shipped YAML (LIF backend "
-          f"'{default_backend()}'), '{other}' = the same with that LIF backend, naive = tools/naive_reference.py; "
+          f"'{default_backend()}'), '{other}' = the same with that LIF backend, unfused = ours without the tdBN + "
+          "LIF fusion (where the layers have it), naive = tools/naive_reference.py; "
           "medians of alternating steps after warm-up; peak memory = torch.cuda.max_memory_allocated growth over "
           "model build + 2 steps", flush=True)
     results, rows = [], []
     for c in CUDA_TRAIN:
         size, batch = (64, 1) if toy else (c.imgsz, c.batch)
         x = torch.rand(batch, 3, size, size, device=device)
-        impls = ["ours", other] + (["naive"] if c.naive else [])
-        if other == "triton" and not (device.type == "cuda" and lif_triton.available()):
+        impls = ["ours", other] + (["unfused"] if hasattr(layers, "configure_kernels") else []) + (
+            ["naive"] if c.naive else [])
+        if other == "triton" and not (device.type == "cuda" and importlib.util.find_spec("triton")):
             impls.remove("triton")
         steps, memory = {}, {}
         for impl in impls:
@@ -540,21 +546,23 @@ def cuda_training(device: torch.device, toy: bool, amp: bool) -> list[Result]:
             steps[impl], memory[impl] = peak_mib(device, first_steps)
         times = alternate(steps, 0 if toy else 1, 1 if toy else 8, device)
         rate = {k: batch / med(v) for k, v in times.items()}
-        rows.append([c.name, *(f"{rate[k]:.0f}" if k in rate else "-" for k in ("ours", other, "naive")),
+        rows.append([c.name, *(f"{rate[k]:.0f}" if k in rate else "-" for k in ("ours", other, "unfused", "naive")),
                      f"{rate['ours'] / rate['naive']:.2f}x" if "naive" in rate else "-",
                      *(f"{memory[k]:.0f}" if k in memory else "-" for k in ("ours", "naive")),
                      f"{memory['ours'] / memory['naive']:.2f}" if "naive" in memory and memory["naive"] else "-"])
         results.append(Result(f"training img/s, {c.name} (default)", rate["ours"], c.target, True, unit=" img/s"))
         if other in rate:
             results.append(Result(f"training ours/{other} backend, {c.name}", rate["ours"] / rate[other]))
+        if "unfused" in rate:
+            results.append(Result(f"training ours/unfused tdBN+LIF, {c.name}", rate["ours"] / rate["unfused"]))
         if "naive" in rate:
             results.append(Result(f"training ours/naive, {c.name}", rate["ours"] / rate["naive"]))
             if memory["naive"]:
                 results.append(Result(f"peak training memory ours/naive, {c.name}", memory["ours"] / memory["naive"],
                                       MEMORY_TARGET))
         del steps, times
-    print_table(["", "ours img/s", f"{other} img/s", "naive img/s", "ours/naive", "ours MiB", "naive MiB",
-                 "memory ours/naive"], rows)
+    print_table(["", "ours img/s", f"{other} img/s", "unfused img/s", "naive img/s", "ours/naive", "ours MiB",
+                 "naive MiB", "memory ours/naive"], rows)
     return results
 
 

@@ -131,16 +131,17 @@ def triton_vs_torch(device: str, dry: bool) -> tuple[bool | None, str]:
 
 def default_backend(device: str) -> tuple[bool | None, str]:
     """The LIF backend of the shipped model YAMLs and whether the Triton kernels serve it on this device."""
+    import importlib.util
     import inspect
 
     from ems_yolo.cfg import load_model_yaml
-    from ems_yolo.nn import lif_triton
     from ems_yolo.nn.neuron import LIF
 
     default = inspect.signature(LIF).parameters["backend"].default
     shipped = load_model_yaml("ems-res10.yaml").get("neuron", {}).get("backend", default)
-    fast = shipped in ("auto", "triton") and lif_triton.available()
-    detail = f"ems-res10.yaml LIF backend '{shipped}', triton {'available' if lif_triton.available() else 'missing'}"
+    triton = importlib.util.find_spec("triton") is not None
+    fast = shipped in ("auto", "triton") and triton
+    detail = f"ems-res10.yaml LIF backend '{shipped}', triton {'installed' if triton else 'missing'}"
     if device == "cpu":
         return None, detail + " (CPU: the torch path)"
     return fast, detail + ("" if fast else ": the default is not the fast path on CUDA")
