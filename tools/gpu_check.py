@@ -194,7 +194,8 @@ def compile_check(device: str, dry: bool) -> tuple[bool | None, str]:
 
 
 def cuda_graph_predict(device: str, dry: bool) -> tuple[bool | None, str]:
-    """EMSYOLO.predict on 6 frames of one shape with cuda_graph on (the default) and off: same boxes, one graph."""
+    """EMSYOLO.predict on 6 frames of one shape with cuda_graph on (the default) and off: the same boxes (within
+    1e-3 px), one graph."""
     if dry:
         return None, "needs CUDA (the capture / replay logic is tested on the CPU: tests/test_cuda_graph.py)"
     import numpy as np
@@ -210,10 +211,11 @@ def cuda_graph_predict(device: str, dry: bool) -> tuple[bool | None, str]:
         eager = [model.predict(f, cuda_graph=False, **kw)[0] for f in frames]
         graphed = [model.predict(f, **kw)[0] for f in frames]
     graphs = len(getattr(model.predictor.graphed, "graphs", {}))
-    same = all(torch.equal(a.boxes.data, b.boxes.data) for a, b in zip(eager, graphed))
+    same = all(a.boxes.data.shape == b.boxes.data.shape and torch.allclose(a.boxes.data, b.boxes.data, atol=1e-3)
+               for a, b in zip(eager, graphed))
     ms = {k: np.median([r.speed["inference"] for r in rs[2:]]) for k, rs in (("eager", eager), ("graph", graphed))}
     return same and graphs == 1, (f"EMS-ResNet34 640x480 frames: {graphs} graph(s), boxes "
-                                  f"{'identical' if same else 'DIFFER'}; inference {ms['eager']:.1f} ms eager, "
+                                  f"{'the same' if same else 'DIFFER'}; inference {ms['eager']:.1f} ms eager, "
                                   f"{ms['graph']:.1f} ms graph (Ultralytics' timing, fp32)")
 
 
