@@ -28,6 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # distributions that satisfy a requirement under another name (OpenCV's builds share the module cv2)
 ALIASES = {"opencv-python": ("opencv-python-headless", "opencv-contrib-python", "opencv-contrib-python-headless")}
+# requirements the check never imports (a 46 MB wheel: it would not fit beside the others in a 64 MiB carry)
+NOT_NEEDED = {"hdf5plugin": "imported only to read RVT's .h5 event files, which the check does not read"}
 
 
 def norm(name: str) -> str:
@@ -84,8 +86,9 @@ def present(name: str) -> bool:
     return False
 
 
-def resolve(wanted: list[str], wheels: dict[str, Path]) -> tuple[list[Path], list[str]]:
-    """(wheels to install, names found nowhere) for `wanted` and the requirements of every wheel chosen."""
+def resolve(wanted: list[str], wheels: dict[str, Path], follow: bool = True) -> tuple[list[Path], list[str]]:
+    """(wheels to install, names found nowhere) for `wanted` and, with `follow`, the requirements of every wheel
+    chosen."""
     chosen: dict[str, Path] = {}
     missing: list[str] = []
     queue, seen = list(wanted), set()
@@ -98,7 +101,7 @@ def resolve(wanted: list[str], wheels: dict[str, Path]) -> tuple[list[Path], lis
             continue  # installed distributions are taken as consistent with their own requirements
         if name in wheels:
             chosen[name] = wheels[name]
-            queue += wheel_requirements(wheels[name])
+            queue += wheel_requirements(wheels[name]) if follow else []
         else:
             missing.append(name)
     return list(chosen.values()), missing
@@ -127,14 +130,18 @@ def main() -> int:
     lay_out_package(site)
     sys.path.insert(0, str(site))
     wheels = {norm(w.name.split("-")[0]): w for w in sorted(args.wheels.glob("*.whl"))} if args.wheels.is_dir() else {}
-    install, missing = resolve(setup_requirements(), wheels)
+    needed = [name for name in setup_requirements() if name not in NOT_NEEDED or present(name) or name in wheels]
+    for name in sorted(set(setup_requirements()) - set(needed)):
+        print(f"gpu_check: {name} not installed, not needed here ({NOT_NEEDED[name]})")
+    install, missing = resolve(needed, wheels)
     if missing:
-        print(f"gpu_check: {sys.executable} lacks {', '.join(missing)} (ems-yolo's requirements) and {args.wheels}/ "
-              f"has no wheel of it; fetch them where the package index is reachable: python3 -m pip download "
-              f"--no-deps --only-binary=:all: -d {args.wheels} {' '.join(missing)} (add --python-version and "
+        print(f"gpu_check: {sys.executable} lacks {', '.join(missing)} (needed by ems-yolo or its requirements) and "
+              f"{args.wheels}/ has no wheel of them; fetch them where the package index is reachable: python3 -m pip "
+              f"download --no-deps --only-binary=:all: -d {args.wheels} {' '.join(missing)} (add --python-version and "
               "--platform for another machine), then run this again", file=sys.stderr)
         return 2
-    optional, skipped = resolve(setup_requirements("bench-gpu"), wheels)
+    # the extra names all that the one import bench_speed.py makes needs (not SpikingJelly's long list)
+    optional, skipped = resolve(setup_requirements("bench-gpu"), wheels, follow=False)
     if skipped:
         print(f"gpu_check: optional {', '.join(skipped)} (the bench-gpu extra) not found: bench_speed.py skips the "
               "SpikingJelly comparison")
