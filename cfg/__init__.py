@@ -117,12 +117,14 @@ ENGINE_KEYS = {
     "events": "predict: simulate events from a video source first, then detect on them (default False)",
     "energy": "val: also measure firing rates and the energy estimate on the validation data (default False)",
     "stride_ms": "predict on events: step of the sliding window along a .dat recording (default 50)",
+    "cuda_graph": "predict: replay the model from a CUDA graph once an input shape repeats (batch-1 latency of "
+    "videos, streams and event recordings; default on with a CUDA device, True elsewhere is an error)",
 }
 # keys that choose the model, not mode settings
 MODEL_KEYS = ("model", "time_steps", "ann", "checkpoint", "sync_bn", "trust")
 # the one mode each key applies to (the others' help does not list it, their command lines refuse it)
-MODE_ONLY_KEYS = {"events": "predict", "stride_ms": "predict", "energy": "val", "checkpoint": "train",
-                  "sync_bn": "train"}
+MODE_ONLY_KEYS = {"events": "predict", "stride_ms": "predict", "cuda_graph": "predict", "energy": "val",
+                  "checkpoint": "train", "sync_bn": "train"}
 MODE_HELP = {
     "train": "Train a spiking detector. data= defaults to the built-in shapes dataset (also data=shapes).",
     "val": "Validate a model (mAP50, mAP50-95; save_json=True adds pycocotools mAP).",
@@ -197,7 +199,7 @@ _COUNTS = ("workers",)  # integers >= 0
 _POSITIVE = ("stride_ms", "window_ms", "bin_ms", "spacing_ms", "c_on", "c_off", "e_ac", "e_mac", "depth_multiple",
              "width_multiple")
 _NON_NEGATIVE = ("sigma", "refractory_us", "noise_hz")
-_BOOLS = ("ann", "checkpoint", "sync_bn", "events", "energy", "detailed", "trust", "info", "closed")
+_BOOLS = ("ann", "checkpoint", "sync_bn", "events", "energy", "detailed", "trust", "info", "closed", "cuda_graph")
 _CHOICES = {"input": ("frames", "events"), "preset": ("fp32", "fp16", "int8"), "split": ("train", "val", "test"),
             "representation": ("ems_frames", "histogram", "voxel"), "format": EXPORT_FORMATS}
 # Smallest values with a meaning: event times are whole microseconds, so a step or window under 1 us is zero.

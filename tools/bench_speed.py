@@ -11,11 +11,19 @@ medians (with min..max), for EMS-ResNet10 at 320 px:
 * the LIF alone (forward + backward) on a large tensor, ours against a per-step LIF,
 * our training FLOP/s as a fraction of the machine's measured dense matmul FLOP/s.
 
-With CUDA available the same benchmarks run again on the GPU under AMP autocast (float16). CPU memory is read
-from /proc/self/status (Linux), with glibc's mmap threshold fixed so that it follows live tensor memory.
+CPU memory is read from /proc/self/status (Linux), with glibc's mmap threshold fixed so that it follows live tensor
+memory.
 
-    python tools/bench_speed.py            # full run (about 2-3 minutes on 2 CPU cores)
-    python tools/bench_speed.py --quick    # smoke run (about 30 s on 2 CPU cores)
+With CUDA available, a CUDA section follows (fp16 AMP, the sizes users train at; see `cuda_section`): training
+images/s and peak memory of ours (default settings) against the naive reference for EMS-ResNet10 320 px T=5 batch
+32, EMS-ResNet34 640 px T=4 batch 16 and the COCO model (ems-res34-coco.yaml) 640 px T=4 batch 16; the LIF alone
+against SpikingJelly 2.0's `functional.lif_multi_step` (the `bench-gpu` extra; skipped with a line when missing);
+batch-1 latency with and without a CUDA graph; the Ultralytics trainer's images/s on the built-in data at 640 px,
+batch 64. The summary gives each ratio with its target.
+
+    python tools/bench_speed.py               # full run (about 2-3 minutes on 2 CPU cores, plus CUDA if present)
+    python tools/bench_speed.py --quick       # smoke run (about 30 s on 2 CPU cores)
+    python tools/bench_speed.py --cuda-only   # the CUDA section alone (tools/gpu_check.sh runs this)
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ DEFAULT_THREADS = torch.get_num_threads()
 
 import argparse
 import copy
+import importlib.util
+import inspect
 import json
 import os
 import platform
@@ -47,6 +57,7 @@ from ems_yolo.nn.ops import runtime
 from ems_yolo.nn.flops import conv_ops
 from ems_yolo.nn.head import EMSDetect
 from ems_yolo.nn.layers import EncodingConv
+from ems_yolo.nn import layers
 from ems_yolo.nn.model import EMSDetectionModel
 from ems_yolo.nn.neuron import LIF
 
@@ -86,6 +97,7 @@ class Result:
     limit: float | None = None
     at_least: bool = False  # the target is value >= limit (else value <= limit)
     percent: bool = False
+    unit: str = ""  # printed after the value (img/s, ms); ratios have none
 
     def status(self) -> str:
         """'met', 'NOT met' or '-' when there is no target."""
@@ -273,30 +285,6 @@ def bench_memory_cpu(s: Settings, argv: list[str]) -> dict[int, dict[str, float]
     return results
 
 
-def bench_memory_cuda(s: Settings, device: torch.device) -> dict[int, dict[str, float]]:
-    """Peak allocated GPU memory (torch.cuda.max_memory_allocated) over build + 2 AMP training steps, per T."""
-    print("\nPeak training memory (CUDA, AMP): torch.cuda.max_memory_allocated growth over model build + 2 "
-          "training steps", flush=True)
-    x = torch.rand(s.batch, 3, s.imgsz, s.imgsz, device=device)
-    results, rows = {}, []
-    for T in s.memory_time_steps:
-        results[T] = {}
-        for impl in IMPLS:
-            torch.cuda.empty_cache()
-            before = torch.cuda.memory_allocated(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            step = make_train_step(build(impl, T, s.width, device), x, amp=True)
-            step()
-            step()
-            sync(device)
-            results[T][impl] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
-            del step
-        ours, naive = results[T]["ours"], results[T]["naive"]
-        rows.append([f"T={T}", f"{ours:.0f}", f"{naive:.0f}", f"{ours / naive:.2f}x"])
-    print_table(["", "ours MiB", "naive MiB", "ours/naive"], rows)
-    return results
-
-
 def export_onnx(model: EMSDetectionModel, x: torch.Tensor, path: str) -> None:
     """Export the eval model (decoded output only) with the TorchScript-based exporter, opset 18."""
     m = copy.deepcopy(model).cpu().eval()
@@ -440,7 +428,7 @@ def report_flops(s: Settings, train: dict[int, dict[str, list[float]]], amp: boo
 def run_section(s: Settings, device: torch.device, amp: bool, argv: list[str]) -> list[Result]:
     """All benchmarks on one device; returns the summary lines."""
     train = bench_training(s, device, amp)
-    memory = bench_memory_cuda(s, device) if device.type == "cuda" else bench_memory_cpu(s, argv)
+    memory = bench_memory_cpu(s, argv)
     infer = bench_inference(s, device, amp)
     lif = bench_lif(s, device)
     fraction = report_flops(s, train, amp)
@@ -468,11 +456,244 @@ def run_section(s: Settings, device: torch.device, amp: bool, argv: list[str]) -
     return results
 
 
+# ------------------------------------------------------------------------------- CUDA: the sizes users train at
+
+
+@dataclass
+class TrainConfig:
+    """One training configuration of the CUDA section."""
+
+    name: str
+    yaml: str
+    imgsz: int
+    time_steps: int
+    batch: int
+    nc: int = 80
+    naive: bool = True  # the naive reference has no per-step form of the COCO model's SiLU convs
+    target: float | None = None  # images/s with the default settings (issue 23)
+
+
+CUDA_TRAIN = [
+    TrainConfig("EMS-ResNet10 320px T=5 b32", "ems-res10.yaml", 320, 5, 32, nc=2, target=2000),
+    TrainConfig("EMS-ResNet34 640px T=4 b16", "ems-res34.yaml", 640, 4, 16),
+    TrainConfig("COCO model 640px T=4 b16", "ems-res34-coco.yaml", 640, 4, 16, naive=False, target=400),
+]
+LATENCY = [("EMS-ResNet34 640px T=4", "ems-res34.yaml", 640, 4, 5.0), ("EMS-ResNet10 320px T=5", "ems-res10.yaml",
+                                                                       320, 5, None)]
+LIF_TARGET = 3.0  # SpikingJelly 2.0 time / ours, LIF forward + backward
+MEMORY_TARGET = 0.25  # peak training memory ours / naive
+SJ_DYNAMICS = {"tau": 4 / 3, "decay_input": False, "v_threshold": 0.5, "v_reset": 0.0, "detach_reset": True}
+
+
+def default_backend() -> str:
+    """The LIF backend a model YAML gets when it names none."""
+    return inspect.signature(LIF).parameters["backend"].default
+
+
+def build_cuda(c: TrainConfig, impl: str, device: torch.device, toy: bool) -> nn.Module:
+    """Model of a CUDA configuration: "ours" (its YAML as shipped), "torch" / "triton" (that LIF backend),
+    "unfused" (ours without the tdBN + LIF fusion) or "naive" around a fresh "ours" (same initialisation)."""
+    torch.manual_seed(0)
+    cfg = load_model_yaml(c.yaml)
+    cfg.update(time_steps=2 if toy else c.time_steps, nc=c.nc)
+    if toy:
+        cfg["width_multiple"] = 0.125
+    if impl in ("torch", "triton"):
+        cfg["neuron"] = {**cfg.get("neuron", {}), "backend": impl}
+    model = EMSDetectionModel(cfg, verbose=False).to(device)
+    if impl == "unfused":  # the LCBs' tdBN not fused into their LIF (the layers' switch, where it exists)
+        layers.configure_kernels(model, fuse_bn=False)
+    return NaiveEMS(model) if impl == "naive" else model
+
+
+def peak_mib(device: torch.device, fn: Callable[[], object]) -> tuple[object, float]:
+    """`fn()` and the growth of the peak allocated memory while it ran (CUDA; 0 on the CPU, which has no such
+    counter: the CPU section measures memory)."""
+    if device.type != "cuda":
+        return fn(), 0.0
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    out = fn()
+    sync(device)
+    return out, (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
+def cuda_training(device: torch.device, toy: bool, amp: bool) -> list[Result]:
+    """Training images/s and peak memory (build + 2 steps) of ours, the other LIF backend and naive, per config."""
+    other = "torch" if default_backend() != "torch" else "triton"
+    print(f"\nTraining (fp16 AMP, SGD step, synthetic loss on the raw outputs): ours = the shipped YAML (LIF backend "
+          f"'{default_backend()}'), '{other}' = the same with that LIF backend, unfused = ours without the tdBN + "
+          "LIF fusion (where the layers have it), naive = tools/naive_reference.py; "
+          "medians of alternating steps after warm-up; peak memory = torch.cuda.max_memory_allocated growth over "
+          "model build + 2 steps", flush=True)
+    results, rows = [], []
+    for c in CUDA_TRAIN[::2] if toy else CUDA_TRAIN:  # toy: the ResNet34 config repeats ResNet10's code path
+        size, batch = (64, 1) if toy else (c.imgsz, c.batch)
+        x = torch.rand(batch, 3, size, size, device=device)
+        impls = ["ours", other] + (["unfused"] if hasattr(layers, "configure_kernels") else []) + (
+            ["naive"] if c.naive else [])
+        if other == "triton" and not (device.type == "cuda" and importlib.util.find_spec("triton")):
+            impls.remove("triton")
+        steps, memory = {}, {}
+        for impl in impls:
+            def first_steps(impl: str = impl) -> Callable[[], None]:
+                step = make_train_step(build_cuda(c, impl, device, toy), x, amp)
+                step()
+                step()
+                return step
+
+            steps[impl], memory[impl] = peak_mib(device, first_steps)
+        times = alternate(steps, 0 if toy else 1, 1 if toy else 8, device)
+        rate = {k: batch / med(v) for k, v in times.items()}
+        rows.append([c.name, *(f"{rate[k]:.0f}" if k in rate else "-" for k in ("ours", other, "unfused", "naive")),
+                     f"{rate['ours'] / rate['naive']:.2f}x" if "naive" in rate else "-",
+                     *(f"{memory[k]:.0f}" if k in memory else "-" for k in ("ours", "naive")),
+                     f"{memory['ours'] / memory['naive']:.2f}" if "naive" in memory and memory["naive"] else "-"])
+        results.append(Result(f"training img/s, {c.name} (default)", rate["ours"], c.target, True, unit=" img/s"))
+        if other in rate:
+            results.append(Result(f"training ours/{other} backend, {c.name}", rate["ours"] / rate[other]))
+        if "unfused" in rate:
+            results.append(Result(f"training ours/unfused tdBN+LIF, {c.name}", rate["ours"] / rate["unfused"]))
+        if "naive" in rate:
+            results.append(Result(f"training ours/naive, {c.name}", rate["ours"] / rate["naive"]))
+            if memory["naive"]:
+                results.append(Result(f"peak training memory ours/naive, {c.name}", memory["ours"] / memory["naive"],
+                                      MEMORY_TARGET))
+        del steps, times
+    print_table(["", "ours img/s", f"{other} img/s", "unfused img/s", "naive img/s", "ours/naive", "ours MiB",
+                 "naive MiB", "memory ours/naive"], rows)
+    return results
+
+
+def spikingjelly_lif() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """SpikingJelly 2.0's multi-step LIF with our dynamics (x_seq [T, N, ...] -> spikes), or None when it is not
+    installed (the `bench-gpu` extra: pip install -e ".[bench-gpu]")."""
+    try:
+        from spikingjelly.activation_based import functional
+    except ImportError:
+        return None
+    return lambda x_seq, v: functional.lif_multi_step(x_seq, v, surrogate_function=None, **SJ_DYNAMICS)[0]
+
+
+def cuda_lif(device: torch.device, toy: bool) -> list[Result]:
+    """LIF forward + backward on [T*B, 64, 80, 80] float32, T=4: ours (default backend, torch path), the naive
+    per-step LIF and SpikingJelly 2.0 (sigmoid surrogate, its own kernel choice) with the same dynamics."""
+    T, B = 4, (1 if toy else 32)
+    shape = (T * B, 8 if toy else 64, 16 if toy else 80, 16 if toy else 80)
+    print(f"\nLIF alone: forward + backward, T={T}, input {list(shape)} float32 (16 bytes per element moved at best); "
+          "SpikingJelly 2.0 functional.lif_multi_step with tau=4/3, decay_input=False, v_reset=0, v_threshold=0.5, "
+          "detach_reset=True (the same dynamics)", flush=True)
+    x = (torch.randn(shape, device=device) * 0.5 + 0.3).requires_grad_()
+    g = torch.randn(shape, device=device)
+    ours, torch_path = LIF(T).train(), LIF(T, backend="torch").train()
+    fns = {"ours": lambda: torch.autograd.grad(ours(x), x, g),
+           "ours, torch path": lambda: torch.autograd.grad(torch_path(x), x, g),
+           "naive": lambda: torch.autograd.grad(naive_lif(ours, x.view(T, B, *shape[1:])), x, g.view(T, B, *shape[1:]))}
+    sj = spikingjelly_lif()
+    if sj is None:
+        print("  SpikingJelly 2.0 not installed (pip install -e '.[bench-gpu]'): compared with ours and naive only")
+    else:
+        v0 = torch.zeros(B, *shape[1:], device=device)
+        fns["spikingjelly"] = lambda: torch.autograd.grad(sj(x.view(T, B, *shape[1:]), v0), x, g.view(T, B, *shape[1:]))
+        with torch.no_grad():
+            differ = (sj(x.view(T, B, *shape[1:]), v0).view(shape) != ours(x)).float().mean().item()
+        print(f"  spikes of SpikingJelly and ours differ at a fraction {differ:.1e} of the elements")
+    times = alternate(fns, 2, 2 if toy else 20, device)
+    gbs = 16 * x.numel() / 1e9
+    print_table(["", "fwd+bwd", "GB/s"], [[k, spread(v, 1e3, "ms"), f"{gbs / med(v):.0f}"] for k, v in times.items()])
+    results = [Result("LIF fwd+bwd naive/ours time", med(times["naive"]) / med(times["ours"]))]
+    if "spikingjelly" in times:
+        results.append(Result("LIF fwd+bwd SpikingJelly 2.0/ours time", med(times["spikingjelly"]) / med(times["ours"]),
+                              LIF_TARGET, True))
+    return results
+
+
+def cuda_latency(device: torch.device, toy: bool) -> list[Result]:
+    """Batch-1 eval latency, fp16 weights, eager against a replayed CUDA graph (GraphedCall, as predict uses)."""
+    from ems_yolo.engine.cuda_graph import CUDAGraphRunner, GraphedCall
+
+    if device.type != "cuda":
+        print("\nBatch-1 latency with a CUDA graph: needs CUDA, skipped")
+        return []
+    print("\nBatch-1 inference latency (eval, fp16 weights): eager against the CUDA graph that predict replays "
+          "(ems_yolo.engine.cuda_graph.GraphedCall); 5 warm-up + 50 alternating runs", flush=True)
+    results, rows = [], []
+    for name, yaml_name, size, T, target in LATENCY:
+        c = TrainConfig(name, yaml_name, size, T, 1)
+        model = build_cuda(c, "ours", device, toy).eval().half()
+        x = torch.rand(1, 3, size, size, device=device).half()
+        graphed = GraphedCall(model, CUDAGraphRunner())
+
+        def run(fn: Callable[[torch.Tensor], object]) -> Callable[[], object]:
+            def call() -> object:
+                with torch.inference_mode():
+                    return fn(x)
+
+            return call
+
+        fns = {"eager": run(model), "graph": run(graphed)}
+        same = torch.equal(fns["eager"]()[0], fns["graph"]()[0]) and torch.equal(fns["eager"]()[0], fns["graph"]()[0])
+        times = alternate(fns, 5, 50, device)
+        eager, graph = med(times["eager"]) * 1e3, med(times["graph"]) * 1e3
+        rows.append([name, f"{eager:.2f} ms", f"{graph:.2f} ms", f"{eager / graph:.2f}x",
+                     "identical" if same and graphed.graphs else "DIFFER" if graphed.graphs else "no graph"])
+        results += [Result(f"batch-1 latency with CUDA graph, {name}", graph, target, unit=" ms"),
+                    Result(f"batch-1 latency eager/graph, {name}", eager / graph)]
+    print_table(["", "eager", "CUDA graph", "eager/graph", "outputs"], rows)
+    return results
+
+
+def cuda_trainer(device: torch.device, toy: bool) -> list[Result]:
+    """The Ultralytics trainer (ems-yolo train) on the built-in shapes data: images/s of the batch loop of the
+    second epoch (from its first batch's end to its last's), COCO model, 640 px, batch 64, AMP."""
+    from ems_yolo.data.shapes import make_shapes_dataset
+    from ems_yolo.engine.model import EMSYOLO, derive_model_yaml
+
+    model_yaml, size, batch, n, workers = ("ems-res10.yaml", 64, 4, 16, 0) if toy else (
+        "ems-res34-coco.yaml", 640, 64, 1024, min(16, os.cpu_count() or 1))
+    print(f"\nEnd-to-end trainer: ems-yolo train model={model_yaml} on {n} built-in shapes images, {size} px, batch "
+          f"{batch}, {workers} workers, epochs=2 (no validation, no plots); images/s of epoch 2's batch loop",
+          flush=True)
+    data = make_shapes_dataset(n_train=n, n_val=8)
+    marks: list[float] = []
+
+    def batch_end(trainer) -> None:
+        if trainer.epoch == 1:
+            sync(device)
+            marks.append(time.perf_counter())
+
+    if toy:
+        cfg = load_model_yaml(model_yaml)
+        cfg["width_multiple"] = 0.125
+        model_yaml = str(derive_model_yaml(cfg))
+    with tempfile.TemporaryDirectory() as tmp:
+        yolo = EMSYOLO(model_yaml)
+        yolo.add_callback("on_train_batch_end", batch_end)
+        yolo.train(data=str(data), imgsz=size, batch=batch, epochs=2, workers=workers, val=False, plots=False,
+                   device=0 if device.type == "cuda" else "cpu", project=tmp, name="bench", verbose=False,
+                   amp=device.type == "cuda")
+    rate = (len(marks) - 1) * batch / (marks[-1] - marks[0]) if len(marks) > 1 else float("nan")
+    print(f"  epoch 2: {len(marks)} batches, {rate:.1f} img/s")
+    return [Result(f"trainer img/s, {Path(model_yaml).name} {size}px batch {batch}", rate, unit=" img/s")]
+
+
+def cuda_section(device: torch.device, toy: bool = False) -> list[Result]:
+    """The CUDA benchmarks at the sizes users train at; `toy` runs the same code at toy sizes (on the CPU: how
+    tools/gpu_check.sh --dry-run checks it without a GPU)."""
+    amp = device.type == "cuda"
+    results = cuda_training(device, toy, amp)
+    results += cuda_lif(device, toy)
+    results += cuda_latency(device, toy)
+    results += cuda_trainer(device, toy)
+    return results
+
+
 def print_summary(sections: dict[str, list[Result]]) -> None:
     """Final table: every measured ratio with its target and whether it is met, per device section."""
     print("\n=== Summary ===")
     rows = [
-        [name, r.measure, f"{r.value:.1%}" if r.percent else f"{r.value:.2f}",
+        [name, r.measure, f"{r.value:.1%}" if r.percent else f"{r.value:.2f}{r.unit}",
          "-" if r.limit is None else f"{'>=' if r.at_least else '<='} {r.limit}", r.status()]
         for name, results in sections.items()
         for r in results
@@ -480,11 +701,11 @@ def print_summary(sections: dict[str, list[Result]]) -> None:
     print_table(["device", "measure", "value", "target", "status"], rows)
 
 
-def settings(args: argparse.Namespace, cuda: bool = False) -> Settings:
+def settings(args: argparse.Namespace) -> Settings:
     """Full or quick sizes; --time-steps overrides the T list."""
     ts = args.time_steps or ([1, 5] if args.quick else [1, 2, 3, 4, 5])
     common = {"width": args.width, "batch": args.batch, "imgsz": args.imgsz, "infer_time_steps": 4, "lif_batch": 8,
-              "matmul_size": 8192 if cuda else 2048}
+              "matmul_size": 2048}
     if args.quick:
         return Settings(time_steps=ts, memory_time_steps=ts[-1:], warmup=1, train_iters=3, infer_warmup=2,
                         infer_iters=5, lif_iters=3, **common)
@@ -501,6 +722,11 @@ def main() -> None:
     p.add_argument("--imgsz", type=int, default=320, help="input size (pixels)")
     p.add_argument("--time-steps", type=int, nargs="+", help="T values for training (default 1..5, quick 1 5)")
     p.add_argument("--no-cuda", action="store_true", help="skip the CUDA section even when a GPU is present")
+    p.add_argument("--cuda-only", action="store_true", help="the CUDA section alone (no CPU section)")
+    p.add_argument("--cuda-toy", action="store_true", help="the CUDA section's code at toy sizes on the CPU (how "
+                   "tools/gpu_check.sh --dry-run tests it)")
+    p.add_argument("--json", type=Path, help="also write the summary rows to this JSON file (tools/gpu_check.py "
+                   "reads it)")
     p.add_argument("--memory-probe", nargs=2, metavar=("IMPL", "T"), help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(DEFAULT_THREADS)
@@ -515,14 +741,26 @@ def main() -> None:
     print(f"Machine: {cpu_model()}, {os.cpu_count()} logical CPUs, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), onnxruntime {ort.__version__}, Python {platform.python_version()}")
     cuda = torch.cuda.is_available() and not args.no_cuda
+    if args.cuda_only and not (cuda or args.cuda_toy):
+        raise SystemExit("bench_speed.py: --cuda-only needs a CUDA device (or --cuda-toy for the CPU)")
     if cuda:
         print(f"CUDA: {torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda}")
-    print("\n=== CPU, float32 ===")
-    sections = {"CPU fp32": run_section(settings(args), torch.device("cpu"), False, argv)}
-    if cuda:
+    sections = {}
+    if not args.cuda_only:
+        print("\n=== CPU, float32 ===")
+        sections["CPU fp32"] = run_section(settings(args), torch.device("cpu"), False, argv)
+    if args.cuda_toy:
+        print("\n=== CUDA section at toy sizes, on the CPU ===")
+        sections["CUDA toy (CPU)"] = cuda_section(torch.device("cpu"), toy=True)
+    elif cuda:
         print("\n=== CUDA, AMP autocast float16 ===")
-        sections["CUDA AMP"] = run_section(settings(args, cuda=True), torch.device("cuda"), True, argv)
+        sections["CUDA AMP"] = cuda_section(torch.device("cuda"))
     print_summary(sections)
+    if args.json:
+        rows = [{"section": name, "measure": r.measure, "value": r.value, "unit": r.unit, "percent": r.percent,
+                 "target": None if r.limit is None else f"{'>=' if r.at_least else '<='} {r.limit:g}",
+                 "status": r.status()} for name, results in sections.items() for r in results]
+        args.json.write_text(json.dumps(rows, indent=1))
     print(f"\nTotal time {time.time() - t0:.0f} s")
 
 

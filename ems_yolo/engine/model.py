@@ -42,7 +42,8 @@ from ems_yolo.cfg import (
 from ems_yolo.data.datasets import load_data, resolve_data
 from ems_yolo.data.verify import check_media_source
 from ems_yolo.engine.checkpoints import load_converted, trust_file, write_checkpoint
-from ems_yolo.engine.predictor import EventPredictor, FramePredictor
+from ems_yolo.engine.cuda_graph import use_cuda_graph
+from ems_yolo.engine.predictor import EventPredictor, FramePredictor, frame_predictor
 from ems_yolo.engine.trainer import EMSTrainer, model_for_data
 from ems_yolo.engine.validator import EMSValidator
 from ems_yolo.nn.model import EMSDetectionModel, ann_twin
@@ -224,21 +225,26 @@ class EMSYOLO(Model):
                 self.callbacks["on_val_end"].remove(callback)
 
     def predict(self, source=None, stream: bool = False, predictor=None, events: bool = False,
-                stride_ms: float = 50.0, **kwargs):
+                stride_ms: float = 50.0, cuda_graph: bool | None = None, **kwargs):
         """Ultralytics prediction on images, videos and streams; event recordings (.dat, .raw), event caches (.h5) and,
         with `events=True`, videos simulated into events go to `EventPredictor` (window step `stride_ms`). NMS keeps
         val's IoU (0.6, the original's) unless `iou` is given. Saved results go to ./runs/detect/<name> unless
-        `project` is given."""
-        kwargs = {**EMS_VAL_DEFAULTS, **check_values({**kwargs, "events": events, "stride_ms": stride_ms})}
-        stride_ms = kwargs.pop("stride_ms")
-        events = kwargs.pop("events")
+        `project` is given. On CUDA the model is replayed from a CUDA graph once an input shape repeats (video
+        frames, event windows); `cuda_graph=False` runs it eagerly, `cuda_graph=True` without CUDA is an error."""
+        kwargs = {**EMS_VAL_DEFAULTS, **check_values({**kwargs, "events": events, "stride_ms": stride_ms,
+                                                      "cuda_graph": cuda_graph})}
+        stride_ms, events, cuda_graph = kwargs.pop("stride_ms"), kwargs.pop("events"), kwargs.pop("cuda_graph")
         kwargs.setdefault("project", default_project())
+        pytorch = isinstance(self.model, nn.Module)
+        use_cuda_graph(cuda_graph, kwargs.get("device", self.overrides.get("device")), pytorch)  # refuses early
         if not events:
             check_media_source(source)
         if events or str(source).endswith(EVENT_SUFFIXES):
             args = get_cfg(DEFAULT_CFG, {**self.overrides, "conf": 0.25, **kwargs, "source": source, "mode": "predict"})
             model = self.model if isinstance(self.model, nn.Module) else self.model_name
-            return EventPredictor(model, args, stride_ms=float(stride_ms), simulate=events)(source, stream=stream)
+            return EventPredictor(model, args, stride_ms=float(stride_ms), simulate=events,
+                                  cuda_graph=cuda_graph)(source, stream=stream)
+        predictor = predictor or frame_predictor(cuda_graph)
         if stream:  # Ultralytics' generator does its work when iterated: guard the iteration
             return _guarded(super().predict(source, True, predictor, **kwargs), kwargs["project"])
         with no_half_written_runs(kwargs["project"]):

@@ -9,6 +9,7 @@ newest event frame. With `save=True` they are also collected as a Gen1 v2 `_bbox
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -27,6 +28,7 @@ from ultralytics.utils.nms import non_max_suppression
 from ultralytics.utils.torch_utils import select_device
 
 from ems_yolo.cfg import EVENT_CACHE_SUFFIXES, default_project
+from ems_yolo.engine.cuda_graph import CUDAGraphRunner, GraphedCall, use_cuda_graph
 from ems_yolo.events.automotive import EventCache
 from ems_yolo.events.formats import EVENT_FILE_SUFFIXES, EventSource, is_event_h5, open_events
 from ems_yolo.events.io import concat_boxes, detections_to_boxes, write_bbox
@@ -50,13 +52,34 @@ def refuse_source_folder(save_dir: Path, source) -> None:
 
 
 class FramePredictor(DetectionPredictor):
-    """Ultralytics' detection predictor whose run folder is checked against the source and claimed for clean-up."""
+    """Ultralytics' detection predictor whose run folder is checked against the source and claimed for clean-up;
+    on CUDA it replays the model from a CUDA graph once an input shape repeats (`cuda_graph`, see GraphedCall)."""
+
+    cuda_graph: bool | None = None  # None: on with a CUDA device and a PyTorch model
+    graphed: GraphedCall | None = None
+
+    def inference(self, im: torch.Tensor, *args, **kwargs):
+        """The model's forward pass; from a CUDA graph when `cuda_graph` allows it and no Ultralytics option
+        (augment, embed, visualize, tensor sources) asks for the eager model."""
+        eager = args or kwargs or self.args.augment or self.args.embed or self.args.visualize or self.source_type.tensor
+        if eager or not use_cuda_graph(self.cuda_graph, self.device, self.model.format == "pt"):
+            return super().inference(im, *args, **kwargs)
+        if self.graphed is None or self.graphed.fn is not self.model:  # a new model after setup_model
+            self.graphed = GraphedCall(self.model, CUDAGraphRunner())
+        return self.graphed(im)
 
     def stream_inference(self, source=None, model=None, *args, **kwargs):  # noqa: D102
         if self.args.save or self.args.save_txt:
             refuse_source_folder(self.save_dir, source if source is not None else self.args.source)
         claim_run(self.save_dir)
         yield from super().stream_inference(source, model, *args, **kwargs)
+
+
+@functools.cache
+def frame_predictor(cuda_graph: bool | None) -> type[FramePredictor]:
+    """FramePredictor with a `cuda_graph` setting: one class per setting, so that Ultralytics, which rebuilds its
+    predictor when the predictor class changes, reuses it (and its captured graphs) while the setting stays."""
+    return type("FramePredictor", (FramePredictor,), {"cuda_graph": cuda_graph})
 
 
 def model_representation(model) -> EventRepresentation | None:
@@ -90,15 +113,18 @@ class EventPredictor:
     """Sliding-window detection on `.dat` / `.raw` recordings, `.h5` sample caches, or videos simulated into events.
 
     `model` is a PyTorch detection model or the path of an exported one; `args` are Ultralytics predict settings
-    (conf, iou, max_det, imgsz, device, save, project, name, exist_ok).
+    (conf, iou, max_det, imgsz, device, save, project, name, exist_ok); `cuda_graph` as for frames (the windows
+    all have one shape, so every window after the second is a graph replay).
     """
 
-    def __init__(self, model, args, stride_ms: float = 50.0, simulate: bool = False):
+    def __init__(self, model, args, stride_ms: float = 50.0, simulate: bool = False, cuda_graph: bool | None = None):
         if not stride_ms > 0:
             raise ValueError(f"stride_ms must be > 0, got {stride_ms!r}")
         self.torch_model = model if isinstance(model, torch.nn.Module) else None
         self.args, self.stride_us, self.simulate = args, int(round(stride_ms * 1000)), simulate
         self.backend = AutoBackend(model, device=select_device(args.device or "cpu", verbose=False))
+        graphs = use_cuda_graph(cuda_graph, self.backend.device, self.backend.format == "pt")
+        self.forward = GraphedCall(self.backend, CUDAGraphRunner()) if graphs else self.backend
         self.save_dir = increment_path(Path(args.project or default_project()) / (args.name or "predict"),
                                        exist_ok=args.exist_ok)
 
@@ -162,7 +188,7 @@ class EventPredictor:
             for t, x, newest in windows:
                 inp = torch.from_numpy(resize_channels(x, size).copy())[None].float().div(255).to(self.backend.device)
                 with torch.no_grad():
-                    det = non_max_suppression(self.backend(inp), args.conf, args.iou, max_det=args.max_det)[0].cpu()
+                    det = non_max_suppression(self.forward(inp), args.conf, args.iou, max_det=args.max_det)[0].cpu()
                 det[:, [0, 2]] = (det[:, [0, 2]] * (rep.width / size)).clamp(0, rep.width)  # to sensor pixels
                 det[:, [1, 3]] = (det[:, [1, 3]] * (rep.height / size)).clamp(0, rep.height)
                 d = det.numpy()
