@@ -135,3 +135,57 @@ def test_mapping_errors_name_the_file_and_the_first_offending_key(edit, message,
         else:
             load_into(sy, deepcopy(converted[0]))
     assert str(e.value).startswith(f"{CKPT}: ") and "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_convert_command_and_the_converted_checkpoint(reference, tmp_path):
+    """`ems-yolo convert source=<SpikeYOLO .pt>` writes an ems-yolo checkpoint that gives the same float64 outputs."""
+    from typer.testing import CliRunner
+
+    from ems_yolo.cli import app
+    from ems_yolo.engine.checkpoints import SPIKEYOLO_FORMAT, load_checkpoint_file
+
+    r = CliRunner().invoke(app, ["convert", f"source={CKPT}", f"out={tmp_path / 's.pt'}"])
+    assert r.exit_code == 0, r.output
+    ckpt = load_checkpoint_file(tmp_path / "s.pt")
+    assert ckpt["converted_from"]["format"] == SPIKEYOLO_FORMAT and ckpt["converted_from"]["time_steps"] == 1
+    model = ckpt["model"].float()
+    assert model.names[0] == "person" and model.yaml["neuron"] == {"kind": "ilif", "levels": 4, "tau": 0.25}
+    assert_fp64_outputs(model, reference, item=1)
+
+
+@pytest.fixture(scope="module")
+def spikeyolo_copy(tmp_path_factory):
+    """The shared checkpoint in a writable folder (export and training write beside or from their model)."""
+    import shutil
+
+    path = tmp_path_factory.mktemp("spikeyolo") / "spikeyolo-s.pt"
+    shutil.copy(CKPT, path)
+    return path
+
+
+@pytest.mark.slow
+def test_every_mode_runs_on_the_spikeyolo_checkpoint(spikeyolo_copy, tmp_path):
+    """EMSYOLO(<SpikeYOLO .pt>): predict on the pedestrian video (a few frames), val on COCO8, energy, and a
+    1-epoch fine-tuning on the built-in data (another nc: the class convs are re-initialised, the rest loaded)."""
+    from ems_yolo import EMSYOLO
+    from ems_yolo.data.shapes import make_shapes_dataset
+
+    model = EMSYOLO(spikeyolo_copy)
+    video = SHARED_DATA / "videos" / "pedestrians.avi"
+    if video.exists():
+        results = list(model.predict(str(video), stream=True, vid_stride=200, imgsz=128, conf=0.0, verbose=False))
+        assert results and results[0].orig_shape == (720, 1280) and len(results[0].boxes) > 0
+        assert results[0].boxes.cls.max() < 80
+    coco8 = SHARED_DATA / "coco8"
+    if coco8.is_dir():
+        metrics = model.val(data="coco8.yaml", imgsz=128, batch=2, workers=0, plots=False, project=str(tmp_path))
+        assert metrics.box.nc == 80 and metrics.names[0] == "person"
+    data = make_shapes_dataset(n_train=4, n_val=4, imgsz=64)
+    report = model.energy(data=str(data), imgsz=64, batch=2, max_batches=1, project=str(tmp_path))
+    assert report.time_steps == 1 and report.samples == 2
+    model.train(data=str(data), epochs=1, imgsz=64, batch=2, workers=0, plots=False, project=str(tmp_path),
+                name="ft")
+    tuned = torch.load(tmp_path / "ft" / "weights" / "last.pt", weights_only=False)["model"]
+    head = tuned.model[-1]
+    assert tuned.yaml["nc"] == head.nc == 5 and head.cv3[0][2].conv.weight.shape[0] == 5

@@ -232,7 +232,7 @@ def _translate_args(name: str, args: list, width: float, max_c: float, nc: int) 
         if args != [2]:
             raise ValueError(name)
         return [1]  # the fork concatenates [T, B, C, H, W] on dim 2; ems-yolo's [T*B, C, H, W] on dim 1
-    return [nc if a == "nc" else a for a in args]  # SpikeDetect [nc]
+    return args  # SpikeDetect [nc]: 'nc' stays a name, so that training on other data changes it
 
 
 def ems_model_yaml(sy: SpikeYOLOCheckpoint, time_steps: int | None = None, base: dict | None = None) -> dict:
