@@ -5,6 +5,7 @@ rounding differently in float32 snowballs (the fixture's README)."""
 
 import sys
 from copy import deepcopy
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,13 +120,13 @@ def _rename_class(sy, path: str, name: str):
         (lambda s: s.tensors.__setitem__("model.10.conv.weight", torch.zeros(256, 512, 3, 3)),
          r"tensor 'model\.10\.conv\.weight' has shape \[256, 512, 3, 3\], ems-yolo's 'model\.10\.conv\.weight' "
          r"needs \[256, 512, 1, 1\]"),
-        (lambda s: _rename_class(s, "model.8.Conv.pwconv3", "ultralytics.nn.modules.yolo_spikformer.MS_Attention"),
-         r"model row 8 \(MS_ConvBlock\): module class ultralytics\.nn\.modules\.yolo_spikformer\.MS_Attention "
-         r"\(at 'model\.8\.Conv\.pwconv3'\) has no ems-yolo counterpart"),
+        (lambda s: _rename_class(s, "model.8.Conv.pwconv3", "torch.nn.modules.conv.Conv2d"),
+         r"model row 8 \(MS_ConvBlock\): 'model\.8\.Conv\.pwconv3' is a torch\.nn\.modules\.conv\.Conv2d, the "
+         r"ems-yolo model has SepRepConv there"),
         (lambda s: s.yaml["head"].__setitem__(0, [-1, 1, "MS_Block", [512]]),
          r"model row 10 uses SpikeYOLO's module 'MS_Block', which has no ems-yolo counterpart"),
     ],
-    ids=["missing", "extra", "shape", "unknown-class", "unknown-row"],
+    ids=["missing", "extra", "shape", "other-class", "unknown-row"],
 )
 def test_mapping_errors_name_the_file_and_the_first_offending_key(edit, message, converted):
     sy = _damaged(edit)
@@ -189,3 +190,28 @@ def test_every_mode_runs_on_the_spikeyolo_checkpoint(spikeyolo_copy, tmp_path):
     tuned = torch.load(tmp_path / "ft" / "weights" / "last.pt", weights_only=False)["model"]
     head = tuned.model[-1]
     assert tuned.yaml["nc"] == head.nc == 5 and head.cv3[0][2].conv.weight.shape[0] == 5
+
+
+def test_an_unknown_module_class_is_one_line_from_the_command(tmp_path):
+    """A file whose pickled tree holds a class the mapping does not know: `ems-yolo convert` exits 2 with one line
+    naming the class and the row, before any model is built, and writes nothing."""
+    import os
+    import subprocess
+    import zipfile
+
+    damaged = tmp_path / "damaged.pt"
+    with zipfile.ZipFile(CKPT) as zin, zipfile.ZipFile(damaged, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            if info.filename.endswith("/data.pkl"):  # same length: the pickle stays well-formed
+                data = data.replace(b"\nSepRepConv\n", b"\nSepRepConX\n")
+            zout.writestr(info.filename, data)
+    exe = Path(sys.executable).parent / "ems-yolo"
+    r = subprocess.run([str(exe), "convert", f"source={damaged}", f"out={tmp_path / 'x.pt'}"], capture_output=True,
+                       text=True, env=os.environ.copy(), timeout=300)
+    assert r.returncode == 2, r.stderr
+    line = r.stderr.strip()
+    assert "\n" not in line and str(damaged) in line and "Traceback" not in line
+    assert ("model row 2 (MS_AllConvBlock): module class ultralytics.nn.modules.yolo_spikformer.SepRepConX (at "
+            "'model.2.Conv.pwconv3') has no ems-yolo counterpart") in line
+    assert not (tmp_path / "x.pt").exists()
