@@ -156,3 +156,19 @@ def test_tiny_model_exports_to_onnx_equal_to_pytorch(tmp_path):
         ref = model.model.float().eval()(x)[0]
     assert out.shape == ref.shape == (1, 6, 84)
     assert torch.allclose(out, ref, atol=1e-3)
+
+
+def test_time_repeat_frames_and_event_bins():
+    """Frames: the image at each of the T steps (SpikeYOLO's MS_GetT); events: the T time-major bins of the
+    channels, step t of the folded batch holding bin t."""
+    from ems_yolo.nn.spikeyolo import TimeRepeat
+
+    x = torch.rand(2, 3, 8, 8)
+    assert torch.equal(TimeRepeat(3, time_steps=3)(x), torch.cat([x, x, x]))
+    assert TimeRepeat.out_channels(6, time_steps=3, input_kind="events") == 2
+    events = torch.rand(2, 6, 8, 8)  # T=3 bins x 2 polarities
+    out = TimeRepeat(6, time_steps=3, input_kind="events")(events)
+    assert out.shape == (6, 2, 8, 8)
+    assert torch.equal(out[1 * 2 + 0], events[0, 2:4]) and torch.equal(out[2 * 2 + 1], events[1, 4:6])
+    with pytest.raises(ValueError, match="not a multiple of time_steps=4"):
+        TimeRepeat(6, time_steps=4, input_kind="events")
