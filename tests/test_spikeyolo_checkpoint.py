@@ -67,11 +67,10 @@ def test_model_and_float64_outputs_of_the_original(converted, reference):
     assert_fp64_outputs(model, reference, item=0)
 
 
-@pytest.mark.slow
-def test_float32_layer_by_layer_against_the_intermediates(converted, reference):
-    """Each layer fed the original's stored float32 input: every neuron fires the same spikes (per-level counts of all
-    88 neurons that run equal the original's) and every layer output is within a few float32 ulps."""
-    model = deepcopy(converted[0]).float().eval()
+def teacher_forced(model: torch.nn.Module, dtype: torch.dtype) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Run each layer on the original's stored float32 inputs (cast to `dtype`): each layer's largest difference to
+    the stored output, and the spike counts per level of every neuron."""
+    model = deepcopy(model).to(dtype).eval()
     stored = torch.load(FIXTURE / "spikeyolo-s-coco-T1D4.intermediates-fp32.pt", weights_only=True)
     outputs = [stored[f"fp32.layer.{i:02d}.output"] for i in range(27)]
     outputs = [o.flatten(0, 1) if o.dim() == 5 else o for o in outputs]  # [T=1, B, ...] -> time-folded
@@ -80,21 +79,39 @@ def test_float32_layer_by_layer_against_the_intermediates(converted, reference):
         if isinstance(m, ILIF):
             m.register_forward_hook(lambda m, i, out, name=name: counts.__setitem__(
                 name, torch.bincount(out.flatten().long(), minlength=5)))
+    diffs = []
     with torch.no_grad():
         for layer in model.model:
             i = layer.i
-            if i == 0:
-                x = stored["input"]
-            else:
-                x = [outputs[j if j >= 0 else i - 1] for j in ([layer.f] if isinstance(layer.f, int) else layer.f)]
-                x = x[0] if isinstance(layer.f, int) else x
+            sources = [outputs[j if j >= 0 else i - 1] for j in ([layer.f] if isinstance(layer.f, int) else layer.f)]
+            x = stored["input"] if i == 0 else sources[0] if isinstance(layer.f, int) else sources
+            x = x.to(dtype) if isinstance(x, torch.Tensor) else [t.to(dtype) for t in x]
             out = layer(x)
             out = out[0] if i == 26 else out
             assert out.shape == outputs[i].shape, i
-            assert (out - outputs[i]).abs().max().item() < 1e-5, i
-    assert len(counts) == 88
-    for name, hist in counts.items():
-        assert torch.equal(hist, reference[f"fp32.lif.{name}.hist"]), name
+            diffs.append((out.double() - outputs[i].double()).abs().max().item())
+    return diffs, counts
+
+
+@pytest.mark.slow
+def test_layer_by_layer_against_the_float32_intermediates(converted, reference):
+    """Each layer fed the original's stored float32 input: every neuron fires the same spikes (per-level counts of all
+    88 neurons that run equal the original's float32 ones), in float64 and in float32. float32 convolution sums
+    depend on how oneDNN splits them over threads: with 2 threads (this machine's cores) layer
+    outputs are within 2e-6 and no spike differs; with 1 thread 270 spikes flip, starting at model.6.1.lif1 (the
+    neuron the fixture's README names as the first float32/float64 flip), so the float32 run pins 2 threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fp32 = teacher_forced(converted[0], torch.float32)
+    finally:
+        torch.set_num_threads(threads)
+    for dtype, (diffs, counts), atol in ((torch.float64, teacher_forced(converted[0], torch.float64), 1e-3),
+                                         (torch.float32, fp32, 1e-5)):
+        assert max(diffs) < atol, (dtype, diffs)
+        assert len(counts) == 88
+        for name, hist in counts.items():
+            assert torch.equal(hist, reference[f"fp32.lif.{name}.hist"]), (dtype, name)
 
 
 def _damaged(edit):
