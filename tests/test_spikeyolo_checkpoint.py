@@ -232,3 +232,25 @@ def test_an_unknown_module_class_is_one_line_from_the_command(tmp_path):
     assert ("model row 2 (MS_AllConvBlock): module class ultralytics.nn.modules.yolo_spikformer.SepRepConX (at "
             "'model.2.Conv.pwconv3') has no ems-yolo counterpart") in line
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_the_file_rows_are_those_of_the_shipped_yaml():
+    """The pickled snn_yolov8s rows, translated with the fork's channel and depth rules, build the layers of
+    spikeyolo-s.yaml, argument for argument (built on the meta device: no memory)."""
+    from ems_yolo.cfg import load_model_yaml
+    from ems_yolo.nn.parser import parse_model
+    from ems_yolo.nn.spikeyolo_checkpoint import ems_model_yaml
+
+    with torch.device("meta"):
+        theirs, _ = parse_model(ems_model_yaml(read_spikeyolo(CKPT)), 3)
+        ours, _ = parse_model(load_model_yaml("spikeyolo-s.yaml"), 3)
+    assert [(m.type, m.n, m.f, m.args) for m in theirs] == [(m.type, m.n, m.f, m.args) for m in ours]
+
+
+def test_a_yaml_of_another_scale_is_refused_at_the_first_misshapen_tensor():
+    """`convert model=spikeyolo-n.yaml` on the s checkpoint: one line naming the first tensor whose shape differs."""
+    from ems_yolo.cfg import load_model_yaml
+
+    with pytest.raises(ValueError, match=r"tensor 'model\.1\.encode_conv\.weight' has shape \[64, 3, 7, 7\], "
+                                         r"ems-yolo's 'model\.1\.encode_conv\.weight' needs \[48, 3, 7, 7\]"):
+        model_from_spikeyolo(read_spikeyolo(CKPT), base=load_model_yaml("spikeyolo-n.yaml"))
