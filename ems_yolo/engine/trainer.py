@@ -29,7 +29,7 @@ from ems_yolo.data.splits import build_split_dataset
 from ems_yolo.engine.checkpoints import load_checkpoint_file  # also hook 7: every checkpoint read is the safe loader
 from ems_yolo.engine.autoanchor import check_anchors
 from ems_yolo.engine.validator import EMSValidator
-from ems_yolo.nn.model import EMSDetectionModel, local_bn_stats
+from ems_yolo.nn.model import EMSDetectionModel, local_bn_stats, raw_levels
 from ems_yolo.utils.checks import image_hw
 from ems_yolo.utils.files import atomic_write_text, claim_run
 
@@ -180,7 +180,7 @@ class EMSTrainer(DetectionTrainer):
         probe = deepcopy(model)
         start = time.perf_counter()
         with local_bn_stats(probe):  # rank 0 alone: no collective
-            sum(o.float().mean() for o in probe(x)).backward()
+            sum(o.float().mean() for o in raw_levels(probe(x))).backward()
         seconds = time.perf_counter() - start
         n = len(self.train_loader.dataset)
         epoch_min = seconds * n / 60
@@ -201,7 +201,8 @@ class EMSTrainer(DetectionTrainer):
         model = unwrap_model(self.model)
         if self.device.type == "cpu" and RANK in {-1, 0}:
             self._cpu_time_note(model)
-        if model.yaml.get("autoanchor", True) and not self.resume:  # every rank fits the same (seeded) anchors
+        anchored = hasattr(model.model[-1], "anchor_grid")  # an anchor head (SpikeDetect is anchor-free)
+        if anchored and model.yaml.get("autoanchor", True) and not self.resume:  # every rank fits the same anchors
             thr = float((model.yaml.get("loss") or {}).get("anchor_t", 4.0))
             if check_anchors(model, self.train_loader.dataset, max(image_hw(self.args.imgsz)), thr):
                 self.ema.ema.model[-1].anchor_grid.copy_(model.model[-1].anchor_grid)
