@@ -125,12 +125,14 @@ def test_silu_pseudo_neuron_carries_its_output_as_membrane():
 
 @pytest.mark.parametrize("surrogate", ["rectangle", "sigmoid", "atan"])
 def test_fused_training_path_equals_step_by_step_graph(surrogate):
-    """The fused MultiStepLIF (training) gives the spikes and gradients of the per-step autograd graph."""
+    """The fused node (training: the custom op `ems_yolo::lif_forward` for the rectangle, MultiStepLIF for the other
+    surrogates) gives the spikes and gradients of the per-step autograd graph."""
     T = 4
     lif = LIF(time_steps=T, surrogate=surrogate).train()
     x = (torch.randn(T * 3, 8, 6, 6) * 0.7 + 0.4).requires_grad_()
     y = lif(x)
-    assert "MultiStepLIF" in type(y.grad_fn.next_functions[0][0]).__name__  # the fused node, under the fold view
+    node = type(y.grad_fn.next_functions[0][0]).__name__  # the fused node, under the fold view
+    assert ("ems_yolo_lif_forward" if surrogate == "rectangle" else "MultiStepLIF") in node
     w = torch.randn_like(y)
     (y * w).sum().backward()
 
@@ -150,13 +152,19 @@ def test_fused_training_path_equals_step_by_step_graph(surrogate):
 
 
 def test_lif_from_an_older_checkpoint_unpickles():
-    """Checkpoints pickle whole models: a LIF saved before `backend`/`rectangular` existed still trains."""
+    """Checkpoints pickle whole models: a LIF saved before `backend`/`rectangular` existed still trains, and one
+    saved while 'torch' was the default backend loads with today's default 'auto' (an explicit 'triton' stays)."""
     import pickle
 
     lif = LIF(time_steps=2)
-    del lif.__dict__["backend"], lif.__dict__["rectangular"]
+    del lif.__dict__["backend"], lif.__dict__["rectangular"], lif.__dict__["schema"]
     old = pickle.loads(pickle.dumps(lif)).train()
-    assert (old.backend, old.rectangular) == ("torch", True)
+    assert (old.backend, old.rectangular, old.schema) == ("auto", True, 2)
     x = (torch.randn(4, 3) + 0.5).requires_grad_()
     old(x).sum().backward()
     assert x.grad is not None
+    for saved, loaded in (("torch", "auto"), ("triton", "triton")):
+        lif = LIF(time_steps=2, backend=saved)
+        del lif.__dict__["schema"]
+        assert pickle.loads(pickle.dumps(lif)).backend == loaded
+    assert pickle.loads(pickle.dumps(LIF(time_steps=2, backend="torch"))).backend == "torch"  # chosen today

@@ -43,7 +43,7 @@ from pathlib import Path
 from torch import nn
 
 from ems_yolo.cfg import load_model_yaml
-from ems_yolo.nn import lif_triton
+from ems_yolo.nn.ops import runtime
 from ems_yolo.nn.flops import conv_ops
 from ems_yolo.nn.head import EMSDetect
 from ems_yolo.nn.layers import EncodingConv
@@ -199,7 +199,7 @@ def bench_training(s: Settings, device: torch.device, amp: bool) -> dict[int, di
           f"{str(dtype).split('.')[-1]} torch.mm in every round for the FLOP/s reference", flush=True)
     x = torch.rand(s.batch, 3, s.imgsz, s.imgsz, device=device)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    impls = (*IMPLS, "triton") if device.type == "cuda" and lif_triton.available() else IMPLS
+    impls = (*IMPLS, "triton") if device.type == "cuda" and runtime.available() else IMPLS
     results, rows = {}, []
     for T in s.time_steps:
         fns = {impl: make_train_step(build(impl, T, s.width, device), x, amp) for impl in impls}
@@ -395,7 +395,7 @@ def bench_lif(s: Settings, device: torch.device) -> dict[str, list[float]]:
         torch.autograd.grad(naive_lif(lif, x.view(T, -1, *shape[1:])), x, g.view(T, -1, *shape[1:]))
 
     fns = {"ours": ours, "naive": naive}
-    if device.type == "cuda" and lif_triton.available():
+    if device.type == "cuda" and runtime.available():
         fast = LIF(T, backend="triton").train()
         if not torch.equal(fast(x), lif(x)):
             raise RuntimeError("the Triton LIF kernel disagrees with the torch path")

@@ -90,17 +90,17 @@ def triton_vs_torch(device: str, dry: bool) -> tuple[bool | None, str]:
         return None, "triton not installed: skipped"
     import torch
 
-    from ems_yolo.nn import lif_triton
+    from ems_yolo.nn.ops import runtime
     from ems_yolo.nn.neuron import LIF
 
     T, n = (2, 4096) if dry else (4, 4 * 1024 * 1024)
     torch.manual_seed(0)
     x = (torch.randn(T * 4, n // 4, device=device) * 0.6 + 0.4).reshape(T * 4, -1, 4)
-    if not lif_triton.usable(x.view(T, -1, *x.shape[1:])):
+    if not runtime.usable(x.view(T, -1, *x.shape[1:])):
         return None, f"the Triton backend does not take this tensor on {device}: skipped"
     results, times = [], {}
     for backend in ("triton", "torch"):
-        lif = LIF(T, backend=backend).train() if backend == "triton" else LIF(T).train()
+        lif = LIF(T, backend=backend).train()
         xi = x.clone().requires_grad_()
         spikes = lif(xi)
         spikes.backward(torch.ones_like(spikes))

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ems_yolo.nn import lif_triton
+from ems_yolo.nn.ops import lif as lif_ops
+from ems_yolo.nn.ops import runtime
 from ems_yolo.nn.surrogate import DEFAULT_ALPHA, Rectangle, get_surrogate
 
 
@@ -30,7 +31,7 @@ _NEURON_VALUES = (
     ("surrogate", lambda x: isinstance(x, str), "a surrogate name"),
     ("alpha", lambda x: x is None or (_number(x) and x > 0), "a positive surrogate width or null"),
     ("detach_reset", lambda x: isinstance(x, bool), "true or false"),
-    ("backend", lambda x: isinstance(x, str), "'torch' or 'triton'"),
+    ("backend", lambda x: isinstance(x, str), "'auto', 'torch' or 'triton'"),
     ("levels", lambda x: isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= 255, "an integer in 1..255"),
 )
 
@@ -41,8 +42,9 @@ class NeuronConfig:
 
     kind: "lif" (the paper's neuron), "ilif" (SpikeYOLO's integer LIF, spikes 0..`levels`, decay `tau`) or "relu"
     (the ANN twin, used with time_steps=1).
-    backend: "torch", or "triton" for the fused CUDA kernels of the training recurrence (rectangular surrogate;
-    other cases, and CPU tensors, run the torch path).
+    backend: "auto" (the default: the Triton kernels of the training recurrence on CUDA tensors they support, the
+    torch path elsewhere), "torch", or "triton" (the kernels wherever they run; a missing triton package is an
+    error). Only the rectangular surrogate has kernels; the backends give bit-identical spikes.
     """
 
     kind: str = "lif"
@@ -51,7 +53,7 @@ class NeuronConfig:
     surrogate: str = "rectangle"
     alpha: float | None = None
     detach_reset: bool = True
-    backend: str = "torch"
+    backend: str = "auto"
     levels: int = 4
 
     @classmethod
@@ -75,9 +77,9 @@ class NeuronConfig:
 
 def check_backend(backend: str, where: str = "backend") -> None:
     """Reject unknown LIF backends, and 'triton' where the triton package is missing."""
-    if backend not in ("torch", "triton"):
-        raise ValueError(f"{where}: expected 'torch' or 'triton', got {backend!r}")
-    if backend == "triton" and not lif_triton.available():
+    if backend not in runtime.BACKENDS:
+        raise ValueError(f"{where}: expected 'auto', 'torch' or 'triton', got {backend!r}")
+    if backend == "triton" and not runtime.available():
         raise ValueError(f"{where}: 'triton' needs the triton package (pip install triton; CUDA builds of torch "
                          "ship it), or use 'torch'")
 
@@ -96,17 +98,16 @@ def lif_forward(currents: torch.Tensor, lif: LIF) -> tuple[torch.Tensor, tuple[t
     """Run `lif`'s recurrence over `[T, B, ...]` currents without autograd.
 
     Returns the spikes (currents' dtype) and the compact state that `lif_backward` needs. For the rectangular
-    surrogate that state is one uint8 code per neuron and step, bit 0 = surrogate window |u - V_th| < alpha / 2,
-    bit 1 = spike; other surrogates keep their derivative (float) and the spikes (bool).
+    surrogate that state is one uint8 code per neuron and step (`ops.lif`: bit 0 = surrogate window, bit 1 =
+    spike); other surrogates keep their derivative (float) and the spikes (bool).
     """
-    tau, vth, alpha, surrogate, rect = lif.tau, lif.vth, lif.alpha, lif._spike_fn, lif.rectangular
-    if rect and lif.backend == "triton" and lif_triton.usable(currents):
-        spikes, code = lif_triton.forward(currents, tau, vth, alpha)
+    tau, vth, alpha, surrogate = lif.tau, lif.vth, lif.alpha, lif._spike_fn
+    if lif.rectangular:
+        spikes, code = lif_ops.forward(currents, tau, vth, alpha, runtime.use_kernels(lif.backend, currents))
         return spikes, (code,)
     spikes = torch.empty_like(currents)
-    state = torch.empty_like(currents, dtype=torch.uint8 if rect else currents.dtype)  # code, or h(u)
+    deriv = torch.empty_like(currents)
     fired = torch.empty_like(currents[0], dtype=torch.bool)
-    window = torch.empty_like(fired)
     u = currents[0].clone()  # the membrane, updated in place
     x = torch.empty_like(u)
     for t in range(currents.shape[0]):
@@ -115,12 +116,8 @@ def lif_forward(currents: torch.Tensor, lif: LIF) -> tuple[torch.Tensor, tuple[t
         torch.sub(u, vth, out=x)
         torch.gt(x, 0, out=fired)
         spikes[t] = fired
-        if rect:
-            torch.lt(x.abs_(), alpha / 2, out=window)
-            torch.add(window.view(torch.uint8), fired.view(torch.uint8), alpha=2, out=state[t])
-        else:
-            state[t] = surrogate.derivative(x, alpha)
-    return spikes, ((state,) if rect else (state, spikes.to(torch.bool)))
+        deriv[t] = surrogate.derivative(x, alpha)
+    return spikes, (deriv, spikes.to(torch.bool))
 
 
 def lif_backward(grad_spikes: torch.Tensor, state: tuple[torch.Tensor, ...], lif: LIF) -> torch.Tensor:
@@ -129,38 +126,30 @@ def lif_backward(grad_spikes: torch.Tensor, state: tuple[torch.Tensor, ...], lif
     With the reset detached, dL/du_t = dL/ds_t * h(u_t) + dL/du_{t+1} * tau * (1 - s_t), where the rectangle's
     h is the window bit divided by alpha.
     """
-    tau, rect = lif.tau, lif.rectangular
-    scale = 1 / lif.alpha if rect else 1.0
-    if rect and lif.backend == "triton" and lif_triton.usable(state[0]):
-        return lif_triton.backward(grad_spikes, state[0], tau, scale)
-    grad = torch.empty_like(state[0], dtype=grad_spikes.dtype)
+    tau = lif.tau
+    if lif.rectangular:
+        return lif_ops.backward(grad_spikes, state[0], tau, 1 / lif.alpha, runtime.use_kernels(lif.backend, state[0]))
+    deriv, fired = state
+    grad = torch.empty_like(deriv, dtype=grad_spikes.dtype)
     T = grad_spikes.shape[0]
     for t in reversed(range(T)):
-        if rect:  # h = bit 0, spike = bit 1
-            code = state[0][t]
-            torch.mul(grad_spikes[t], code & 1, out=grad[t])
-            keep = code < 2
-        else:
-            deriv, fired = state
-            torch.mul(grad_spikes[t], deriv[t], out=grad[t])
-            keep = ~fired[t]
-        if scale != 1.0:
-            grad[t].mul_(scale)
+        torch.mul(grad_spikes[t], deriv[t], out=grad[t])
         if t + 1 < T:
-            grad[t].addcmul_(grad[t + 1], keep, value=tau)
+            grad[t].addcmul_(grad[t + 1], ~fired[t], value=tau)
     return grad
 
 
 def spikes_from_state(state: tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Tensor:
     """The spikes `lif_forward` returned, rebuilt from its saved state (to spare a second saved copy)."""
-    return (state[0] >> 1).to(dtype) if len(state) == 1 else state[1].to(dtype)
+    return lif_ops.decode(state[0], dtype) if len(state) == 1 else state[1].to(dtype)
 
 
 class MultiStepLIF(torch.autograd.Function):
     """The LIF recurrence over all T steps as one autograd node, with a hand-written backward.
 
     Backward needs only the surrogate derivative h(u_t) and the spikes s_t: for the rectangular surrogate both fit
-    in one byte per neuron and step, instead of the several float tensors per step that the step-by-step graph keeps.
+    in one byte per neuron and step (that case is the custom op `ems_yolo::lif_forward`, differentiable itself),
+    instead of the several float tensors per step that the step-by-step graph keeps.
     """
 
     @staticmethod
@@ -191,13 +180,14 @@ class LIF(nn.Module):
         surrogate: str = "rectangle",
         alpha: float | None = None,
         detach_reset: bool = True,
-        backend: str = "torch",
+        backend: str = "auto",
     ):
         super().__init__()
         if time_steps < 1:
             raise ValueError(f"time_steps must be >= 1, got {time_steps}")
         check_backend(backend)
         self.backend = backend
+        self.schema = 2  # LIFs pickled before schema 2 had 'torch' as their default backend: they load as 'auto'
         self._spike_fn = get_surrogate(surrogate)
         self.rectangular = self._spike_fn is Rectangle  # compact 1-byte backward state (a plain bool for tracing)
         self.time_steps = time_steps
@@ -208,9 +198,11 @@ class LIF(nn.Module):
         self.detach_reset = detach_reset
 
     def __setstate__(self, state: dict) -> None:
-        """Unpickle LIFs saved (inside checkpoints) before `backend` and `rectangular` existed."""
+        """Unpickle LIFs saved (inside checkpoints) before `backend`, `rectangular` or `auto` existed: the default
+        backend of those ('torch', or none) becomes 'auto' (same spikes, the kernels where they run)."""
         super().__setstate__(state)
-        self.__dict__.setdefault("backend", "torch")
+        if self.__dict__.setdefault("schema", 1) < 2 and self.__dict__.get("backend", "torch") == "torch":
+            self.backend, self.schema = "auto", 2
         self.__dict__.setdefault("rectangular", self._spike_fn is Rectangle)
 
     def fire(self, u: torch.Tensor) -> torch.Tensor:
@@ -227,6 +219,9 @@ class LIF(nn.Module):
         """
         currents = unfold_time(x, self.time_steps)
         if self.training and self.detach_reset and torch.is_grad_enabled():
+            if self.rectangular:
+                kernel = runtime.use_kernels(self.backend, currents)
+                return lif_ops.forward(currents, self.tau, self.vth, self.alpha, kernel)[0].flatten(0, 1)
             return MultiStepLIF.apply(currents, self).flatten(0, 1)
         if not (torch.is_grad_enabled() or tracing()):
             return self._infer(currents).flatten(0, 1)
@@ -255,7 +250,7 @@ class LIF(nn.Module):
         return (
             f"time_steps={self.time_steps}, tau={self.tau}, vth={self.vth}, surrogate={self.surrogate}, "
             f"alpha={self.alpha}, detach_reset={self.detach_reset}"
-            + (f", backend={self.backend}" if self.backend != "torch" else "")
+            + (f", backend={self.backend}" if self.backend != "auto" else "")
         )
 
 

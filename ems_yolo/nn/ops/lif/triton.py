@@ -1,10 +1,10 @@
-"""Triton kernels for the multi-step LIF with the rectangular surrogate (opt-in: `neuron: {backend: triton}`).
+"""Triton kernels of the multi-step LIF with the rectangular surrogate (`reference.py` beside this file defines them).
 
 One program walks all T steps for a block of neurons with the membrane in registers: the forward reads each
-current once and writes the spike and the 1-byte backward code of `lif_forward` (bit 0 = surrogate window, bit 1 =
-spike); the backward reads the code and dL/ds once and writes dL/dI. The torch path needs several passes over
-memory per step. Arithmetic is float32 in registers, in the torch path's order, so for float32 inputs spikes and
-codes are bit-identical to it. Kernels index raw storage, so every tensor of one call shares one dense layout
+current once and writes the spike and the 1-byte backward code (bit 0 = surrogate window, bit 1 = spike); the
+backward reads the code and dL/ds once and writes dL/dI. The torch reference needs several passes over memory per
+step. Arithmetic is float32 in registers, in the reference's order, so for float32 inputs spikes and codes are
+bit-identical to it. Kernels index raw storage, so every tensor of one call shares one dense layout
 (contiguous or channels_last per step, steps outermost).
 
 Runs on CUDA tensors; with TRITON_INTERPRET=1 set before the first import of triton, also on CPU tensors
@@ -13,33 +13,14 @@ Runs on CUDA tensors; with TRITON_INTERPRET=1 set before the first import of tri
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:
-    import triton
+from ems_yolo.nn.ops.runtime import triton
+
+if triton is not None:
     import triton.language as tl
-except ImportError:  # CPU-only torch builds come without triton
-    triton = None
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK = 1024
-
-
-def available() -> bool:
-    """Whether the triton package imports."""
-    return triton is not None
-
-
-def usable(x: torch.Tensor) -> bool:
-    """Whether the kernels can run on `x` (`[T, ...]`): a CUDA tensor (or any, under the interpreter) whose storage
-    is dense with the steps outermost."""
-    if triton is None or not (x.is_cuda or INTERPRETING):
-        return False
-    step = x[0]
-    dense = step.is_contiguous() or (step.dim() == 4 and step.is_contiguous(memory_format=torch.channels_last))
-    return dense and x.stride(0) == step.numel()
 
 
 if triton is not None:
