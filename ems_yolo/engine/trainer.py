@@ -201,7 +201,8 @@ class EMSTrainer(DetectionTrainer):
         model = unwrap_model(self.model)
         if self.device.type == "cpu" and RANK in {-1, 0}:
             self._cpu_time_note(model)
-        if model.yaml.get("autoanchor", True) and not self.resume:  # every rank fits the same (seeded) anchors
+        anchored = hasattr(model.model[-1], "anchor_grid")  # an anchor head (SpikeDetect is anchor-free)
+        if anchored and model.yaml.get("autoanchor", True) and not self.resume:  # every rank fits the same anchors
             thr = float((model.yaml.get("loss") or {}).get("anchor_t", 4.0))
             if check_anchors(model, self.train_loader.dataset, max(image_hw(self.args.imgsz)), thr):
                 self.ema.ema.model[-1].anchor_grid.copy_(model.model[-1].anchor_grid)

@@ -37,6 +37,8 @@ def memory_limit() -> int:
 def _numel(out) -> int:
     if isinstance(out, torch.Tensor):
         return out.numel()
+    if isinstance(out, dict):
+        out = list(out.values())
     return sum(_numel(o) for o in out) if isinstance(out, (list, tuple)) else 0
 
 

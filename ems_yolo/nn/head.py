@@ -15,6 +15,7 @@ from torch import nn
 from ems_yolo import ultralytics_compat  # noqa: F401  (first: offline environment before Ultralytics loads)
 from ultralytics.nn.modules import Detect
 
+from ems_yolo.nn.loss import YOLOv5Loss
 from ems_yolo.nn.neuron import unfold_time
 
 
@@ -48,6 +49,15 @@ class EMSDetect(Detect):
     def end2end(self, value: bool) -> None:
         if value:
             raise ValueError("EMSDetect has no NMS-free (end-to-end) branch")
+
+    @staticmethod
+    def check_hyp(hyp: dict | None) -> None:
+        """Check the YAML's `loss:` section (the YOLOv5 loss's gains)."""
+        YOLOv5Loss.check_hyp(hyp)
+
+    def criterion(self, model: nn.Module) -> YOLOv5Loss:
+        """YOLOv5-style loss with the gains of the YAML's `loss:` section."""
+        return YOLOv5Loss.from_model(model)
 
     def set_stride(self, stride: torch.Tensor) -> None:
         """Store level strides, express anchors in grid units (ascending with stride) and initialise biases."""

@@ -1,4 +1,5 @@
-"""EMSDetectionModel: an Ultralytics `DetectionModel` built by ems-yolo's parser with the EMS anchor head."""
+"""EMSDetectionModel: an Ultralytics `DetectionModel` built by ems-yolo's parser, ending with one of ems-yolo's
+heads (EMS-YOLO's anchor head `EMSDetect`, SpikeYOLO's anchor-free `SpikeDetect`); the head decides the loss."""
 
 from __future__ import annotations
 
@@ -18,11 +19,12 @@ from ems_yolo.cfg import check_value, load_model_yaml
 from ems_yolo.nn.dry_run import check_model_size
 from ems_yolo.nn.head import EMSDetect
 from ems_yolo.nn.layers import TDBatchNorm2d
-from ems_yolo.nn.loss import YOLOv5Loss
 from ems_yolo.nn.parser import parse_model
+from ems_yolo.nn.spikeyolo import SpikeDetect
 from ems_yolo.utils.checks import image_hw
 
 STRIDE_PROBE = 256  # probe input size; 2x the largest stride
+HEADS = (EMSDetect, SpikeDetect)  # each says its loss (`criterion(model)`) and checks the YAML's `loss:` section
 
 
 @contextmanager
@@ -103,7 +105,6 @@ class EMSDetectionModel(DetectionModel):
         self.yaml["channels"] = ch
         try:  # every row built and run on the meta device first: no allocation for a model that cannot fit
             check_model_size(self.yaml, ch, (STRIDE_PROBE, STRIDE_PROBE))
-            YOLOv5Loss.check_hyp(self.yaml.get("loss"))
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
         self.model, self.save = parse_model(self.yaml, ch=ch)
@@ -111,8 +112,13 @@ class EMSDetectionModel(DetectionModel):
         self.inplace = self.yaml.get("inplace", True)
 
         head = self.model[-1]
-        if not isinstance(head, EMSDetect):
-            raise ValueError(f"the last model row must be EMSDetect, got {type(head).__name__}")
+        if not isinstance(head, HEADS):
+            raise ValueError(f"the last model row must be one of {[h.__name__ for h in HEADS]}, "
+                             f"got {type(head).__name__}")
+        try:
+            head.check_hyp(self.yaml.get("loss"))
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
         head.set_stride(self._probe_strides(ch))
         self.stride = head.stride
         if "balance" in (self.yaml.get("loss") or {}):  # one weight per head level: checked now, not at train time
@@ -154,13 +160,14 @@ class EMSDetectionModel(DetectionModel):
         with torch.no_grad():
             raw = self.forward(torch.zeros(1, ch, STRIDE_PROBE, STRIDE_PROBE))
         self.model.train()
+        raw = raw["feats"] if isinstance(raw, dict) else raw  # SpikeDetect: Ultralytics' dict of raw outputs
         return torch.tensor([STRIDE_PROBE / p.shape[2] for p in raw])
 
     def log_layers(self) -> None:
         """Log the Ultralytics-style layer table: index, sources, repeats, parameters, module, arguments."""
-        LOGGER.info(f"\n{'':>3}{'from':>20}{'n':>3}{'params':>11}  {'module':<16}arguments")
+        LOGGER.info(f"\n{'':>3}{'from':>20}{'n':>3}{'params':>11}  {'module':<18}arguments")
         for m in self.model:
-            LOGGER.info(f"{m.i:>3}{m.f!s:>20}{m.n:>3}{m.np:>11,}  {m.type:<16}{m.args}")
+            LOGGER.info(f"{m.i:>3}{m.f!s:>20}{m.n:>3}{m.np:>11,}  {m.type:<18}{m.args}")
 
     def _predict_once(self, x, *args, **kwargs):
         """Ultralytics' layer loop (its options, profile/visualize/embed, differ between releases and pass through);
@@ -180,9 +187,10 @@ class EMSDetectionModel(DetectionModel):
             y.append(x if m.i in self.save else None)
         return x
 
-    def init_criterion(self) -> YOLOv5Loss:
-        """YOLOv5-style loss with the gains of the YAML's `loss:` section."""
-        return YOLOv5Loss.from_model(self)
+    def init_criterion(self):
+        """The head's loss: YOLOv5-style for EMSDetect (gains from the YAML's `loss:` section), Ultralytics' v8
+        detection loss for SpikeDetect (gains from the train arguments)."""
+        return self.model[-1].criterion(self)
 
     def load(self, weights, verbose: bool = True) -> None:
         """Load matching tensors from a checkpoint dict or model (the stock version assumes the anchor-free head)."""

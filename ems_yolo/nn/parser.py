@@ -20,15 +20,30 @@ from ems_yolo.nn.blocks import EMSBlock1, EMSBlock2, MSBlock, SiLUConv, WideBloc
 from ems_yolo.nn.head import EMSDetect
 from ems_yolo.nn.layers import EncodingConv
 from ems_yolo.nn.neuron import NeuronConfig
+from ems_yolo.nn.spikeyolo import (
+    SpikeAllConvBlock,
+    SpikeConv,
+    SpikeConvBlock,
+    SpikeDetect,
+    SpikeDownsample,
+    SpikeSPPF,
+    TimeRepeat,
+)
 
-# ems-yolo modules: name -> class; all take (c1, c2, *args) except the head.
+# ems-yolo modules: name -> class. They take (c1, c2, *args), or (c1, *args) when the class says its output width
+# (`out_channels(c1, ...)`); heads (Detect subclasses) take (*args, input widths).
 EMS_MODULES: dict[str, type[nn.Module]] = {
-    m.__name__: m for m in (EncodingConv, EMSBlock1, EMSBlock2, MSBlock, WideBlock, SiLUConv, EMSDetect)
+    m.__name__: m
+    for m in (
+        EncodingConv, EMSBlock1, EMSBlock2, MSBlock, WideBlock, SiLUConv, EMSDetect,  # EMS-YOLO
+        TimeRepeat, SpikeDownsample, SpikeAllConvBlock, SpikeConvBlock, SpikeSPPF, SpikeConv, SpikeDetect,  # SpikeYOLO
+    )
 }
 _TORCH_CHANNEL_MODULES = {"Conv2d", "ConvTranspose2d"}
 ULTRALYTICS_HEADS = (
     "Ultralytics' anchor-free heads (Detect and its subclasses), which ems-yolo's spiking models do not take: they "
-    "end with an EMSDetect row ([[P4, P5], 1, EMSDetect, [nc, anchors]]). Ultralytics checkpoints work with val, "
+    "end with an EMSDetect row ([[P4, P5], 1, EMSDetect, [nc, anchors]]) or a SpikeDetect row ([[P3, P4, P5], 1, "
+    "SpikeDetect, [nc]]). Ultralytics checkpoints work with val, "
     "predict and export; to fine-tune, train an ems-yolo model (model=ems-res10.yaml or an ems-yolo .pt)"
 )
 INPUT_KINDS = ("frames", "events")
@@ -49,14 +64,14 @@ def resolve_module(name: str) -> type[nn.Module]:
         cls = getattr(ul_modules, name, None)
     if not (inspect.isclass(cls) and issubclass(cls, nn.Module)) or cls.forward is nn.Module.forward:
         raise KeyError(name)  # not a module, or a container without a forward of its own (nn.Module, ModuleList)
-    if issubclass(cls, ul_modules.Detect) and cls is not EMSDetect:
+    if issubclass(cls, ul_modules.Detect):
         raise ValueError(f"'{name}' is one of {ULTRALYTICS_HEADS}")
     return cls
 
 
-def _kwargs_for(cls: type, **available) -> dict:
-    """The subset of `available` keyword arguments that `cls.__init__` accepts."""
-    params = inspect.signature(cls.__init__).parameters
+def _kwargs_for(fn, **available) -> dict:
+    """The subset of `available` keyword arguments that function `fn` (a class: its `__init__`) accepts."""
+    params = inspect.signature(fn.__init__ if inspect.isclass(fn) else fn).parameters
     return {k: v for k, v in available.items() if k in params}
 
 
@@ -129,9 +144,12 @@ def parse_model(d: dict, ch: int) -> tuple[nn.Sequential, list[int]]:
         c_in = chs[f] if isinstance(f, int) else None
         extra = _kwargs_for(cls, time_steps=time_steps, neuron=neuron, input_kind=input_kind)
 
-        if cls is EMSDetect:
-            args = [args[0], args[1], [chs[x] for x in f]]
+        if issubclass(cls, ul_modules.Detect):
+            args = [*args, [chs[x] for x in f]]
             c2 = None
+        elif hasattr(cls, "out_channels"):
+            args = [c_in, *args]
+            c2 = cls.out_channels(c_in, **_kwargs_for(cls.out_channels, time_steps=time_steps, input_kind=input_kind))
         elif cls.__name__ == "Concat":
             c2 = sum(chs[x] for x in f)
         elif name in EMS_MODULES or cls.__name__ in UL_CHANNEL_MODULES | UL_REPEAT_MODULES | _TORCH_CHANNEL_MODULES:
