@@ -96,3 +96,16 @@ def test_energy_cli_on_ilif_model(tmp_path):
     rep = json.loads((tmp_path / "e" / "energy.json").read_text())
     assert rep["levels"] == 4 and any("k additions" in c for c in rep["conventions"])
     assert all(len(n["levels"]) == 4 for n in rep["neurons"])
+
+
+def test_spikeyolo_convs_reading_spikes_are_found(tiny_cfg):
+    """SpikeYOLO's blocks carry no tags: every conv that reads an I-LIF output is found while running and counted
+    as additions (AC), the image-reading conv and the convs after BatchNorm inside the separable convs as MACs."""
+    model = EMSDetectionModel(tiny_cfg("spikeyolo-n.yaml", width=0.125, nc=2), verbose=False).train()
+    rep = energy_report(model, [torch.rand(1, 3, 64, 64)], 64)
+    kinds = {r.name: (r.kind, r.source) for r in rep.layers}
+    assert kinds["model.1.encode_conv"] == ("MAC", None)
+    assert kinds["model.3.encode_conv"] == ("AC", "model.3.encode_lif")
+    assert kinds["model.2.Conv.pwconv3.body.1.0"] == ("MAC", None)  # reads BN(spikes) padded, real values
+    assert kinds["model.26.cv3.0.2.conv"] == ("AC", "model.26.cv3.0.2.lif")
+    assert sum(k == "AC" for k, _ in kinds.values()) > 50 and rep.levels == 4

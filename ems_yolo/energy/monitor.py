@@ -69,7 +69,8 @@ def spike_levels(model: nn.Module) -> int:
 
 
 class SpikeMonitor:
-    """Count spikes entering every spike-fed conv (`conv.spike_input`) and leaving every neuron, per time step.
+    """Count spikes entering every spike-fed conv (tagged `spike_input`, or reading a neuron's output) and leaving
+    every neuron, per time step.
 
     Attached on construction; `remove()` (or leaving a `with` block) detaches every hook, after which the model is
     exactly as before and the counts stay readable. Inputs are time-folded `[T*B, ...]` (row t*B + b), so per-step
@@ -87,9 +88,8 @@ class SpikeMonitor:
         self.strict = strict
         self.levels = spike_levels(model)
         self.nonbinary: set[str] = set()
-        self._convs = [
-            n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and getattr(m, "spike_input", False)
-        ]
+        self._convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+        self._tagged = {n for n, m in model.named_modules() if getattr(m, "spike_input", False)}
         self._lifs = [n for n, m in model.named_modules() if isinstance(m, NEURONS)]
         self.reset()
         modules = dict(model.named_modules())
@@ -138,11 +138,14 @@ class SpikeMonitor:
     def _conv_hook(self, name: str):
         def hook(_module: nn.Module, args: tuple) -> None:
             x = args[0]
+            ref, lif = self._produced.get(id(x), (None, None))
+            fed = ref is not None and ref() is x
+            if not (fed or name in self._tagged):  # reads real values (a MAC layer)
+                return
             n = self._count(name, x)
             bad = torch.count_nonzero(x.detach()) - n.sum()  # elements that are neither 0 nor a level 1..D
             self._bad[name] = self._bad[name] + bad if name in self._bad else bad
-            ref, lif = self._produced.get(id(x), (None, None))
-            if ref is not None and ref() is x:
+            if fed:
                 self._sources.setdefault(name, lif)
 
         return hook
@@ -183,7 +186,8 @@ class SpikeMonitor:
 
     @property
     def conv_counts(self) -> dict[str, SpikeCount]:
-        """Input activity of every spike-fed conv that ran, in model order."""
+        """Input activity of every spike-fed conv that ran, in model order: those tagged `spike_input`, and those
+        that read a neuron's output tensor directly (found while running, so any block is classified right)."""
         return self._counts(self._convs)
 
     @property

@@ -273,7 +273,7 @@ def energy_report(
     T, counts = monitor.time_steps, monitor.conv_counts
     layers = []
     for op in ops:
-        if op.spike_input:
+        if op.spike_input or op.name in counts:
             if op.name not in counts:
                 raise RuntimeError(f"spike-fed conv {op.name} did not run on the evaluation batches")
             c = counts[op.name]
