@@ -15,8 +15,9 @@ from torch import nn
 
 from ems_yolo.nn.ilif import ILIF
 from ems_yolo.nn.neuron import LIF
+from ems_yolo.nn.spike_driven import ThermometerILIF
 
-NEURONS = (LIF, ILIF)
+NEURONS = (LIF, ILIF, ThermometerILIF)  # a ThermometerILIF emits binary spikes at T x D sub-steps
 
 
 @dataclass

@@ -25,6 +25,7 @@ from torch import nn
 from ems_yolo.energy.monitor import SpikeCount, SpikeMonitor
 from ems_yolo.nn.blocks import EMSBlock2
 from ems_yolo.nn.flops import conv_ops
+from ems_yolo.nn.spike_driven import ThermometerILIF
 from ems_yolo.utils.checks import image_hw
 from ems_yolo.utils.files import atomic_write_bytes
 
@@ -204,16 +205,26 @@ def _images(batch) -> torch.Tensor:
     return x if x.is_floating_point() else x.float() / 255
 
 
+def _sub_steps(model: nn.Module) -> int:
+    """D of a spike-driven model (binary sub-steps per step of its integer model), 1 for any other model."""
+    return max((m.sub_steps for m in model.modules() if isinstance(m, ThermometerILIF)), default=1)
+
+
 def _conventions(model: nn.Module, T: int, imgsz: tuple[int, int], levels: int) -> list[str]:
     """The energy-spec §3.2 conventions behind the numbers, as sentences."""
     orders = sorted({m.pool_order for m in model.modules() if isinstance(m, EMSBlock2)})
+    D = _sub_steps(model)
     integer = [
         f"integer spikes (I-LIF, values 0..{levels}): a spike of value k is k additions, so fr is the mean spike value "
         "per neuron and step (it can exceed 1) and SOPs = sum_t fr_t * MACs counts additions"
     ] if levels > 1 else []
-    return [*integer,
+    driven = [
+        f"spike-driven model: T x D = {T} binary sub-steps (D = {D}); spike-fed convs read 0/1 spikes, additions "
+        f"only; real-input convs run at the integer model's T = {T // D} steps"
+    ] if D > 1 else []
+    return [*integer, *driven,
         "E_SNN = sum_AC E_AC * MACs * sum_t fr_t + sum_MAC E_MAC * MACs * T (paper Eq. 6, per layer and per step)",
-        f"real-input (MAC) convs, encoding and detection convs included, are counted T={T} times",
+        f"real-input (MAC) convs, encoding and detection convs included, are counted T={T // D} times",
         "fr = spikes / (neurons x T x samples), a ratio of sums over the evaluation set, per layer and per step",
         "SOPs = sum_t fr_t * MACs (paper-style average fan-out, not the boundary-exact spike x fan-out count)",
         (
@@ -271,6 +282,7 @@ def energy_report(
         model.train(was_training)
 
     T, counts = monitor.time_steps, monitor.conv_counts
+    mac_steps = T // _sub_steps(model)  # a spike-driven model's real-input convs run at its integer model's steps
     layers = []
     for op in ops:
         if op.spike_input or op.name in counts:
@@ -285,7 +297,8 @@ def energy_report(
             )
         else:
             layers.append(
-                LayerEnergy(op.name, "MAC", op.out_hw, op.macs, None, None, 0.0, e_mac * op.macs * T * PJ_TO_MJ)
+                LayerEnergy(op.name, "MAC", op.out_hw, op.macs, None, None, 0.0,
+                            e_mac * op.macs * mac_steps * PJ_TO_MJ)
             )
     twin_macs = sum(op.macs for op in ops)  # the ANN twin runs the same convs once
     return EnergyReport(

@@ -28,10 +28,23 @@ def ilif_forward(currents: torch.Tensor, ilif: ILIF) -> tuple[torch.Tensor, torc
     return ilif_ops.forward(currents, ilif.levels, ilif.tau, ilif.charge, kernel)
 
 
-def ilif_backward(grad_spikes: torch.Tensor, window: torch.Tensor, ilif: ILIF) -> torch.Tensor:
-    """dL/dI from dL/ds and `ilif_forward`'s window (the reset is detached)."""
-    kernel = runtime.use_kernels(ilif.backend, window)
-    return ilif_ops.backward(grad_spikes, window, ilif.tau, ilif.charge, kernel)
+def integer_spikes(currents: torch.Tensor, levels: int, tau: float, charge: str = "leak",
+                   backend: str = "auto") -> torch.Tensor:
+    """The I-LIF's integer spikes of `[T, B, ...]` currents: the op (differentiable, kernels per `backend`), or
+    while tracing or exporting the same recurrence in plain ops."""
+    if not tracing():
+        kernel = runtime.use_kernels(backend, currents)
+        return ilif_ops.forward(currents, levels, tau, charge, kernel)[0]
+    spikes, u, s = [], None, None
+    for t in range(currents.shape[0]):
+        v = u - s if t else torch.zeros_like(currents[0])
+        if charge == "gen1":
+            u = v + (currents[t] - v) * (1 - tau)
+        else:
+            u = v * tau + currents[t] if t else currents[t]
+        s = torch.round(torch.clamp(u, 0, levels))
+        spikes.append(s)
+    return torch.stack(spikes)
 
 
 class ILIF(nn.Module):
@@ -65,18 +78,7 @@ class ILIF(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map input currents `[T*B, ...]` to integer spikes of the same shape."""
         currents = unfold_time(x, self.time_steps)
-        if not tracing():
-            return ilif_forward(currents, self)[0].flatten(0, 1)
-        spikes, u, s = [], None, None
-        for t in range(self.time_steps):
-            v = u - s if t else torch.zeros_like(currents[0])
-            if self.charge == "gen1":
-                u = v + (currents[t] - v) * (1 - self.tau)
-            else:
-                u = v * self.tau + currents[t] if t else currents[t]
-            s = torch.round(torch.clamp(u, 0, self.levels))
-            spikes.append(s)
-        return torch.stack(spikes).flatten(0, 1)
+        return integer_spikes(currents, self.levels, self.tau, self.charge, self.backend).flatten(0, 1)
 
     def extra_repr(self) -> str:
         return (

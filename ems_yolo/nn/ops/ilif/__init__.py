@@ -58,7 +58,3 @@ def forward(currents: torch.Tensor, levels: int, tau: float, charge: str, kernel
     """(integer spikes in the currents' dtype, uint8 window) for `[T, ...]` currents; differentiable in them."""
     return _forward(currents, levels, tau, charge, kernel and currents.dtype != torch.float64)
 
-
-def backward(grad_spikes: torch.Tensor, window: torch.Tensor, tau: float, charge: str, kernel: bool) -> torch.Tensor:
-    """dL/dI from dL/ds and the forward's window."""
-    return _backward(grad_spikes, window, tau, charge, kernel and grad_spikes.dtype != torch.float64)
