@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from ems_yolo.nn.inert_pickle import InertObject, inert_load, module_tensors, module_tree
+from ems_yolo.nn.foreign import class_names, fail, load_strict, read_pickled_model
+from ems_yolo.nn.inert_pickle import InertObject, module_tensors, module_tree
 from ems_yolo.nn.model import EMSDetectionModel
 
 ORIGINAL_TIME_STEPS = 5  # the original code's global `time_window`
@@ -79,10 +80,6 @@ class OriginalCheckpoint:
     source: str  # "ema" or "model"
 
 
-def _fail(path: Path, what: str) -> ValueError:
-    return ValueError(f"{path}: {what}")
-
-
 def is_original_checkpoint(path: str | Path) -> bool:
     """Whether a file is a zip-format `torch.save` file that pickles the original code's `models.yolo.Model`
     (decided from the globals its pickle names; nothing is unpickled)."""
@@ -96,33 +93,22 @@ def is_original_checkpoint(path: str | Path) -> bool:
 def read_original(path: str | Path) -> OriginalCheckpoint:
     """Read an original EMS-YOLO checkpoint without executing it; errors name the file and what is missing."""
     path = Path(path)
-    try:
-        ckpt = inert_load(path)
-    except Exception as e:  # truncated zip, bad pickle: torch and pickle raise many types
-        why = (str(e).strip().splitlines() or [""])[0]
-        raise _fail(path, f"cannot be read as a PyTorch checkpoint ({type(e).__name__}: {why}); expected a file "
-                          "saved by the original EMS-YOLO train.py") from None
-    if not isinstance(ckpt, dict):
-        raise _fail(path, f"holds a {type(ckpt).__name__}, expected the original train.py dict with 'model'/'ema'")
-    source = "ema" if ckpt.get("ema") is not None else "model"
-    model = ckpt.get(source)
-    if not (isinstance(model, InertObject) and model.global_name == ORIGINAL_MODEL):
-        raise _fail(path, f"'{source}' is {getattr(model, 'global_name', type(model).__name__)}, expected the "
-                          f"original code's {ORIGINAL_MODEL}")
+    ckpt, source, model = read_pickled_model(path, ORIGINAL_MODEL, "the original EMS-YOLO train.py",
+                                            f"the original code's {ORIGINAL_MODEL}")
     cfg = model.attr("yaml")
     if not (isinstance(cfg, dict) and all(k in cfg for k in ("nc", "anchors", "backbone", "head"))):
-        raise _fail(path, "the pickled model has no YAML dict with nc, anchors, backbone and head")
+        raise fail(path, "the pickled model has no YAML dict with nc, anchors, backbone and head")
     for key in ("nc", "ch"):
         value = cfg.get(key, 3)
         if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-            raise _fail(path, f"the pickled YAML's {key} is {value!r}, expected a positive integer")
+            raise fail(path, f"the pickled YAML's {key} is {value!r}, expected a positive integer")
     nc = cfg["nc"]
     for key in ("depth_multiple", "width_multiple"):
         value = cfg.get(key, 1.0)
         if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")):
-            raise _fail(path, f"the pickled YAML's {key} is {value!r}, expected a positive number")
+            raise fail(path, f"the pickled YAML's {key} is {value!r}, expected a positive number")
     stride = model.attr("stride")
-    names = _class_names(path, model.attr("names") or [str(i) for i in range(nc)], nc)
+    names = class_names(path, model.attr("names") or [str(i) for i in range(nc)], nc)
     date = ckpt.get("date")
     return OriginalCheckpoint(
         path=path,
@@ -138,17 +124,6 @@ def read_original(path: str | Path) -> OriginalCheckpoint:
     )
 
 
-def _class_names(path: Path, names, nc: int) -> dict[int, str]:
-    """The pickled class names (a list, or a dict keyed 0..nc-1) as {index: name}; errors name what is wrong."""
-    if isinstance(names, dict):
-        if not all(type(k) is int for k in names) or set(names) != set(range(len(names))):
-            raise _fail(path, f"the pickled model's names have keys {list(names)}, expected the integers 0..{nc - 1}")
-        names = [names[i] for i in range(len(names))]
-    if not isinstance(names, (list, tuple)) or len(names) != nc:
-        raise _fail(path, f"the pickled model's names are {names!r:.80}, expected {nc} class names (nc: {nc})")
-    return dict(enumerate(str(n) for n in names))
-
-
 def _none(a):
     return None if a == "None" else a
 
@@ -158,25 +133,25 @@ def translate_rows(orig: OriginalCheckpoint) -> list[list]:
     rows = []
     for i, row in enumerate(list(orig.yaml["backbone"]) + list(orig.yaml["head"])):
         if not (isinstance(row, (list, tuple)) and len(row) == 4 and isinstance(row[3], list)):
-            raise _fail(orig.path, f"model row {i} of the pickled YAML is {row!r}, expected [from, n, module, args]")
+            raise fail(orig.path, f"model row {i} of the pickled YAML is {row!r}, expected [from, n, module, args]")
         f, n, name, args = row
         if not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
-            raise _fail(orig.path, f"model row {i} of the pickled YAML is {row!r}, expected a positive integer "
+            raise fail(orig.path, f"model row {i} of the pickled YAML is {row!r}, expected a positive integer "
                                    f"repeat count n, got {n!r}")
         if not all(isinstance(x, int) and not isinstance(x, bool) for x in (f if isinstance(f, list) else [f])):
-            raise _fail(orig.path, f"model row {i} of the pickled YAML is {row!r}, expected 'from' as layer "
+            raise fail(orig.path, f"model row {i} of the pickled YAML is {row!r}, expected 'from' as layer "
                                    f"indices, got {f!r}")
         spec = ORIGINAL_MODULES.get(name if isinstance(name, str) else "")
         if spec is None:
-            raise _fail(orig.path, f"model row {i} uses the original module '{name}', which has no ems-yolo "
+            raise fail(orig.path, f"model row {i} uses the original module '{name}', which has no ems-yolo "
                                    f"counterpart (known: {sorted(ORIGINAL_MODULES)})")
         layer = orig.modules.get(f"model.{i}")
         kind = "Sequential" if n > 1 else name
         if layer is None or layer.global_name.rsplit(".", 1)[-1] != kind:
-            raise _fail(orig.path, f"model row {i} names {name}, but the pickled layer {i} is "
+            raise fail(orig.path, f"model row {i} names {name}, but the pickled layer {i} is "
                                    f"{getattr(layer, 'global_name', 'missing')}")
         if len(args) > spec.max_args:
-            raise _fail(orig.path, f"model row {i} {name}{args}: only the first {spec.max_args} argument(s) are "
+            raise fail(orig.path, f"model row {i} {name}{args}: only the first {spec.max_args} argument(s) are "
                                    "supported")
         if name == "Concat":
             args = [1]  # the original concatenates [T, B, C, H, W] tensors on dim 2; ours are [T*B, C, H, W]
@@ -201,9 +176,9 @@ def ems_model_yaml(orig: OriginalCheckpoint, time_steps: int = ORIGINAL_TIME_STE
         where = Path(base.get("yaml_file", "the model YAML")).name
         for i, (a, b) in enumerate(zip(rows, mine)):
             if not _same_row(i, a, b):
-                raise _fail(orig.path, f"model row {i}: the checkpoint has {a}, but {where} has {b}")
+                raise fail(orig.path, f"model row {i}: the checkpoint has {a}, but {where} has {b}")
         if len(mine) != len(rows):
-            raise _fail(orig.path, f"the checkpoint's model has {len(rows)} rows, {where} has {len(mine)}")
+            raise fail(orig.path, f"the checkpoint's model has {len(rows)} rows, {where} has {len(mine)}")
     cfg = {k: v for k, v in deepcopy(base or {}).items() if k not in ("backbone", "head")}
     step_channels = int(orig.yaml.get("ch", 3))
     input_kind = cfg.get("input", "frames")
@@ -237,7 +212,7 @@ def _trained_anchors(orig: OriginalCheckpoint) -> list[list[float]]:
     key = next((k for k in orig.tensors if k.endswith(".anchors")
                 and getattr(orig.modules.get(k[:-8]), "global_name", "").endswith(".Detect")), None)
     if key is None or len(orig.stride) != orig.tensors[key].shape[0]:
-        raise _fail(orig.path, "no Detect anchors and strides in the pickled model")
+        raise fail(orig.path, "no Detect anchors and strides in the pickled model")
     px = orig.tensors[key].double() * torch.tensor(orig.stride, dtype=torch.float64).view(-1, 1, 1)
     return [level.flatten().tolist() for level in px]
 
@@ -249,7 +224,7 @@ def map_state(orig: OriginalCheckpoint) -> dict[str, str]:
     for key in orig.tensors:
         parts = key.split(".")
         if parts[0] != "model" or not parts[1].isdigit() or int(parts[1]) >= len(rows):
-            raise _fail(orig.path, f"tensor '{key}' belongs to no model row")
+            raise fail(orig.path, f"tensor '{key}' belongs to no model row")
         i, name = int(parts[1]), rows[int(parts[1])][2]
         prefix, rest = f"model.{i}.", ".".join(parts[2:])
         if rows[i][1] > 1:  # repeated blocks: model.i.j.<block key>
@@ -258,10 +233,10 @@ def map_state(orig: OriginalCheckpoint) -> dict[str, str]:
         src = next((p for p in sorted(table, key=len, reverse=True) if rest.startswith(p) or rest == p.rstrip(".")),
                    None)
         if src is None:
-            raise _fail(orig.path, f"tensor '{key}' of row {i} ({name}) has no ems-yolo counterpart")
+            raise fail(orig.path, f"tensor '{key}' of row {i} ({name}) has no ems-yolo counterpart")
         ours = prefix + table[src] + rest[len(src):] if src.endswith(".") else prefix + table[src]
         if ours in mapping:
-            raise _fail(orig.path, f"tensors '{mapping[ours]}' and '{key}' both map to '{ours}'")
+            raise fail(orig.path, f"tensors '{mapping[ours]}' and '{key}' both map to '{ours}'")
         mapping[ours] = key
     return mapping
 
@@ -286,32 +261,9 @@ def model_from_original(
     try:
         model = EMSDetectionModel(cfg, verbose=False)
     except ValueError as e:
-        raise _fail(orig.path, f"its model cannot be built in ems-yolo: {e}") from None
-    mapping = map_state(orig)
-    state = model.state_dict()
-    extra = [k for k in mapping if k not in state]
-    if extra:
-        raise _fail(orig.path, f"tensor '{mapping[extra[0]]}' maps to '{extra[0]}', which the ems-yolo model lacks")
-    missing = [k for k in state if k not in mapping]
-    if missing:
-        raise _fail(orig.path, f"the checkpoint has no tensor for ems-yolo's '{missing[0]}'")
-    for ours, key in mapping.items():
-        if orig.tensors[key].shape != state[ours].shape:
-            raise _fail(orig.path, f"tensor '{key}' has shape {list(orig.tensors[key].shape)}, ems-yolo's "
-                                   f"'{ours}' needs {list(state[ours].shape)}")
-    model.load_state_dict({ours: orig.tensors[key] for ours, key in mapping.items()})
+        raise fail(orig.path, f"its model cannot be built in ems-yolo: {e}") from None
+    load_strict(orig.path, model, orig.tensors, map_state(orig), orig.modules)
     if orig.stride and [float(s) for s in model.stride] != orig.stride:
-        raise _fail(orig.path, f"strides {orig.stride} differ from the ems-yolo model's {model.stride.tolist()}")
-    _copy_bn_eps(orig, mapping, model)
+        raise fail(orig.path, f"strides {orig.stride} differ from the ems-yolo model's {model.stride.tolist()}")
     model.names = dict(orig.names)
     return model.float().eval()
-
-
-def _copy_bn_eps(orig: OriginalCheckpoint, mapping: dict[str, str], model: EMSDetectionModel) -> None:
-    """BatchNorm epsilons as the original modules were built (they are attributes, not tensors)."""
-    for ours, key in mapping.items():
-        if key.endswith(".running_var"):
-            bn = orig.modules.get(key.rsplit(".", 1)[0])
-            eps = bn.attr("eps") if bn is not None else None
-            if isinstance(eps, float):
-                model.get_submodule(ours.rsplit(".", 1)[0]).eps = eps

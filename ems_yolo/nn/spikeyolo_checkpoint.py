@@ -1,0 +1,305 @@
+"""Checkpoints of SpikeYOLO's code (BICLab/SpikeYOLO, a fork of Ultralytics 8.0.197) as ems-yolo models.
+
+Its trainer pickles whole `ultralytics.nn.tasks.DetectionModel` objects built from the fork's
+`ultralytics.nn.modules.yolo_spikformer` classes (`{'epoch', 'model', 'ema', ...}`; released files went through
+`strip_optimizer`: `model` = the EMA model in FP16, `ema` = None). Such a file is read with `inert_load` (nothing of
+that code is imported or run). Its pickled YAML rows are translated into ems-yolo rows with the fork's channel and
+depth rules (channels written out, so any scale builds exactly), T comes from its `MS_GetT` layer and D from its
+neurons' quantiser (`MultiSpike<D>`). Every module of the pickled tree must be one this mapping knows, at the same
+path and of the mapped class in the ems-yolo model (ems_yolo/nn/spikeyolo.py keeps the original layout), so the
+tensors map one-to-one under their own names; shapes are checked and the first offending key is named.
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ems_yolo import ultralytics_compat  # noqa: F401  (first: offline environment before Ultralytics loads)
+from ultralytics.nn.modules import DFL, Concat
+
+from ems_yolo.nn.foreign import class_names, fail, load_strict, read_pickled_model
+from ems_yolo.nn.ilif import ILIF
+from ems_yolo.nn.inert_pickle import InertObject, module_tensors, module_tree
+from ems_yolo.nn.model import EMSDetectionModel
+from ems_yolo.nn.parser import make_divisible
+from ems_yolo.nn.spikeyolo import (
+    BNAndPad,
+    RepConv,
+    SepRepConv,
+    SpikeAllConvBlock,
+    SpikeConv,
+    SpikeConvBlock,
+    SpikeConvNoBN,
+    SpikeDetect,
+    SpikeDownsample,
+    SpikeSepConv,
+    SpikeSPPF,
+    TimeRepeat,
+)
+
+SPIKEYOLO_MODEL = "ultralytics.nn.tasks.DetectionModel"
+SPIKEYOLO_PACKAGE = "ultralytics.nn.modules.yolo_spikformer."
+SPIKEYOLO_CODE = "SpikeYOLO's trainer (BICLab/SpikeYOLO)"
+SPIKEYOLO_TAU = 0.25  # the fork's module-level `decay`, not stored in checkpoints
+
+# the fork's YAML module names -> ems-yolo's
+ROW_MODULES = {
+    "MS_GetT": "TimeRepeat",
+    "MS_DownSampling": "SpikeDownsample",
+    "MS_AllConvBlock": "SpikeAllConvBlock",
+    "MS_ConvBlock": "SpikeConvBlock",
+    "SpikeSPPF": "SpikeSPPF",
+    "MS_StandardConv": "SpikeConv",
+    "SpikeConv": "SpikeConv",
+    "nn.Upsample": "nn.Upsample",
+    "Concat": "Concat",
+    "SpikeDetect": "SpikeDetect",
+}
+
+# every class of a pickled module tree -> the ems-yolo class at the same path
+_TORCH = "torch.nn.modules."
+MODULE_CLASSES: dict[str, type] = {
+    **{SPIKEYOLO_PACKAGE + k: v for k, v in {
+        "MS_GetT": TimeRepeat, "MS_DownSampling": SpikeDownsample, "MS_AllConvBlock": SpikeAllConvBlock,
+        "MS_ConvBlock": SpikeConvBlock, "SpikeSPPF": SpikeSPPF, "MS_StandardConv": SpikeConv, "SpikeConv": SpikeConv,
+        "SpikeConvWithoutBN": SpikeConvNoBN, "SpikeDetect": SpikeDetect, "SepConv": SpikeSepConv,
+        "SepRepConv": SepRepConv, "RepConv": RepConv, "BNAndPadLayer": BNAndPad, "mem_update": ILIF,
+    }.items()},
+    SPIKEYOLO_PACKAGE + "SpikeDFL": DFL,  # Ultralytics' DFL; SpikeDFL's neuron, never called, is dropped
+    "ultralytics.nn.modules.conv.Concat": Concat,
+    _TORCH + "batchnorm.BatchNorm2d": nn.BatchNorm2d,
+    _TORCH + "conv.Conv2d": nn.Conv2d,
+    _TORCH + "container.Sequential": nn.Sequential,
+    _TORCH + "container.ModuleList": nn.ModuleList,
+    _TORCH + "pooling.MaxPool2d": nn.MaxPool2d,
+    _TORCH + "upsampling.Upsample": nn.Upsample,
+}
+QUANTISERS = {f"{SPIKEYOLO_PACKAGE}MultiSpike{d}": d for d in (1, 2, 4, 8)}  # mem_update.qtrick -> D
+
+
+@dataclass
+class SpikeYOLOCheckpoint:
+    """A SpikeYOLO checkpoint read as data: pickled YAML, state dict, inert modules by path, T, D, metadata."""
+
+    path: Path
+    yaml: dict
+    yaml_file: str | None
+    tensors: dict[str, torch.Tensor]
+    modules: dict[str, InertObject]
+    names: dict[int, str]
+    stride: list[float]
+    time_steps: int
+    levels: int
+    epoch: int | None
+    date: str | None
+    source: str  # "ema" or "model"
+
+
+def is_spikeyolo_globals(names: set[str] | list[str]) -> bool:
+    """Whether the globals a pickle names (torch.serialization.get_unsafe_globals_in_checkpoint) are SpikeYOLO's."""
+    return SPIKEYOLO_MODEL in names and any(n.startswith(SPIKEYOLO_PACKAGE) for n in names)
+
+
+def _row_name(modules: dict[str, InertObject], path: str) -> str:
+    """'model row i (Class)' for a module path inside row i."""
+    parts = path.split(".")
+    if len(parts) < 2:
+        return f"module '{path}'"
+    layer = modules.get(".".join(parts[:2]))
+    return f"model row {parts[1]} ({getattr(layer, 'global_name', '?').rsplit('.', 1)[-1]})"
+
+
+def read_spikeyolo(path: str | Path) -> SpikeYOLOCheckpoint:
+    """Read a SpikeYOLO checkpoint without executing it; errors name the file and what is wrong."""
+    path = Path(path)
+    ckpt, source, model = read_pickled_model(path, SPIKEYOLO_MODEL, SPIKEYOLO_CODE,
+                                             f"SpikeYOLO's {SPIKEYOLO_MODEL}")
+    cfg = model.attr("yaml")
+    if not (isinstance(cfg, dict) and all(k in cfg for k in ("nc", "backbone", "head"))):
+        raise fail(path, "the pickled model has no YAML dict with nc, backbone and head")
+    nc = cfg["nc"]
+    if not (isinstance(nc, int) and not isinstance(nc, bool) and nc >= 1):
+        raise fail(path, f"the pickled YAML's nc is {nc!r}, expected a positive integer")
+    modules = module_tree(model)
+    levels = set()
+    for name, m in modules.items():
+        if m.global_name.endswith(".mem_update"):
+            q = (m.attr("_modules") or {}).get("qtrick")
+            d = QUANTISERS.get(getattr(q, "global_name", ""))
+            if d is None:
+                raise fail(path, f"{_row_name(modules, name)}: neuron '{name}' quantises with "
+                                 f"{getattr(q, 'global_name', q)!r}, expected one of {sorted(QUANTISERS)}")
+            levels.add(d)
+    if len(levels) != 1:
+        raise fail(path, f"the neurons quantise to {sorted(levels) or 'nothing'}, expected one level count D")
+    getter = modules.get("model.0")
+    T = getter.attr("T") if getter is not None and getter.global_name.endswith(".MS_GetT") else None
+    if not (isinstance(T, int) and not isinstance(T, bool) and T >= 1):
+        raise fail(path, f"model row 0 is {getattr(getter, 'global_name', 'missing')} with T={T!r}, expected "
+                         "MS_GetT with a positive integer T")
+    stride = model.attr("stride")
+    date = ckpt.get("date")
+    return SpikeYOLOCheckpoint(
+        path=path,
+        yaml=cfg,
+        yaml_file=cfg.get("yaml_file") if isinstance(cfg.get("yaml_file"), str) else None,
+        tensors=module_tensors(model),
+        modules=modules,
+        names=class_names(path, model.attr("names") or [str(i) for i in range(nc)], nc),
+        stride=[float(s) for s in stride] if isinstance(stride, torch.Tensor) else [],
+        time_steps=T,
+        levels=levels.pop(),
+        epoch=ckpt.get("epoch") if isinstance(ckpt.get("epoch"), int) else None,
+        date=date if isinstance(date, str) else None,
+        source=source,
+    )
+
+
+def _scaling(sy: SpikeYOLOCheckpoint) -> tuple[float, float, float]:
+    """(depth, width, max_channels) as the fork's parse_model takes them: the YAML's scale, else its multiples."""
+    cfg = sy.yaml
+    depth, width, max_c = cfg.get("depth_multiple", 1.0), cfg.get("width_multiple", 1.0), float("inf")
+    scales = cfg.get("scales")
+    if scales:
+        scale = cfg.get("scale") or next(iter(scales))
+        if not (isinstance(scales, dict) and scale in scales and len(scales[scale]) == 3):
+            raise fail(sy.path, f"the pickled YAML's scale {scale!r} is not one of its scales {scales!r:.80}")
+        depth, width, max_c = scales[scale]
+    for key, v in (("depth", depth), ("width", width), ("max_channels", max_c)):
+        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0):
+            raise fail(sy.path, f"the pickled YAML's {key} is {v!r}, expected a positive number")
+    return depth, width, max_c
+
+
+def translate_rows(sy: SpikeYOLOCheckpoint) -> list[list]:
+    """The pickled YAML rows as ems-yolo rows with the fork's channel rules applied (widths written out)."""
+    depth, width, max_c = _scaling(sy)
+    rows = []
+    for i, row in enumerate(list(sy.yaml["backbone"]) + list(sy.yaml["head"])):
+        if not (isinstance(row, (list, tuple)) and len(row) == 4 and isinstance(row[3], list)):
+            raise fail(sy.path, f"model row {i} of the pickled YAML is {row!r}, expected [from, n, module, args]")
+        f, n, name, args = row
+        if not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
+            raise fail(sy.path, f"model row {i} of the pickled YAML is {row!r}, expected a positive repeat count")
+        ours = ROW_MODULES.get(name if isinstance(name, str) else "")
+        if ours is None:
+            raise fail(sy.path, f"model row {i} uses SpikeYOLO's module '{name}', which has no ems-yolo counterpart "
+                                f"(known: {sorted(ROW_MODULES)})")
+        n = max(round(n * depth), 1) if n > 1 else n
+        layer = sy.modules.get(f"model.{i}")
+        kind = "Sequential" if n > 1 else name.rsplit(".", 1)[-1]
+        if layer is None or layer.global_name.rsplit(".", 1)[-1] != kind:
+            raise fail(sy.path, f"model row {i} names {name} x{n}, but the pickled layer {i} is "
+                                f"{getattr(layer, 'global_name', 'missing')}")
+        try:
+            args = _translate_args(name, list(args), width, max_c, sy.yaml["nc"])
+        except (ValueError, TypeError, IndexError, SyntaxError):
+            raise fail(sy.path, f"model row {i} {name}{row[3]}: arguments ems-yolo does not support") from None
+        rows.append([f, n, ours, args])
+    return rows
+
+
+def _translate_args(name: str, args: list, width: float, max_c: float, nc: int) -> list:
+    """One row's arguments in ems-yolo's form (output channels first where the row has them)."""
+    if name == "MS_GetT":
+        return []
+    if name == "MS_DownSampling":
+        return [int(args[0] * width), *args[1:5]]
+    if name in ("MS_AllConvBlock", "MS_ConvBlock"):
+        if len(args) > 2:
+            raise ValueError(name)
+        return list(args)
+    if name == "MS_StandardConv":
+        if len(args) > 3:
+            raise ValueError(name)
+        return [min(int(args[0] * width), int(max_c * width)), *args[1:]]
+    if name in ("SpikeSPPF", "SpikeConv"):
+        c2 = args[0] if args[0] == nc else make_divisible(min(args[0], max_c) * width, 8)
+        return [c2, *args[1:]]
+    if name == "nn.Upsample":
+        size, scale, mode = (args + [None, None, "nearest"][len(args):])[:3]
+        scale = ast.literal_eval(scale) if isinstance(scale, str) else scale
+        if size not in (None, "None") or not (isinstance(scale, (list, tuple)) and len(scale) == 3 and scale[0] == 1
+                                              and scale[1] == scale[2]):
+            raise ValueError(name)
+        return [None, scale[1], mode]
+    if name == "Concat":
+        if args != [2]:
+            raise ValueError(name)
+        return [1]  # the fork concatenates [T, B, C, H, W] on dim 2; ems-yolo's [T*B, C, H, W] on dim 1
+    return [nc if a == "nc" else a for a in args]  # SpikeDetect [nc]
+
+
+def ems_model_yaml(sy: SpikeYOLOCheckpoint, time_steps: int | None = None, base: dict | None = None) -> dict:
+    """An ems-yolo model YAML for the checkpoint: `base` (an ems-yolo YAML; its rows are then checked through the
+    strict tensor mapping) or the translated rows; classes, T and D from the checkpoint unless `time_steps` is given."""
+    if base is not None:
+        cfg = {k: v for k, v in base.items()}
+    else:
+        rows = translate_rows(sy)
+        nb = len(sy.yaml["backbone"])
+        stem = Path(sy.yaml_file or sy.path.name).stem
+        cfg = {"depth_multiple": 1.0, "width_multiple": 1.0, "backbone": rows[:nb], "head": rows[nb:],
+               "yaml_file": f"spikeyolo-{stem}.yaml", "input": "frames"}
+    neuron = {**(cfg.get("neuron") or {}), "kind": "ilif", "levels": sy.levels, "tau": SPIKEYOLO_TAU}
+    ch = sy.yaml.get("ch", 3)
+    cfg.update(nc=int(sy.yaml["nc"]), time_steps=int(time_steps or sy.time_steps), neuron=neuron,
+               channels=ch if isinstance(ch, int) and not isinstance(ch, bool) and ch >= 1 else 3)
+    return cfg
+
+
+def check_module_tree(sy: SpikeYOLOCheckpoint, model: nn.Module) -> None:
+    """Every pickled module is one the mapping knows, found at the same path in `model` as the mapped class
+    (neurons: I-LIF with the checkpoint's D; BNAndPad: the same border); errors name the row and the class."""
+    ours = dict(model.named_modules())
+    for name, m in sy.modules.items():
+        if not name:
+            continue
+        parent = sy.modules.get(name.rsplit(".", 1)[0] if "." in name else "")
+        if parent is not None and parent.global_name.endswith((".mem_update", ".SpikeDFL")) and name.endswith(
+                (".qtrick", ".lif")):
+            continue  # the quantiser (D, read above) and the DFL's neuron, which its forward never calls
+        cls = MODULE_CLASSES.get(m.global_name)
+        row = _row_name(sy.modules, name)
+        if cls is None:
+            raise fail(sy.path, f"{row}: module class {m.global_name} (at '{name}') has no ems-yolo counterpart")
+        mine = ours.get(name)
+        if mine is None or not isinstance(mine, cls):
+            raise fail(sy.path, f"{row}: '{name}' is a {m.global_name}, the ems-yolo model has "
+                                f"{type(mine).__name__ if mine is not None else 'nothing'} there")
+        if isinstance(mine, BNAndPad) and m.attr("pad_pixels") != mine.pad:
+            raise fail(sy.path, f"{row}: '{name}' pads {m.attr('pad_pixels')!r} pixels, ems-yolo's {mine.pad}")
+
+
+def model_from_spikeyolo(sy: SpikeYOLOCheckpoint, time_steps: int | None = None,
+                         base: dict | None = None) -> EMSDetectionModel:
+    """The ems-yolo model of a SpikeYOLO checkpoint with every tensor loaded (float32, eval mode)."""
+    cfg = ems_model_yaml(sy, time_steps, base)
+    try:
+        model = EMSDetectionModel(cfg, verbose=False)
+    except ValueError as e:
+        raise fail(sy.path, f"its model cannot be built in ems-yolo: {e}") from None
+    load_into(sy, model)
+    return model.float().eval()
+
+
+def load_into(sy: SpikeYOLOCheckpoint, model: EMSDetectionModel) -> None:
+    """Check the module tree and the strides, load every tensor under its own name (strictly) and the class names."""
+    check_module_tree(sy, model)
+    ours = model.state_dict()
+    load_strict(sy.path, model, sy.tensors, {k: k for k in sy.tensors if k in ours}, sy.modules)
+    if sy.stride and [float(s) for s in model.stride] != sy.stride:
+        raise fail(sy.path, f"strides {sy.stride} differ from the ems-yolo model's {model.stride.tolist()}")
+    model.names = dict(sy.names)
+
+
+def load_spikeyolo(path: str | Path, time_steps: int | None = None,
+                   base: dict | None = None) -> tuple[EMSDetectionModel, SpikeYOLOCheckpoint]:
+    """Read a SpikeYOLO checkpoint and build its ems-yolo model."""
+    sy = read_spikeyolo(path)
+    return model_from_spikeyolo(sy, time_steps, base), sy
