@@ -180,7 +180,9 @@ class EMSTrainer(DetectionTrainer):
         probe = deepcopy(model)
         start = time.perf_counter()
         with local_bn_stats(probe):  # rank 0 alone: no collective
-            sum(o.float().mean() for o in probe(x)).backward()
+            out = probe(x)
+            out = out["feats"] if isinstance(out, dict) else out  # SpikeDetect: Ultralytics' dict of raw outputs
+            sum(o.float().mean() for o in out).backward()
         seconds = time.perf_counter() - start
         n = len(self.train_loader.dataset)
         epoch_min = seconds * n / 60
