@@ -100,7 +100,6 @@ def test_export_and_energy_cli(tmp_path, capsys):
 
     from ems_yolo import EMSYOLO
     from ems_yolo.cfg import load_model_yaml
-    from ems_yolo.data.shapes import make_shapes_dataset
     from ems_yolo.engine.model import derive_model_yaml
 
     d = load_model_yaml("ems-res10.yaml")
@@ -119,9 +118,8 @@ def test_export_and_energy_cli(tmp_path, capsys):
     with torch.no_grad():
         ref = EMSYOLO(pt).model.eval()(x)[0]
     np.testing.assert_allclose(out, ref.numpy(), rtol=1e-4, atol=1e-3)
-    data = make_shapes_dataset(n_train=4, n_val=2, imgsz=64)
-    run = CliRunner().invoke(app, ["energy", f"model={pt}", f"data={data}", "imgsz=64", "batch=2", "max_batches=1",
-                                   "spike_driven=True", f"project={tmp_path}", "name=e"])
+    run = CliRunner().invoke(app, ["energy", f"model={pt}", "data=shapes", "imgsz=64", "max_batches=1",
+                                   "spike_driven=True", f"project={tmp_path}", "name=e"])  # as the README shows
     assert run.exit_code == 0, run.output
     assert "spike-driven model: T x D = 8 binary sub-steps" in (tmp_path / "e" / "energy.json").read_text()
     lif = load_model_yaml("ems-res10.yaml")
