@@ -61,7 +61,7 @@ def test_ilif_model_counts_spike_values(tiny_cfg):
     seen = {}
     handles = [m.register_forward_pre_hook(lambda _m, a, n=n: seen.__setitem__(n, a[0].clone()))
                for n, m in convs.items()]
-    x = torch.rand(2, 3, 64, 64)
+    x = torch.rand(2, 3, 32, 32)
     with SpikeMonitor(model) as mon, torch.no_grad():
         model(x)
     for h in handles:
@@ -77,7 +77,7 @@ def test_ilif_model_counts_spike_values(tiny_cfg):
         above_one += (s > 1).any().item()
     assert above_one  # integer spikes above 1 occur, and count as several additions
     model.eval()
-    rep = energy_report(model, [x], 64)
+    rep = energy_report(model, [x], 32)
     assert rep.levels == 4 and len(rep.neurons) == sum(isinstance(m, ILIF) for m in model.modules())
 
 
@@ -102,7 +102,7 @@ def test_spikeyolo_convs_reading_spikes_are_found(tiny_cfg):
     """SpikeYOLO's blocks carry no tags: every conv that reads an I-LIF output is found while running and counted
     as additions (AC), the image-reading conv and the convs after BatchNorm inside the separable convs as MACs."""
     model = EMSDetectionModel(tiny_cfg("spikeyolo-n.yaml", width=0.125, nc=2), verbose=False).train()
-    rep = energy_report(model, [torch.rand(1, 3, 64, 64)], 64)
+    rep = energy_report(model, [torch.rand(1, 3, 32, 32)], 32)
     kinds = {r.name: (r.kind, r.source) for r in rep.layers}
     assert kinds["model.1.encode_conv"] == ("MAC", None)
     assert kinds["model.3.encode_conv"] == ("AC", "model.3.encode_lif")
