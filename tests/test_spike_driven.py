@@ -66,11 +66,10 @@ def test_ems_ilif_model_equals_its_binary_form(tiny_cfg):
     assert "spike-driven model: T x D = 8 binary sub-steps (D = 4)" in rep_bin.table()
 
 
-@pytest.mark.slow  # about a minute on two shared cores (float64, 7x7 depthwise convs)
 def test_spikeyolo_equals_its_binary_form(tiny_cfg):
-    """spikeyolo-n (width 0.125) at 32x32: its re-parameterisable chains fold into one conv each, so every conv
+    """spikeyolo-s as shipped (nc=2) at 32x32: its re-parameterisable chains fold into one conv each, so every conv
     after the image-reading one reads binary spikes (additions only), except the DFL integral after the mean."""
-    model = _firing(EMSDetectionModel(tiny_cfg("spikeyolo-n.yaml", width=0.125, nc=2), verbose=False))
+    model = _firing(EMSDetectionModel(tiny_cfg("spikeyolo-s.yaml", width=0.5, nc=2), verbose=False))
     binary = _compare(model, torch.rand(1, 3, 32, 32, dtype=torch.float64))
     assert not any(isinstance(m, (RepConv, SepRepConv)) for m in binary.modules())
     rep = energy_report(binary, [torch.rand(1, 3, 32, 32, dtype=torch.float64)], 32)
