@@ -170,11 +170,13 @@ DATASET_KEYS = {
     "workers": "recordings processed in parallel processes (default 1); the caches are the same for any N",
 }
 CONVERT_KEYS = {
-    "source": "checkpoint written by the original EMS-YOLO code (best.pt / last.pt of its train.py)",
+    "source": "checkpoint written by the original EMS-YOLO code (best.pt / last.pt of its train.py) or by SpikeYOLO's "
+    "code (BICLab/SpikeYOLO: its released weights, best.pt / last.pt of its trainer)",
     "out": "ems-yolo checkpoint to write (default <source stem>-ems.pt beside the source)",
     "model": "ems-yolo model YAML the checkpoint must match row for row (its neuron, loss and input settings are "
     "used; default: derived from the checkpoint's own YAML)",
-    "time_steps": "simulation time steps T (default 5, the original code's; T is not stored in its checkpoints)",
+    "time_steps": "simulation time steps T (default: EMS-YOLO 5, the original code's, as T is not stored in its "
+    "checkpoints; SpikeYOLO the file's own)",
 }
 EVENTS_KEYS = {
     "source": "input video (any format OpenCV reads), or an event file to convert or describe (.dat, .raw, .npy)",

@@ -174,8 +174,8 @@ def energy(ctx: typer.Context) -> None:
 
 
 @app.command(context_settings=KEY_VALUE, help="Convert a checkpoint of the original EMS-YOLO code (BICLab/EMS-YOLO) "
-             "into an ems-yolo checkpoint, read without executing it. Every ems-yolo command also takes such a file "
-             "directly as model=.\n\n" + _keys_help(CONVERT_KEYS))
+             "or of SpikeYOLO's (BICLab/SpikeYOLO) into an ems-yolo checkpoint, read without executing it. Every "
+             "ems-yolo command also takes such a file directly as model=.\n\n" + _keys_help(CONVERT_KEYS))
 def convert(ctx: typer.Context) -> None:
     """convert_original(source, out, model, time_steps)."""
     from ems_yolo.engine.checkpoints import convert_original

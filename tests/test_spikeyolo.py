@@ -124,9 +124,51 @@ def test_info_prints_the_original_count():
     from pathlib import Path
 
     exe = Path(sys.executable).parent / "ems-yolo"
-    r = subprocess.run([str(exe), "info", "model=spikeyolo-s.yaml", "imgsz=64"], capture_output=True, text=True,
+    r = subprocess.run([str(exe), "info", "model=spikeyolo-s.yaml"], capture_output=True, text=True,
                        env=os.environ.copy(), timeout=300)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out
     assert "SpikeConvBlock" in out and "SpikeDetect" in out
-    assert "23,153,024 parameters" in [line for line in out.splitlines() if "summary:" in line][-1]
+    summary = [line for line in out.splitlines() if "summary:" in line][-1]
+    assert "23,153,024 parameters" in summary and "121.1 GFLOPs per time step" in summary  # README: SpikeYOLO
+
+
+@pytest.mark.slow
+def test_tiny_model_exports_to_onnx_equal_to_pytorch(tmp_path):
+    """ONNX export through the engine (I-LIF's traceable loop, BNAndPad's border as Pad + Where): ONNX == PyTorch."""
+    import onnxruntime
+
+    from ems_yolo import EMSYOLO
+    from ems_yolo.engine.model import derive_model_yaml
+
+    d = load_model_yaml("spikeyolo-n.yaml")
+    d.update(width_multiple=0.125, nc=2)
+    model = EMSYOLO(str(derive_model_yaml(d)))
+    for m in model.model.modules():  # statistics that make the neurons fire at every level
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 2.0)
+            m.bias.data.uniform_(-0.5, 1.0)
+    onnx = model.export(format="onnx", imgsz=64)
+    x = torch.rand(1, 3, 64, 64)  # exported with a fixed batch of 1
+    sess = onnxruntime.InferenceSession(onnx, providers=["CPUExecutionProvider"])
+    out = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+    with torch.no_grad():
+        ref = model.model.float().eval()(x)[0]
+    assert out.shape == ref.shape == (1, 6, 84)
+    assert torch.allclose(out, ref, atol=1e-3)
+
+
+def test_time_repeat_frames_and_event_bins():
+    """Frames: the image at each of the T steps (SpikeYOLO's MS_GetT); events: the T time-major bins of the
+    channels, step t of the folded batch holding bin t."""
+    from ems_yolo.nn.spikeyolo import TimeRepeat
+
+    x = torch.rand(2, 3, 8, 8)
+    assert torch.equal(TimeRepeat(3, time_steps=3)(x), torch.cat([x, x, x]))
+    assert TimeRepeat.out_channels(6, time_steps=3, input_kind="events") == 2
+    events = torch.rand(2, 6, 8, 8)  # T=3 bins x 2 polarities
+    out = TimeRepeat(6, time_steps=3, input_kind="events")(events)
+    assert out.shape == (6, 2, 8, 8)
+    assert torch.equal(out[1 * 2 + 0], events[0, 2:4]) and torch.equal(out[2 * 2 + 1], events[1, 4:6])
+    with pytest.raises(ValueError, match="not a multiple of time_steps=4"):
+        TimeRepeat(6, time_steps=4, input_kind="events")

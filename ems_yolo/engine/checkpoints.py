@@ -7,8 +7,9 @@ them without running any of their code (`rebuild_load`: allocation plus pickled 
 else is refused unless the file was trusted (`trust=True`, a plain `torch.load`). Every Ultralytics code path that
 reads a checkpoint (model loading, trainer set-up, resume, AutoBackend) goes through it (ultralytics_compat hook 7).
 
-A converted original checkpoint is an ordinary ems-yolo checkpoint (the model pickled as `EMSDetectionModel`, FP16
-like Ultralytics' own, `epoch: -1` as a finished run) with a `converted_from` record of where it came from.
+Checkpoints of other projects' code (the original EMS-YOLO code, SpikeYOLO's) are converted when read. A converted
+checkpoint is an ordinary ems-yolo checkpoint (the model pickled as `EMSDetectionModel`, FP16 like Ultralytics' own,
+`epoch: -1` as a finished run) with a `converted_from` record of where it came from.
 """
 
 from __future__ import annotations
@@ -28,9 +29,12 @@ from ems_yolo.cfg import load_model_yaml
 from ems_yolo.nn.inert_pickle import RefusedPickle, rebuild_load
 from ems_yolo.nn.model import EMSDetectionModel
 from ems_yolo.nn.original import ORIGINAL_MODEL, ORIGINAL_TIME_STEPS, OriginalCheckpoint, load_original
+from ems_yolo.nn.spikeyolo_checkpoint import SpikeYOLOCheckpoint, is_spikeyolo_globals, load_spikeyolo
 from ems_yolo.utils.files import atomic_write, refuse_overwriting_inputs
 
 ORIGINAL_FORMAT = "EMS-YOLO original (BICLab/EMS-YOLO train.py, pickled models.yolo.Model)"
+SPIKEYOLO_FORMAT = ("SpikeYOLO (BICLab/SpikeYOLO trainer, pickled ultralytics.nn.tasks.DetectionModel of its "
+                    "yolo_spikformer modules)")
 ALLOWED_MODULES = ("ems_yolo.", "ultralytics.", "torch.nn.")  # where the classes a checkpoint may need live
 ALLOWED_DATA_CLASSES = ("ultralytics.utils.IterableSimpleNamespace",)  # plain attribute bags (training args)
 EXPECTED = "expected a PyTorch checkpoint (.pt) written by ems-yolo train or convert, or by Ultralytics"
@@ -77,7 +81,7 @@ def load_checkpoint_file(path: str | Path) -> dict:
     except Exception:  # not a zip archive, truncated, or not a torch file
         raise ValueError(f"{path}: not a readable PyTorch checkpoint (truncated, corrupt or another format), "
                          f"{EXPECTED}") from None
-    if ORIGINAL_MODEL in needed:
+    if ORIGINAL_MODEL in needed or is_spikeyolo_globals(needed):
         return load_converted(path)[1]
     classes = {name: _allowed_class(name) for name in needed}
     refused = sorted(name for name, cls in classes.items() if cls is None)
@@ -114,8 +118,20 @@ def write_checkpoint(ckpt: dict, path: str | Path) -> Path:
     return atomic_write(path, lambda f: torch.save(ckpt, f))
 
 
-def converted_checkpoint(model: EMSDetectionModel, orig: OriginalCheckpoint) -> dict:
-    """The ems-yolo checkpoint dict of a converted original model (a finished run: nothing to resume)."""
+def foreign_format(path: str | Path) -> str | None:
+    """ORIGINAL_FORMAT or SPIKEYOLO_FORMAT for a checkpoint of that code (decided from the globals its pickle names;
+    nothing is unpickled), else None."""
+    try:
+        needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a zip checkpoint (legacy, truncated, or not a torch file): not ours to decide
+        return None
+    if ORIGINAL_MODEL in needed:
+        return ORIGINAL_FORMAT
+    return SPIKEYOLO_FORMAT if is_spikeyolo_globals(needed) else None
+
+
+def converted_checkpoint(model: EMSDetectionModel, orig: OriginalCheckpoint | SpikeYOLOCheckpoint) -> dict:
+    """The ems-yolo checkpoint dict of a converted model (a finished run: nothing to resume)."""
     return {
         "epoch": -1,
         "best_fitness": None,
@@ -130,7 +146,7 @@ def converted_checkpoint(model: EMSDetectionModel, orig: OriginalCheckpoint) -> 
         "docs": "https://docs.ultralytics.com",
         "converted_from": {
             "file": str(orig.path),
-            "format": ORIGINAL_FORMAT,
+            "format": SPIKEYOLO_FORMAT if isinstance(orig, SpikeYOLOCheckpoint) else ORIGINAL_FORMAT,
             "weights": orig.source,
             "epoch": orig.epoch,
             "date": orig.date,
@@ -142,13 +158,19 @@ def converted_checkpoint(model: EMSDetectionModel, orig: OriginalCheckpoint) -> 
 def load_converted(
     path: str | Path, time_steps: int | None = None, model_yaml: str | Path | None = None
 ) -> tuple[EMSDetectionModel, dict]:
-    """An original checkpoint as Ultralytics' `load_checkpoint` returns a native one: (model in eval mode with
-    `args`, `pt_path` and `task` attached, checkpoint dict)."""
+    """An original EMS-YOLO or a SpikeYOLO checkpoint as Ultralytics' `load_checkpoint` returns a native one: (model
+    in eval mode with `args`, `pt_path` and `task` attached, checkpoint dict). T: `time_steps`, else the file's
+    (SpikeYOLO) or the original code's default (EMS-YOLO, whose files do not store it)."""
     base = load_model_yaml(model_yaml) if model_yaml else None
-    model, orig = load_original(path, int(time_steps or ORIGINAL_TIME_STEPS), base)
+    if foreign_format(path) == SPIKEYOLO_FORMAT:
+        model, orig = load_spikeyolo(path, time_steps, base)
+        summary = spikeyolo_summary(model, orig, time_steps)
+    else:
+        model, orig = load_original(path, int(time_steps or ORIGINAL_TIME_STEPS), base)
+        summary = conversion_summary(model, orig, time_steps)
     model.args = {**DEFAULT_CFG_DICT, "task": "detect"}
     model.pt_path, model.task = str(path), "detect"
-    LOGGER.info(conversion_summary(model, orig, time_steps))
+    LOGGER.info(summary)
     return model, converted_checkpoint(model, orig)
 
 
@@ -168,14 +190,26 @@ def conversion_summary(model: EMSDetectionModel, orig: OriginalCheckpoint, time_
     )
 
 
+def spikeyolo_summary(model: EMSDetectionModel, sy: SpikeYOLOCheckpoint, time_steps: int | None) -> str:
+    """What was converted from a SpikeYOLO checkpoint: classes, T and D, parameters, source epoch and date."""
+    params = sum(p.numel() for p in model.parameters())
+    t_note = "given" if time_steps else "from its MS_GetT layer"
+    return (
+        f"{sy.path}: SpikeYOLO checkpoint ('{sy.source}' weights of epoch {sy.epoch}, saved "
+        f"{sy.date or 'on an unknown date'}), {len(sy.tensors)} tensors mapped one-to-one\n"
+        f"  model {Path(model.yaml['yaml_file']).name}: {model.yaml['nc']} classes, T={model.time_steps} ({t_note}), "
+        f"I-LIF D={sy.levels}, {params:,} parameters"
+    )
+
+
 def convert_original(
     source: str | Path,
     out: str | Path | None = None,
     model: str | Path | None = None,
     time_steps: int | None = None,
 ) -> Path:
-    """Convert an original EMS-YOLO checkpoint into an ems-yolo one (default `<source stem>-ems.pt` beside it);
-    `model` names the ems-yolo YAML whose rows it must match (its neuron, loss and input settings are used)."""
+    """Convert an original EMS-YOLO or a SpikeYOLO checkpoint into an ems-yolo one (default `<source stem>-ems.pt`
+    beside it); `model` names the ems-yolo YAML whose rows it must match (its settings are used)."""
     source = Path(source)
     if not source.is_file():
         raise FileNotFoundError(f"checkpoint '{source}' not found")

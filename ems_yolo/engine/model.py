@@ -41,12 +41,11 @@ from ems_yolo.cfg import (
 )
 from ems_yolo.data.datasets import load_data, resolve_data
 from ems_yolo.data.verify import check_media_source
-from ems_yolo.engine.checkpoints import load_converted, trust_file, write_checkpoint
+from ems_yolo.engine.checkpoints import foreign_format, load_converted, trust_file, write_checkpoint
 from ems_yolo.engine.predictor import EventPredictor, FramePredictor
 from ems_yolo.engine.trainer import EMSTrainer, model_for_data
 from ems_yolo.engine.validator import EMSValidator
 from ems_yolo.nn.model import EMSDetectionModel, ann_twin
-from ems_yolo.nn.original import is_original_checkpoint
 from ems_yolo.nn.parser import ULTRALYTICS_HEADS
 from ems_yolo.nn.spike_driven import to_spike_driven
 from ems_yolo.utils.checks import check_exported_model
@@ -155,9 +154,10 @@ class EMSYOLO(Model):
         return self.model.yaml.get("time_steps") if isinstance(self.model, nn.Module) else None
 
     def _load(self, weights: str, task: str | None = None) -> None:
-        """Ultralytics' checkpoint loading; a checkpoint of the original EMS-YOLO code is converted in memory first
-        (read without executing it; T = 5, the original's default, unless `time_steps=` is given)."""
-        if not (str(weights).endswith(".pt") and is_original_checkpoint(weights)):
+        """Ultralytics' checkpoint loading; a checkpoint of the original EMS-YOLO code or of SpikeYOLO's is converted
+        in memory first (read without executing it; T unless `time_steps=` is given: the original EMS-YOLO's default
+        5, or what the SpikeYOLO file says)."""
+        if not (str(weights).endswith(".pt") and foreign_format(weights)):
             return super()._load(weights, task)
         self.model, self.ckpt = load_converted(weights, self._conversion_time_steps)
         self.task = "detect"

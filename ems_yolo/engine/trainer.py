@@ -29,7 +29,7 @@ from ems_yolo.data.splits import build_split_dataset
 from ems_yolo.engine.checkpoints import load_checkpoint_file  # also hook 7: every checkpoint read is the safe loader
 from ems_yolo.engine.autoanchor import check_anchors
 from ems_yolo.engine.validator import EMSValidator
-from ems_yolo.nn.model import EMSDetectionModel, local_bn_stats
+from ems_yolo.nn.model import EMSDetectionModel, local_bn_stats, raw_levels
 from ems_yolo.utils.checks import image_hw
 from ems_yolo.utils.files import atomic_write_text, claim_run
 
@@ -180,9 +180,7 @@ class EMSTrainer(DetectionTrainer):
         probe = deepcopy(model)
         start = time.perf_counter()
         with local_bn_stats(probe):  # rank 0 alone: no collective
-            out = probe(x)
-            out = out["feats"] if isinstance(out, dict) else out  # SpikeDetect: Ultralytics' dict of raw outputs
-            sum(o.float().mean() for o in out).backward()
+            sum(o.float().mean() for o in raw_levels(probe(x))).backward()
         seconds = time.perf_counter() - start
         n = len(self.train_loader.dataset)
         epoch_min = seconds * n / 60

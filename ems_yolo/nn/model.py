@@ -55,6 +55,12 @@ def frozen_bn_stats(module: torch.nn.Module):
             m.num_batches_tracked.copy_(n)
 
 
+def raw_levels(out) -> list[torch.Tensor]:
+    """The per-level raw head outputs of a training-mode forward: EMSDetect returns them as a list, SpikeDetect
+    (like Ultralytics' Detect) as the `feats` of a dict."""
+    return out["feats"] if isinstance(out, dict) else out
+
+
 def ann_twin(cfg: dict) -> dict:
     """The same architecture as a conventional ANN: LIF neurons replaced by ReLU, one time step (energy-spec §3.3).
 
@@ -160,8 +166,7 @@ class EMSDetectionModel(DetectionModel):
         with torch.no_grad():
             raw = self.forward(torch.zeros(1, ch, STRIDE_PROBE, STRIDE_PROBE))
         self.model.train()
-        raw = raw["feats"] if isinstance(raw, dict) else raw  # SpikeDetect: Ultralytics' dict of raw outputs
-        return torch.tensor([STRIDE_PROBE / p.shape[2] for p in raw])
+        return torch.tensor([STRIDE_PROBE / p.shape[2] for p in raw_levels(raw)])
 
     def log_layers(self) -> None:
         """Log the Ultralytics-style layer table: index, sources, repeats, parameters, module, arguments."""

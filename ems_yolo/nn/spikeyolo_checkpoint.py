@@ -114,6 +114,19 @@ def _row_name(modules: dict[str, InertObject], path: str) -> str:
     return f"model row {parts[1]} ({getattr(layer, 'global_name', '?').rsplit('.', 1)[-1]})"
 
 
+def _dropped(modules: dict[str, InertObject], name: str) -> bool:
+    """Modules with no ems-yolo counterpart and no tensors: a neuron's quantiser (its D is read) and SpikeDFL's
+    neuron, which its forward never calls (with everything below them)."""
+    while "." in name:
+        parent = modules.get(name.rsplit(".", 1)[0])
+        leaf = name.rsplit(".", 1)[1]
+        if parent is not None and ((parent.global_name.endswith(".mem_update") and leaf == "qtrick")
+                                   or (parent.global_name.endswith(".SpikeDFL") and leaf == "lif")):
+            return True
+        name = name.rsplit(".", 1)[0]
+    return False
+
+
 def read_spikeyolo(path: str | Path) -> SpikeYOLOCheckpoint:
     """Read a SpikeYOLO checkpoint without executing it; errors name the file and what is wrong."""
     path = Path(path)
@@ -126,6 +139,10 @@ def read_spikeyolo(path: str | Path) -> SpikeYOLOCheckpoint:
     if not (isinstance(nc, int) and not isinstance(nc, bool) and nc >= 1):
         raise fail(path, f"the pickled YAML's nc is {nc!r}, expected a positive integer")
     modules = module_tree(model)
+    for name, m in modules.items():
+        if name and not _dropped(modules, name) and m.global_name not in MODULE_CLASSES:
+            raise fail(path, f"{_row_name(modules, name)}: module class {m.global_name} (at '{name}') has no ems-yolo "
+                             "counterpart")
     levels = set()
     for name, m in modules.items():
         if m.global_name.endswith(".mem_update"):
@@ -232,7 +249,7 @@ def _translate_args(name: str, args: list, width: float, max_c: float, nc: int) 
         if args != [2]:
             raise ValueError(name)
         return [1]  # the fork concatenates [T, B, C, H, W] on dim 2; ems-yolo's [T*B, C, H, W] on dim 1
-    return [nc if a == "nc" else a for a in args]  # SpikeDetect [nc]
+    return args  # SpikeDetect [nc]: 'nc' stays a name, so that training on other data changes it
 
 
 def ems_model_yaml(sy: SpikeYOLOCheckpoint, time_steps: int | None = None, base: dict | None = None) -> dict:
@@ -254,20 +271,14 @@ def ems_model_yaml(sy: SpikeYOLOCheckpoint, time_steps: int | None = None, base:
 
 
 def check_module_tree(sy: SpikeYOLOCheckpoint, model: nn.Module) -> None:
-    """Every pickled module is one the mapping knows, found at the same path in `model` as the mapped class
-    (neurons: I-LIF with the checkpoint's D; BNAndPad: the same border); errors name the row and the class."""
+    """Every pickled module is found at the same path in `model` as the class it maps to (BNAndPad: with the same
+    border); errors name the row and the class."""
     ours = dict(model.named_modules())
     for name, m in sy.modules.items():
-        if not name:
+        if not name or _dropped(sy.modules, name):
             continue
-        parent = sy.modules.get(name.rsplit(".", 1)[0] if "." in name else "")
-        if parent is not None and parent.global_name.endswith((".mem_update", ".SpikeDFL")) and name.endswith(
-                (".qtrick", ".lif")):
-            continue  # the quantiser (D, read above) and the DFL's neuron, which its forward never calls
-        cls = MODULE_CLASSES.get(m.global_name)
+        cls = MODULE_CLASSES[m.global_name]  # known: read_spikeyolo checked every class
         row = _row_name(sy.modules, name)
-        if cls is None:
-            raise fail(sy.path, f"{row}: module class {m.global_name} (at '{name}') has no ems-yolo counterpart")
         mine = ours.get(name)
         if mine is None or not isinstance(mine, cls):
             raise fail(sy.path, f"{row}: '{name}' is a {m.global_name}, the ems-yolo model has "
