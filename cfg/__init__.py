@@ -119,12 +119,14 @@ ENGINE_KEYS = {
     "stride_ms": "predict on events: step of the sliding window along a .dat recording (default 50)",
     "cuda_graph": "predict: replay the model from a CUDA graph once an input shape repeats (batch-1 latency of "
     "videos, streams and event recordings; default on with a CUDA device, True elsewhere is an error)",
+    "spike_driven": "export: the spike-driven form of an I-LIF model, integer spikes 0..D at T steps as 0/1 spikes at "
+    "T x D sub-steps, so spike-fed convs only add (default False)",
 }
 # keys that choose the model, not mode settings
 MODEL_KEYS = ("model", "time_steps", "ann", "checkpoint", "sync_bn", "trust")
 # the one mode each key applies to (the others' help does not list it, their command lines refuse it)
 MODE_ONLY_KEYS = {"events": "predict", "stride_ms": "predict", "cuda_graph": "predict", "energy": "val",
-                  "checkpoint": "train", "sync_bn": "train"}
+                  "checkpoint": "train", "sync_bn": "train", "spike_driven": "export"}
 MODE_HELP = {
     "train": "Train a spiking detector. data= defaults to the built-in shapes dataset (also data=shapes).",
     "val": "Validate a model (mAP50, mAP50-95; save_json=True adds pycocotools mAP).",
@@ -140,6 +142,7 @@ ENERGY_KEYS = {
     "time_steps": "override T",
     "trust": "load a .pt that needs classes outside ems-yolo, Ultralytics and torch.nn (it can run code)",
     "ann": "report the ANN twin itself (ReLU, T=1): every conv is a MAC layer",
+    "spike_driven": "report the spike-driven form of an I-LIF model (0/1 spikes at T x D sub-steps; default False)",
     "batch": "images per batch (default 8)",
     "max_batches": "stop after this many batches (default: the whole split)",
     "split": "dataset split (default val)",
@@ -201,7 +204,8 @@ _COUNTS = ("workers",)  # integers >= 0
 _POSITIVE = ("stride_ms", "window_ms", "bin_ms", "spacing_ms", "c_on", "c_off", "e_ac", "e_mac", "depth_multiple",
              "width_multiple")
 _NON_NEGATIVE = ("sigma", "refractory_us", "noise_hz")
-_BOOLS = ("ann", "checkpoint", "sync_bn", "events", "energy", "detailed", "trust", "info", "closed", "cuda_graph")
+_BOOLS = ("ann", "checkpoint", "sync_bn", "events", "energy", "detailed", "trust", "info", "closed", "cuda_graph",
+          "spike_driven")
 _CHOICES = {"input": ("frames", "events"), "preset": ("fp32", "fp16", "int8"), "split": ("train", "val", "test"),
             "representation": ("ems_frames", "histogram", "voxel"), "format": EXPORT_FORMATS}
 # Smallest values with a meaning: event times are whole microseconds, so a step or window under 1 us is zero.

@@ -1,8 +1,10 @@
-"""Does the spiking model learn? Train EMS-Res10 and its ANN twin with the same budget on the built-in data.
+"""Does the spiking model learn? Train EMS-Res10, its ANN twin and a tiny SpikeYOLO with the same budget on the
+built-in data.
 
-The ANN twin is the same YAML with LIF replaced by ReLU and T = 1. Both runs use the same data, seed, epochs,
-image size, optimiser and batch; the script prints mAP50-95 and mAP50 of both and the SNN/ANN ratio
-(target: SNN >= 0.8 x ANN).
+The ANN twin is the same YAML with LIF replaced by ReLU and T = 1. SpikeYOLO is `--spikeyolo` (default
+spikeyolo-tiny.yaml: I-LIF with integer spikes 0..4 at its YAML's T = 1, anchor-free head, Ultralytics' v8 loss).
+All runs use the same data, seed, epochs, image size, optimiser and batch; the script prints mAP50-95 and mAP50 of
+each and the SNN/ANN ratio (target: SNN >= 0.8 x ANN).
 
     python tools/bench_learning.py --epochs 30 --width 0.5 --time-steps 2
 """
@@ -35,6 +37,7 @@ def train(cfg: dict, data: str, args: argparse.Namespace, name: str, project: st
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="ems-res10.yaml")
+    p.add_argument("--spikeyolo", default="spikeyolo-tiny.yaml", help="SpikeYOLO YAML trained as a third row")
     p.add_argument("--width", type=float, default=0.5, help="width_multiple (reduced width allowed)")
     p.add_argument("--time-steps", type=int, default=2)
     p.add_argument("--epochs", type=int, default=30)
@@ -55,13 +58,14 @@ def main() -> None:
     results = {
         "SNN": train(snn, data, args, "snn", project),
         "ANN": train(ann_twin(snn), data, args, "ann", project),
+        "SpikeYOLO": train(load_model_yaml(args.spikeyolo), data, args, "spikeyolo", project),
     }
     print(f"\n{args.model} width {args.width}, T={args.time_steps} (ANN twin: ReLU, T=1); {args.epochs} epochs, "
           f"imgsz {args.imgsz}, {args.optimizer} lr0 {args.lr0}, built-in shapes {args.n_train}/{args.n_val}; "
-          f"runs in {project}")
-    print(f"{'model':<6}{'mAP50-95':>10}{'mAP50':>10}{'train s':>10}")
+          f"runs in {project}; SpikeYOLO: {args.spikeyolo} as its YAML is")
+    print(f"{'model':<10}{'mAP50-95':>10}{'mAP50':>10}{'train s':>10}")
     for name, (m, m50, sec) in results.items():
-        print(f"{name:<6}{m:>10.4f}{m50:>10.4f}{sec:>10.0f}")
+        print(f"{name:<10}{m:>10.4f}{m50:>10.4f}{sec:>10.0f}")
     (s, s50, _), (a, a50, _) = results["SNN"], results["ANN"]
     print(f"ratio SNN/ANN: mAP50-95 {s / max(a, 1e-9):.2f}, mAP50 {s50 / max(a50, 1e-9):.2f} (target >= 0.8)")
 

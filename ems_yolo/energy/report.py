@@ -25,6 +25,7 @@ from torch import nn
 from ems_yolo.energy.monitor import SpikeCount, SpikeMonitor
 from ems_yolo.nn.blocks import EMSBlock2
 from ems_yolo.nn.flops import conv_ops
+from ems_yolo.nn.spike_driven import ThermometerILIF
 from ems_yolo.utils.checks import image_hw
 from ems_yolo.utils.files import atomic_write_bytes
 
@@ -80,6 +81,7 @@ class EnergyReport:
     ann_macs: int
     e_ann_mj: float
     conventions: list[str] = field(default_factory=list)
+    levels: int = 1  # largest spike value D: 1 for binary spikes (LIF), `levels` for integer spikes (I-LIF)
     untrained: bool = False  # measured on initial (random) weights: the rates and the ratio mean nothing yet
 
     @property
@@ -127,8 +129,11 @@ class EnergyReport:
                 f"{r.name:<32}{r.kind:<5}{f'{r.out_hw[0]}x{r.out_hw[1]}':>9}{r.macs:>13,}{fr:>8}  {steps:<{sw}}"
                 f"{sops:>13}{r.energy_mj:>11.4g}"
             )
-        lines += ["", "Firing rate per LIF (output spikes / neurons):", f"{'LIF':<40}{'fr':>8}  fr per step"]
+        lines += ["", "Firing rate per neuron (output spikes / neurons):", f"{'neuron':<40}{'fr':>8}  fr per step"]
         lines += [f"{n.name:<40}{n.rate:>8.4f}  {'/'.join(f'{v:.3f}' for v in n.step_rates)}" for n in self.neurons]
+        if self.levels > 1:
+            lines += ["", f"Spike values per neuron (fraction of neuron-steps at 0..{self.levels}):"]
+            lines += [f"{n.name:<40}  {' '.join(f'{v:.4f}' for v in n.level_rates)}" for n in self.neurons]
         lines += [
             "",
             "Totals (per sample):",
@@ -178,7 +183,7 @@ class EnergyReport:
         ax = fig.add_subplot()
         ax.bar(range(len(rows)), [r.firing_rate for r in rows], color="tab:blue")
         ax.set_xticks(range(len(rows)), [r.name for r in rows], rotation=90, fontsize=6)
-        ax.set_ylim(0, 1)
+        ax.set_ylim(0, max([1.0, *(r.firing_rate for r in rows)]))
         ax.set_ylabel("input firing rate")
         ax.set_title(
             f"Firing rate per spike-fed layer (T={self.time_steps}, {self.samples} samples, "
@@ -200,12 +205,26 @@ def _images(batch) -> torch.Tensor:
     return x if x.is_floating_point() else x.float() / 255
 
 
-def _conventions(model: nn.Module, T: int, imgsz: tuple[int, int]) -> list[str]:
+def _sub_steps(model: nn.Module) -> int:
+    """D of a spike-driven model (binary sub-steps per step of its integer model), 1 for any other model."""
+    return max((m.sub_steps for m in model.modules() if isinstance(m, ThermometerILIF)), default=1)
+
+
+def _conventions(model: nn.Module, T: int, imgsz: tuple[int, int], levels: int) -> list[str]:
     """The energy-spec §3.2 conventions behind the numbers, as sentences."""
     orders = sorted({m.pool_order for m in model.modules() if isinstance(m, EMSBlock2)})
-    return [
+    D = _sub_steps(model)
+    integer = [
+        f"integer spikes (I-LIF, values 0..{levels}): a spike of value k is k additions, so fr is the mean spike value "
+        "per neuron and step (it can exceed 1) and SOPs = sum_t fr_t * MACs counts additions"
+    ] if levels > 1 else []
+    driven = [
+        f"spike-driven model: T x D = {T} binary sub-steps (D = {D}); spike-fed convs read 0/1 spikes, additions "
+        f"only; real-input convs run at the integer model's T = {T // D} steps"
+    ] if D > 1 else []
+    return [*integer, *driven,
         "E_SNN = sum_AC E_AC * MACs * sum_t fr_t + sum_MAC E_MAC * MACs * T (paper Eq. 6, per layer and per step)",
-        f"real-input (MAC) convs, encoding and detection convs included, are counted T={T} times",
+        f"real-input (MAC) convs, encoding and detection convs included, are counted T={T // D} times",
         "fr = spikes / (neurons x T x samples), a ratio of sums over the evaluation set, per layer and per step",
         "SOPs = sum_t fr_t * MACs (paper-style average fan-out, not the boundary-exact spike x fan-out count)",
         (
@@ -263,9 +282,10 @@ def energy_report(
         model.train(was_training)
 
     T, counts = monitor.time_steps, monitor.conv_counts
+    mac_steps = T // _sub_steps(model)  # a spike-driven model's real-input convs run at its integer model's steps
     layers = []
     for op in ops:
-        if op.spike_input:
+        if op.spike_input or op.name in counts:
             if op.name not in counts:
                 raise RuntimeError(f"spike-fed conv {op.name} did not run on the evaluation batches")
             c = counts[op.name]
@@ -277,7 +297,8 @@ def energy_report(
             )
         else:
             layers.append(
-                LayerEnergy(op.name, "MAC", op.out_hw, op.macs, None, None, 0.0, e_mac * op.macs * T * PJ_TO_MJ)
+                LayerEnergy(op.name, "MAC", op.out_hw, op.macs, None, None, 0.0,
+                            e_mac * op.macs * mac_steps * PJ_TO_MJ)
             )
     twin_macs = sum(op.macs for op in ops)  # the ANN twin runs the same convs once
     return EnergyReport(
@@ -294,5 +315,6 @@ def energy_report(
         e_snn_mj=sum(r.energy_mj for r in layers),
         ann_macs=twin_macs,
         e_ann_mj=e_mac * twin_macs * PJ_TO_MJ,
-        conventions=_conventions(model, T, hw),
+        conventions=_conventions(model, T, hw, monitor.levels),
+        levels=monitor.levels,
     )

@@ -48,6 +48,7 @@ from ems_yolo.engine.trainer import EMSTrainer, model_for_data
 from ems_yolo.engine.validator import EMSValidator
 from ems_yolo.nn.model import EMSDetectionModel, ann_twin
 from ems_yolo.nn.parser import ULTRALYTICS_HEADS
+from ems_yolo.nn.spike_driven import to_spike_driven
 from ems_yolo.utils.checks import check_exported_model
 from ems_yolo.utils.files import claim_run, content_addressed, no_half_written_runs
 
@@ -175,11 +176,19 @@ class EMSYOLO(Model):
         """Ultralytics' build from a YAML, after resolving ems-yolo's model names to their files."""
         super()._new(str(find_model_yaml(cfg)), "detect", *args, **kwargs)
 
-    def export(self, **kwargs):
-        """Ultralytics' exporter (ONNX, TorchScript, ...); its closing hints name `ems-yolo` commands."""
-        kwargs = check_values(kwargs)
-        with ultralytics_compat.ems_yolo_hints():
-            return super().export(**kwargs)
+    def export(self, spike_driven: bool = False, **kwargs):
+        """Ultralytics' exporter (ONNX, TorchScript, ...); its closing hints name `ems-yolo` commands.
+        `spike_driven=True` exports the binary-spike form of an I-LIF model (`ems_yolo.nn.spike_driven`)."""
+        kwargs = check_values({**kwargs, "spike_driven": spike_driven})
+        model = self.model
+        if kwargs.pop("spike_driven"):
+            self._check_is_pytorch_model()
+            self.model = to_spike_driven(model)
+        try:
+            with ultralytics_compat.ems_yolo_hints():
+                return super().export(**kwargs)
+        finally:
+            self.model = model
 
     def info(self, detailed: bool = False, verbose: bool = True, imgsz: int | list = 640):
         """Log the layer table and the summary (layers, parameters, gradients, GFLOPs per step and over all T)."""
@@ -259,6 +268,7 @@ class EMSYOLO(Model):
         max_batches: int | None = None,
         project: str | None = None,
         name: str = "energy",
+        spike_driven: bool = False,
         **energy_kwargs: Any,
     ):
         """Firing rates on `data`, synaptic operations and energy vs the ANN twin; files go to a run folder.
@@ -266,7 +276,8 @@ class EMSYOLO(Model):
         A model YAML is built for the dataset (its classes, channels and, for events, T = bins), as training would;
         a checkpoint is measured as it is.
 
-        `energy_kwargs`: e_ac, e_mac (pJ) or preset ("fp32", "fp16", "int8"), device.
+        `spike_driven=True` reports the binary-spike form of an I-LIF model. `energy_kwargs`: e_ac, e_mac (pJ) or
+        preset ("fp32", "fp16", "int8"), device.
         """
         from ultralytics.utils.files import increment_path
         from ultralytics.utils.torch_utils import select_device
@@ -276,12 +287,14 @@ class EMSYOLO(Model):
         if not isinstance(self.model, nn.Module):
             raise ValueError("energy needs a PyTorch model (a YAML or .pt), not an exported one")
         batch = check_values({"imgsz": imgsz, "batch": batch, "max_batches": max_batches, "split": split,
-                              **energy_kwargs}, "energy")["batch"]
+                              "spike_driven": spike_driven, **energy_kwargs}, "energy")["batch"]
         if energy_kwargs.get("device") is not None:  # Ultralytics' check, as train and val make
             energy_kwargs["device"] = select_device(energy_kwargs["device"], verbose=False)
         imgsz = int(imgsz or self.overrides.get("imgsz") or 640)
         data = resolve_data(data or self.overrides.get("data"))
         model = self.model if self.ckpt else model_for_data(self.model.yaml, load_data(data, split=split))
+        if spike_driven:
+            model = to_spike_driven(model)
         loader = energy_dataloader(data, imgsz, batch, split)
         project = Path(project or default_project())
         folder = increment_path(project / name)

@@ -136,7 +136,7 @@ class MSBlock(nn.Module):
             lif = [make_neuron(neuron, time_steps)] if shortcut_lif else []
             self.shortcut = nn.Sequential(
                 max_pool(s, neuron.backend), *lif,
-                spike_conv(c1, c2, spike_input=shortcut_lif and neuron.kind == "lif"),
+                spike_conv(c1, c2, spike_input=shortcut_lif and neuron.kind != "relu", binary=neuron.kind == "lif"),
                 TDBatchNorm2d(c2, 1.0, neuron.vth),
             )
 

@@ -4,6 +4,11 @@ u_1 = I_1;  u_t = (u_{t-1} - sg(s_{t-1})) * tau + I_t;  s_t = round(clip(u_t, 0,
 with torch's round-half-to-even, D = `levels`, tau = 0.25 in SpikeYOLO's COCO models. Spikes are integers 0..D; the
 gradient passes straight through where 0 <= u_t <= D and is zero outside. The soft reset subtracts the detached spike
 (the arithmetic order above is SpikeYOLO's `mem_update`, so float32 outputs round the same way).
+
+`charge="gen1"` is the neuron of SpikeYOLO's Gen1 code instead (SpikingJelly's `MultiStepLIFNode(tau=2.,
+v_reset=None, detach_reset=True)` with its 4-level quantiser): v = u_{t-1} - s_{t-1} (0 before the first step),
+u_t = v + (I_t - v) * (1 - tau) with tau = 0.5 (SpikingJelly's v + (I - v) / 2, the same float arithmetic).
+The recurrence is the op `ems_yolo::ilif_forward` (`ops.ilif`): the torch reference, or its Triton kernel.
 """
 
 from __future__ import annotations
@@ -11,76 +16,73 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ems_yolo.nn.neuron import tracing, unfold_time
+from ems_yolo.nn.neuron import check_backend, tracing, unfold_time
+from ems_yolo.nn.ops import ilif as ilif_ops
+from ems_yolo.nn.ops import runtime
 
 
-def ilif_forward(currents: torch.Tensor, levels: int, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Integer spikes of `[T, B, ...]` currents, and the straight-through window (bool, 0 <= u <= D) per step."""
-    spikes = torch.empty_like(currents)
-    window = torch.empty_like(currents, dtype=torch.bool)
-    u = currents[0].clone()
+def ilif_forward(currents: torch.Tensor, ilif: ILIF) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer spikes of `[T, B, ...]` currents and the straight-through window (uint8, 0 <= u <= D) per step;
+    differentiable in the currents (one autograd node keeping the window only)."""
+    kernel = runtime.use_kernels(ilif.backend, currents)
+    return ilif_ops.forward(currents, ilif.levels, ilif.tau, ilif.charge, kernel)
+
+
+def integer_spikes(currents: torch.Tensor, levels: int, tau: float, charge: str = "leak",
+                   backend: str = "auto") -> torch.Tensor:
+    """The I-LIF's integer spikes of `[T, B, ...]` currents: the op (differentiable, kernels per `backend`), or
+    while tracing or exporting the same recurrence in plain ops."""
+    if not tracing():
+        kernel = runtime.use_kernels(backend, currents)
+        return ilif_ops.forward(currents, levels, tau, charge, kernel)[0]
+    spikes, u, s = [], None, None
     for t in range(currents.shape[0]):
-        if t:
-            u.sub_(spikes[t - 1]).mul_(tau).add_(currents[t])
-        torch.round(torch.clamp(u, 0, levels), out=spikes[t])
-        torch.logical_and(u >= 0, u <= levels, out=window[t])
-    return spikes, window
-
-
-def ilif_backward(grad_spikes: torch.Tensor, window: torch.Tensor, tau: float) -> torch.Tensor:
-    """dL/dI from dL/ds: dL/du_t = dL/ds_t * [0 <= u_t <= D] + tau * dL/du_{t+1} (the reset is detached)."""
-    grad = torch.empty_like(grad_spikes)
-    for t in reversed(range(grad_spikes.shape[0])):
-        torch.mul(grad_spikes[t], window[t], out=grad[t])
-        if t + 1 < grad_spikes.shape[0]:
-            grad[t].add_(grad[t + 1], alpha=tau)
-    return grad
-
-
-class MultiStepILIF(torch.autograd.Function):
-    """The I-LIF recurrence over all T steps as one autograd node; backward keeps one bool per neuron and step."""
-
-    @staticmethod
-    def forward(ctx, currents: torch.Tensor, levels: int, tau: float) -> torch.Tensor:
-        spikes, window = ilif_forward(currents, levels, tau)
-        ctx.save_for_backward(window)
-        ctx.tau = tau
-        return spikes
-
-    @staticmethod
-    def backward(ctx, grad_spikes: torch.Tensor):
-        (window,) = ctx.saved_tensors
-        return ilif_backward(grad_spikes, window, ctx.tau), None, None
+        v = u - s if t else torch.zeros_like(currents[0])
+        if charge == "gen1":
+            u = v + (currents[t] - v) * (1 - tau)
+        else:
+            u = v * tau + currents[t] if t else currents[t]
+        s = torch.round(torch.clamp(u, 0, levels))
+        spikes.append(s)
+    return torch.stack(spikes)
 
 
 class ILIF(nn.Module):
-    """Integer-valued LIF of SpikeYOLO: spikes 0..`levels` (D), soft reset by the detached spike, decay `tau`."""
+    """Integer-valued LIF of SpikeYOLO: spikes 0..`levels` (D), soft reset by the detached spike, decay `tau`.
 
-    def __init__(self, time_steps: int = 1, levels: int = 4, tau: float = 0.25):
+    charge: "leak" (SpikeYOLO's COCO neuron) or "gen1" (its Gen1 neuron, tau 0.5); backend as for the LIF.
+    """
+
+    def __init__(self, time_steps: int = 1, levels: int = 4, tau: float = 0.25, charge: str = "leak",
+                 backend: str = "auto"):
         super().__init__()
         if time_steps < 1:
             raise ValueError(f"time_steps must be >= 1, got {time_steps}")
         if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
             raise ValueError(f"levels: expected a positive integer, got {levels!r}")
+        if charge not in ilif_ops.CHARGES:
+            raise ValueError(f"charge: expected one of {list(ilif_ops.CHARGES)}, got {charge!r}")
+        check_backend(backend)
         self.time_steps = time_steps
         self.levels = levels
         self.tau = tau
+        self.charge = charge
+        self.backend = backend
+
+    def __setstate__(self, state: dict) -> None:
+        """ILIFs pickled before `charge` and `backend` existed are the COCO neuron on the default backend."""
+        super().__setstate__(state)
+        self.__dict__.setdefault("charge", "leak")
+        self.__dict__.setdefault("backend", "auto")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map input currents `[T*B, ...]` to integer spikes of the same shape."""
         currents = unfold_time(x, self.time_steps)
-        if torch.is_grad_enabled() and not tracing():
-            return MultiStepILIF.apply(currents, self.levels, self.tau).flatten(0, 1)
-        if not tracing():
-            return ilif_forward(currents, self.levels, self.tau)[0].flatten(0, 1)
-        u = currents[0]
-        s = torch.round(torch.clamp(u, 0, self.levels))
-        spikes = [s]
-        for t in range(1, self.time_steps):
-            u = (u - s) * self.tau + currents[t]
-            s = torch.round(torch.clamp(u, 0, self.levels))
-            spikes.append(s)
-        return torch.stack(spikes).flatten(0, 1)
+        return integer_spikes(currents, self.levels, self.tau, self.charge, self.backend).flatten(0, 1)
 
     def extra_repr(self) -> str:
-        return f"time_steps={self.time_steps}, levels={self.levels}, tau={self.tau}"
+        return (
+            f"time_steps={self.time_steps}, levels={self.levels}, tau={self.tau}"
+            + (f", charge={self.charge}" if self.charge != "leak" else "")
+            + (f", backend={self.backend}" if self.backend != "auto" else "")
+        )

@@ -213,12 +213,14 @@ class SpikeConv2d(nn.Conv2d):
         return super().forward(x)
 
 
-def spike_conv(c1: int, c2: int, k: int = 1, s: int = 1, spike_input: bool = True) -> nn.Conv2d:
-    """Bias-free 'same' conv tagged with whether it reads binary spikes (drives the energy model).
+def spike_conv(c1: int, c2: int, k: int = 1, s: int = 1, spike_input: bool = True, binary: bool = True) -> nn.Conv2d:
+    """Bias-free 'same' conv tagged with whether it reads spikes (drives the energy model).
 
-    Spike-fed convs are `SpikeConv2d`; the others (real-valued input, or every conv of an ANN twin) are plain.
+    Convs fed binary spikes are `SpikeConv2d` (compact saved input); those fed integer spikes (an I-LIF,
+    `binary=False`) are plain convs tagged as spike-fed; the others (real-valued input, or every conv of an ANN
+    twin) are plain.
     """
-    conv = (SpikeConv2d if spike_input else nn.Conv2d)(c1, c2, k, s, k // 2, bias=False)
+    conv = (SpikeConv2d if spike_input and binary else nn.Conv2d)(c1, c2, k, s, k // 2, bias=False)
     conv.spike_input = spike_input
     return conv
 
@@ -353,7 +355,7 @@ class LCB(nn.Module):
         super().__init__()
         neuron = neuron or NeuronConfig()
         self.lif = make_neuron(neuron, time_steps)
-        self.conv = spike_conv(c1, c2, k, s, spike_input=neuron.kind == "lif")
+        self.conv = spike_conv(c1, c2, k, s, spike_input=neuron.kind != "relu", binary=neuron.kind == "lif")
         self.bn = TDBatchNorm2d(c2, alpha, neuron.vth)
 
     fuse_bn = True  # apply the previous LCB's tdBN inside this LIF in training (`configure_kernels`)

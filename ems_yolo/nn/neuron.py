@@ -33,6 +33,7 @@ _NEURON_VALUES = (
     ("detach_reset", lambda x: isinstance(x, bool), "true or false"),
     ("backend", lambda x: isinstance(x, str), "'auto', 'torch' or 'triton'"),
     ("levels", lambda x: isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= 255, "an integer in 1..255"),
+    ("charge", lambda x: x in ("leak", "gen1"), "'leak' or 'gen1'"),
 )
 
 
@@ -44,7 +45,9 @@ class NeuronConfig:
     (the ANN twin, used with time_steps=1).
     backend: "auto" (the default: the Triton kernels of the training recurrence on CUDA tensors they support, the
     torch path elsewhere), "torch", or "triton" (the kernels wherever they run; a missing triton package is an
-    error). Only the LIF with the rectangular surrogate has kernels; the backends give bit-identical spikes.
+    error). Only the rectangular surrogate has kernels; the backends give bit-identical spikes.
+    charge (I-LIF only): "leak", SpikeYOLO's COCO neuron, or "gen1", the SpikingJelly neuron of its Gen1 code
+    (tau 0.5 unless given; `ems_yolo.nn.ilif`).
     """
 
     kind: str = "lif"
@@ -55,6 +58,7 @@ class NeuronConfig:
     detach_reset: bool = True
     backend: str = "auto"
     levels: int = 4
+    charge: str = "leak"
 
     @classmethod
     def from_dict(cls, d: dict | None, where: str = "neuron") -> NeuronConfig:
@@ -67,6 +71,11 @@ class NeuronConfig:
         for key, ok, expected in _NEURON_VALUES:
             if key in d and not ok(d[key]):
                 raise ValueError(f"{where}.{key}: expected {expected}, got {d[key]!r}")
+        if d.get("charge") == "gen1":
+            if d.get("kind") != "ilif":
+                kind = d.get("kind", "lif")
+                raise ValueError(f"{where}.charge: 'gen1' is a charge of kind 'ilif', got kind {kind!r}")
+            d.setdefault("tau", 0.5)  # SpikingJelly's tau = 2
         cfg = cls(**d)
         if cfg.kind not in ("lif", "ilif", "relu"):
             raise ValueError(f"{where}.kind: expected 'lif', 'ilif' or 'relu', got {cfg.kind!r}")
@@ -301,5 +310,5 @@ def make_neuron(cfg: NeuronConfig, time_steps: int) -> nn.Module:
     if cfg.kind == "ilif":
         from ems_yolo.nn.ilif import ILIF  # ilif builds on this module's time folding
 
-        return ILIF(time_steps, cfg.levels, cfg.tau)
+        return ILIF(time_steps, cfg.levels, cfg.tau, cfg.charge, cfg.backend)
     return LIF(time_steps, cfg.tau, cfg.vth, cfg.surrogate, cfg.alpha, cfg.detach_reset, cfg.backend)
