@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 from pathlib import Path
 from typing import Any
+
+from ems_yolo.utils.settings import ems_home, runs_dir  # noqa: F401  (ems_home: re-exported)
 
 CFG_DIR = Path(__file__).resolve().parent
 MODELS_DIR = CFG_DIR / "models"
@@ -36,14 +37,10 @@ EMS_TRAIN_DEFAULTS: dict[str, Any] = {"optimizer": "SGD", "lrf": 0.1, "cos_lr": 
                                       **EMS_VAL_DEFAULTS}
 
 
-def ems_home() -> Path:
-    """Root of ems-yolo's caches (settings, fonts, generated datasets): $EMS_YOLO_HOME or ~/.cache/ems-yolo."""
-    return Path(os.environ.get("EMS_YOLO_HOME", Path.home() / ".cache" / "ems-yolo")).expanduser()
-
-
 def default_project() -> str:
-    """Run folders go to ./runs/detect, as Ultralytics users expect (not to a folder frozen in its settings)."""
-    return str(Path.cwd() / "runs" / "detect")
+    """Run folders go to <runs_dir>/detect: ./runs/detect, as Ultralytics users expect, unless ems-yolo's own
+    settings (`ems-yolo settings runs_dir=...`) name another folder."""
+    return str(runs_dir() / "detect")
 
 
 def available_models() -> list[str]:

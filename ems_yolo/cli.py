@@ -10,6 +10,8 @@ from typing import Any
 
 import typer
 
+from ems_yolo.utils.settings import SETTINGS
+
 from ems_yolo.cfg import (
     CONVERT_KEYS,
     ENERGY_KEYS,
@@ -261,6 +263,33 @@ def events(ctx: typer.Context) -> None:
     ev = video_to_events(source, out, width=int(kv.get("width", 304)), height=int(kv.get("height", 240)),
                          config=SimulatorConfig(**sim), max_frames=kv.get("max_frames"), progress=True)
     typer.echo(f"{len(ev):,} events -> {out}")
+
+
+@app.command(context_settings=KEY_VALUE, help="Show the environment: versions, CUDA and Triton, offline settings, "
+             "where data, settings and runs go.")
+def checks(ctx: typer.Context) -> None:
+    """`ems-yolo checks` (Ultralytics' `yolo checks`)."""
+    from ems_yolo.engine.checks import environment_report
+
+    parse_key_values(ctx.args, {}, "checks")
+    typer.echo("\n".join(environment_report()))
+
+
+@app.command(context_settings=KEY_VALUE, help="Show ems-yolo's settings file (not Ultralytics'), change a setting "
+             "(ems-yolo settings runs_dir=/data/runs) or restore the defaults (ems-yolo settings reset).\n\n"
+             + _keys_help({k: v[1] for k, v in SETTINGS.items()}))
+def settings(ctx: typer.Context) -> None:
+    """Show, update or reset `$EMS_YOLO_HOME/settings.yaml`."""
+    from ems_yolo.utils.settings import load_settings, reset_settings, settings_file, update_settings
+
+    tokens = list(ctx.args)
+    reset = "reset" in tokens
+    if reset:
+        tokens.remove("reset")
+    kv = parse_key_values(tokens, {k: v[1] for k, v in SETTINGS.items()}, "settings")
+    current = reset_settings() if reset else update_settings(**kv) if kv else load_settings()
+    typer.echo(f"ems-yolo settings ({settings_file()}):")
+    typer.echo("\n".join(f"  {k}: {v}" for k, v in current.items()))
 
 
 @app.command(name="version", help="Print the version of ems-yolo (also: ems-yolo --version).")

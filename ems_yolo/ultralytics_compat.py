@@ -46,7 +46,17 @@ def _configure_environment() -> None:
     _install_fonts(Path(os.environ["YOLO_CONFIG_DIR"]).expanduser() / "Ultralytics")
 
 
+class _NoUltralyticsSettingsBanner(logging.Filter):
+    """Hook 11 (settings). Ultralytics logs, when it creates or migrates its settings file at import, to view and
+    change it with `yolo settings`: another program and another file than ems-yolo's (`ems-yolo settings`). ems-yolo
+    keeps that file in its own home with integrations off, so those lines are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and "'yolo settings" in record.msg)
+
+
 _configure_environment()
+logging.getLogger("ultralytics").addFilter(_NoUltralyticsSettingsBanner())  # before the import that logs them
 
 import ultralytics.engine.trainer as _ul_trainer  # noqa: E402
 import ultralytics.nn.tasks as _ul_tasks  # noqa: E402
