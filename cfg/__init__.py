@@ -172,7 +172,8 @@ CONVERT_KEYS = {
 }
 EVENTS_KEYS = {
     "source": "input video (any format OpenCV reads), or an event file to convert or describe (.dat, .raw, .npy)",
-    "out": "output .dat or .raw (EVT 2.0) file; for a video the default is <video stem>_td.dat beside it",
+    "out": "output .dat or .raw (EVT 2.0) file; for a video the default is runs/events/<video stem>_td.dat (under "
+    "the runs_dir setting)",
     "info": "describe an event file: format, sensor size, duration, event count, rate (default False)",
     "width": "sensor width to resize a video to (default 304); for an event file, its width if the file has none",
     "height": "sensor height to resize a video to (default 240); for an event file, likewise",

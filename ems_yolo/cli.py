@@ -234,6 +234,16 @@ def gen4(ctx: typer.Context, action: str = typer.Argument(..., help="preprocess"
     _preprocess("gen4", action, ctx)
 
 
+def events_output(video: Path) -> Path:
+    """Where `events source=<video>` writes without out=: <runs_dir>/events/<stem>_td.dat, numbered (<stem>-2_td.dat,
+    ...) rather than replacing an earlier run's file."""
+    from ems_yolo.utils.settings import runs_dir
+
+    folder = runs_dir() / "events"
+    return next(p for n in range(1, 10_000) if not (p := folder / f"{video.stem}{f'-{n}' if n > 1 else ''}_td.dat")
+                .exists())
+
+
 @app.command(context_settings=KEY_VALUE, help="Event files: simulate an event camera from a video (a Prophesee "
              ".dat), convert a recording between formats (source=x.raw out=x_td.dat; .dat, EVT 2.0/2.1/3.0 .raw and "
              ".npy in, .dat and EVT 2.0 .raw out), or describe one (info=True).\n\n" + _keys_help(EVENTS_KEYS))
@@ -257,7 +267,7 @@ def events(ctx: typer.Context) -> None:
         return
     if kv.get("info"):
         raise UsageError(f"info=True describes an event file ({', '.join(EVENT_FILE_SUFFIXES)}), not {source}")
-    out = Path(str(kv.get("out", source.with_name(f"{source.stem}_td.dat"))))
+    out = Path(str(kv["out"])) if "out" in kv else events_output(source)
     refuse_overwriting_inputs(out, source=source)
     sim = {k: kv[k] for k in ("c_on", "c_off", "sigma", "refractory_us", "noise_hz", "seed") if k in kv}
     ev = video_to_events(source, out, width=int(kv.get("width", 304)), height=int(kv.get("height", 240)),

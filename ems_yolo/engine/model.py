@@ -226,9 +226,10 @@ class EMSYOLO(Model):
     def predict(self, source=None, stream: bool = False, predictor=None, events: bool = False,
                 stride_ms: float = 50.0, **kwargs):
         """Ultralytics prediction on images, videos and streams; event recordings (.dat, .raw), event caches (.h5) and,
-        with `events=True`, videos simulated into events go to `EventPredictor` (window step `stride_ms`). NMS keeps
-        val's IoU (0.6, the original's) unless `iou` is given. Saved results go to ./runs/detect/<name> unless
-        `project` is given."""
+        with `events=True`, videos simulated into events go to `EventPredictor` (window step `stride_ms`), which takes
+        the same save/show keys with the same defaults (nothing saved unless `save=True`). NMS keeps val's IoU (0.6,
+        the original's) unless `iou` is given. Saved results go to <runs_dir>/detect/<name> unless `project` is
+        given."""
         kwargs = {**EMS_VAL_DEFAULTS, **check_values({**kwargs, "events": events, "stride_ms": stride_ms})}
         stride_ms = kwargs.pop("stride_ms")
         events = kwargs.pop("events")
@@ -236,7 +237,8 @@ class EMSYOLO(Model):
         if not events:
             check_media_source(source)
         if events or str(source).endswith(EVENT_SUFFIXES):
-            args = get_cfg(DEFAULT_CFG, {**self.overrides, "conf": 0.25, **kwargs, "source": source, "mode": "predict"})
+            args = get_cfg(DEFAULT_CFG, {**self.overrides, "conf": 0.25, "save": False, **kwargs, "source": source,
+                                         "mode": "predict"})  # Python saves nothing unless asked, as for frames
             model = self.model if isinstance(self.model, nn.Module) else self.model_name
             return EventPredictor(model, args, stride_ms=float(stride_ms), simulate=events)(source, stream=stream)
         if stream:  # Ultralytics' generator does its work when iterated: guard the iteration
