@@ -125,6 +125,8 @@ MODE_HELP = {
     "val": "Validate a model (mAP50, mAP50-95; save_json=True adds pycocotools mAP).",
     "predict": "Run detection on images, folders, globs, videos, webcams (source=0), streams or event recordings "
     "(.dat, .raw, .h5); source= is required.",
+    "track": "Track objects across the frames of a video or stream with Ultralytics' trackers (tracker=botsort.yaml, "
+    "the default, or tracker=bytetrack.yaml; needs lap: pip install 'ems-yolo[track]'); source= is required.",
     "export": f"Export to format={' or format='.join(EXPORT_FORMATS)} (T unrolled into the graph; onnx: opset "
     f"{ONNX_OPSETS[0]} to {ONNX_OPSETS[1]}).",
 }

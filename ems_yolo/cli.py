@@ -133,12 +133,13 @@ def engine_overrides(tokens: list[str], mode: str) -> tuple[dict[str, Any], dict
 def run_mode(mode: str, tokens: list[str]):
     """EMSYOLO(model keys).<mode>(every other key): the facade does the work."""
     ours, kv = engine_overrides(tokens, mode)
-    if mode == "predict":
-        require(kv, "source", "predict", "image, folder, glob, video, URL, webcam index or .dat/.raw/.h5")
+    if mode in ("predict", "track"):
+        events = ", .dat/.raw/.h5" if mode == "predict" else ""
+        require(kv, "source", mode, f"image, folder, glob, video, URL or webcam index{events}")
     model = _model(ours)
-    if mode == "predict":
+    if mode in ("predict", "track"):
         kv.setdefault("save", True)
-        for _ in model.predict(stream=True, **ours, **kv) or ():  # bounded memory for long videos and recordings
+        for _ in getattr(model, mode)(stream=True, **ours, **kv) or ():  # bounded memory for long sources
             pass
         return None
     return getattr(model, mode)(**ours, **kv)

@@ -71,3 +71,77 @@ def test_settings_show_change_reset_and_runs_dir_is_honoured(home, tmp_path, cap
     assert code == 2 and err.count("\n") == 1 and "settings.yaml: 'runs_dirr' is not an ems-yolo setting" in err
     code, out, _ = cli(capsys, "settings", "reset")
     assert code == 0 and "runs_dir: runs" in out and load_settings()["runs_dir"] == "runs"
+
+
+@pytest.fixture(scope="module")
+def steady(tmp_path_factory):
+    """A tiny frame checkpoint whose head ignores its input and is sure of the same boxes in every frame (zero
+    weights, large objectness and class-0 biases), and a 4-frame video: what a tracker must follow with steady ids."""
+    import cv2
+    import numpy as np
+    import torch
+
+    from ems_yolo.cfg import load_model_yaml
+    from ems_yolo.engine.checkpoints import write_checkpoint
+    from ems_yolo.nn import EMSDetectionModel
+
+    d = tmp_path_factory.mktemp("steady")
+    cfg = load_model_yaml("ems-res10.yaml")
+    cfg.update(width_multiple=0.125, time_steps=1)
+    model = EMSDetectionModel(cfg, nc=2, verbose=False)
+    head = model.model[-1]
+    with torch.no_grad():
+        for conv in head.m:
+            conv.weight.zero_()
+            bias = conv.bias.view(head.na, head.no)
+            bias[:, :4], bias[:, 4], bias[:, 5], bias[:, 6] = 0.0, 8.0, 8.0, -8.0
+    model.names = {0: "thing", 1: "other"}
+    pt = write_checkpoint({"model": model, "optimizer": None, "epoch": -1, "train_args": {"task": "detect"}},
+                          d / "steady.pt")
+    video = d / "clip.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 64))
+    for i in range(4):
+        writer.write(np.full((64, 64, 3), 40 * i, np.uint8))
+    writer.release()
+    return str(pt), video
+
+
+@pytest.mark.parametrize("tracker", ["bytetrack.yaml", "botsort.yaml"])
+def test_track_follows_boxes_with_steady_ids_from_python(steady, tracker, tmp_path):
+    from ems_yolo import EMSYOLO
+
+    pt, video = steady
+    results = EMSYOLO(pt).track(str(video), imgsz=64, tracker=tracker, project=str(tmp_path))
+    assert len(results) == 4 and all(len(r.boxes) > 0 for r in results)
+    ids = [set(r.boxes.id.int().tolist()) for r in results[1:]]  # tracks are confirmed from the second frame on
+    assert ids[0] and all(i == ids[0] for i in ids)  # the same boxes keep their ids
+    assert not (tmp_path / "track").exists()  # Python saves nothing unless asked
+
+
+def test_track_cli_writes_under_runs_dir_and_refuses_events_in_one_line(steady, home, tmp_path, capsys):
+    import cv2
+
+    pt, video = steady
+    runs = tmp_path / "myruns"
+    assert cli(capsys, "settings", f"runs_dir={runs}")[0] == 0
+    code, out, err = cli(capsys, "track", f"model={pt}", f"source={video}", "imgsz=64", "tracker=bytetrack.yaml")
+    assert code == 0, err
+    saved = runs / "detect" / "track" / "clip.avi"
+    assert int(cv2.VideoCapture(str(saved)).get(cv2.CAP_PROP_FRAME_COUNT)) == 4
+    code, _, err = cli(capsys, "track", f"model={pt}", "source=rec_td.dat")
+    assert code == 2 and err.count("\n") == 1 and "expected a frame source" in err
+    code, _, err = cli(capsys, "track", f"model={pt}", f"source={video}", "stride_ms=5")
+    assert code == 2 and "'stride_ms' applies to 'predict' only" in err
+
+
+def test_track_without_lap_is_one_line_naming_the_extra(steady, tmp_path):
+    """Ultralytics would try to pip-install lap (auto-install is off: an ImportError traceback); ems-yolo says what
+    to install."""
+    pt, video = steady
+    code = ("import sys; sys.modules['lap'] = None; from ems_yolo.cli import main; "
+            f"sys.argv = ['ems-yolo', 'track', 'model={pt}', 'source={video}', 'imgsz=64']; main()")
+    env = {k: v for k, v in os.environ.items() if k != "YOLO_CONFIG_DIR"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip() == ("ems-yolo: error: tracking needs the lap package, expected it "
+                                                      "installed: pip install 'ems-yolo[track]' (or pip install lap)")
+    assert list(tmp_path.iterdir()) == []

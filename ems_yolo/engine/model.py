@@ -246,6 +246,20 @@ class EMSYOLO(Model):
         with no_half_written_runs(kwargs["project"]):
             return super().predict(source, False, predictor, **kwargs)
 
+    def track(self, source=None, stream: bool = False, persist: bool = False, **kwargs):
+        """Ultralytics' trackers (`tracker=botsort.yaml`, the default, or `bytetrack.yaml`) on this model's
+        detections of images, videos and streams; `Results.boxes.id` holds the track ids. Frame sources only (event
+        recordings: predict). Needs the `lap` package (`pip install 'ems-yolo[track]'`)."""
+        try:
+            import lap  # noqa: F401  (Ultralytics' trackers match boxes with it, and would try to pip-install it)
+        except ImportError:
+            raise ValueError("tracking needs the lap package, expected it installed: pip install 'ems-yolo[track]' "
+                             "(or pip install lap)") from None
+        if str(source).endswith(EVENT_SUFFIXES) or kwargs.get("events"):
+            raise ValueError(f"source={source}: track follows objects across frames of images, videos or streams, "
+                             "expected a frame source (event recordings: ems-yolo predict)")
+        return super().track(source, stream, persist, **check_values(kwargs))
+
     def energy(
         self,
         data: str | None = None,
