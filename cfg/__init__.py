@@ -25,6 +25,7 @@ EVENT_SUFFIXES = (".dat", ".raw", ".h5", ".hdf5")  # prediction sources read as 
 EVENT_CACHE_SUFFIXES = (".h5", ".hdf5")  # dataset splits that are event sample caches
 DEFAULT_MODEL = "ems-res10.yaml"
 EXPORT_FORMATS = ("onnx", "torchscript")  # the export formats ems-yolo supports and tests (format=)
+BENCHMARK_FORMATS = ("pytorch", *EXPORT_FORMATS)  # what `benchmark` measures (format=, default all)
 ONNX_OPSETS = (11, 22)  # the ONNX opsets ems-yolo's export is tested with, lowest and highest (opset=)
 
 # Validation (and prediction) defaults that differ from Ultralytics': the original code's NMS IoU (its val.py;
@@ -146,6 +147,17 @@ ENERGY_KEYS = {
     "project": "output folder parent (default runs/detect)",
     "name": "run folder name (default energy)",
     "device": "cpu or a CUDA device",
+}
+BENCHMARK_KEYS = {
+    "model": "model YAML or .pt (default ems-res10.yaml); a YAML is built for the data's classes, untrained",
+    "data": "dataset to validate each format on (default: the checkpoint's, else shapes); never downloaded",
+    "imgsz": "input size (default: the training size of a .pt, else 640)",
+    "format": f"one of {', '.join(BENCHMARK_FORMATS)} (default: all of them)",
+    "time_steps": "override T",
+    "trust": "load a .pt that needs classes outside ems-yolo, Ultralytics and torch.nn (it can run code)",
+    "device": "cpu or a CUDA device",
+    "project": "output folder parent (default runs/detect)",
+    "name": "run folder name (default benchmark)",
 }
 DATASET_KEYS = {
     "src": "dataset root folder holding train/ val/ test/ with <name>_td.dat (or _td.raw, _td.dat.h5, _td.h5) and "
@@ -293,9 +305,10 @@ def check_value(key: str, value: Any, mode: str = "") -> Any:
         if not isinstance(value, bool):
             raise ValueError(f"{shown}: expected True or False")
     elif key in _CHOICES:
-        if str(value).lower() not in _CHOICES[key]:
+        choices = BENCHMARK_FORMATS if key == "format" and mode == "benchmark" else _CHOICES[key]
+        if str(value).lower() not in choices:
             what = " (the formats ems-yolo exports and tests)" if key == "format" else ""
-            raise ValueError(f"{shown}: expected one of {', '.join(_CHOICES[key])}{what}")
+            raise ValueError(f"{shown}: expected one of {', '.join(choices)}{what}")
         value = str(value).lower()
     elif key == "cfg":
         check_cfg_file(value, mode)

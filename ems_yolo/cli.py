@@ -13,6 +13,7 @@ import typer
 from ems_yolo.utils.settings import SETTINGS
 
 from ems_yolo.cfg import (
+    BENCHMARK_KEYS,
     CONVERT_KEYS,
     ENERGY_KEYS,
     ENGINE_KEYS,
@@ -174,6 +175,15 @@ def energy(ctx: typer.Context) -> None:
     """EMSYOLO(model, ...).energy(data=..., ...)."""
     kv = parse_key_values(ctx.args, ENERGY_KEYS, "energy")
     _model(kv).energy(**kv)
+
+
+@app.command(context_settings=KEY_VALUE, help="Size, mAP50-95 and inference speed of a model as PyTorch and in each "
+             "export format, validated on the data you name (nothing is downloaded); writes benchmarks.csv.\n\n"
+             + _keys_help(BENCHMARK_KEYS))
+def benchmark(ctx: typer.Context) -> None:
+    """EMSYOLO(model, ...).benchmark(data=..., imgsz=..., format=...)."""
+    kv = parse_key_values(ctx.args, BENCHMARK_KEYS, "benchmark")
+    _model(kv).benchmark(**kv)
 
 
 @app.command(context_settings=KEY_VALUE, help="Convert a checkpoint of the original EMS-YOLO code (BICLab/EMS-YOLO) "

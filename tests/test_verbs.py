@@ -145,3 +145,38 @@ def test_track_without_lap_is_one_line_naming_the_extra(steady, tmp_path):
     assert r.returncode == 2 and r.stderr.strip() == ("ems-yolo: error: tracking needs the lap package, expected it "
                                                       "installed: pip install 'ems-yolo[track]' (or pip install lap)")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_benchmark_cli_measures_every_format_on_the_named_data_under_runs_dir(steady, home, tmp_path, capsys):
+    import csv
+
+    pt, _ = steady
+    runs = tmp_path / "myruns"
+    assert cli(capsys, "settings", f"runs_dir={runs}")[0] == 0
+    code, out, err = cli(capsys, "benchmark", f"model={pt}", "data=coco8.yaml", "imgsz=64")
+    assert code == 0, err
+    folder = runs / "detect" / "benchmark"
+    rows = list(csv.DictReader((folder / "benchmarks.csv").open()))
+    assert [r["format"] for r in rows] == ["pytorch", "onnx", "torchscript"]
+    assert sorted(p.name for p in (folder / "weights").iterdir()) == ["steady.onnx", "steady.pt", "steady.torchscript"]
+    for r in rows:  # the same model in three formats scores the same on the same 4 images
+        assert float(r["size_mb"]) > 0 and float(r["inference_ms"]) > 0
+        assert float(r["mAP50-95"]) == pytest.approx(float(rows[0]["mAP50-95"]), abs=1e-3)
+    code, _, err = cli(capsys, "benchmark", f"model={pt}", "format=coreml")
+    assert code == 2 and err.count("\n") == 1 and "expected one of pytorch, onnx, torchscript" in err
+    code, _, err = cli(capsys, "benchmark", f"model={pt}", "data=nowhere.yaml", "imgsz=64")
+    assert code == 2 and "dataset 'nowhere.yaml' not found" in err
+    assert sorted(p.name for p in (runs / "detect").iterdir()) == ["benchmark"]  # refusals leave no run folder
+
+
+def test_benchmark_from_python_defaults_to_local_data_never_a_download(steady, tmp_path):
+    """Ultralytics' `model.benchmark()` downloads coco8.zip; ems-yolo's validates on the checkpoint's data, else the
+    built-in dataset."""
+    from ems_yolo import EMSYOLO
+
+    pt, _ = steady
+    rows = EMSYOLO(pt).benchmark(imgsz=64, format="onnx", project=str(tmp_path))
+    assert [r["format"] for r in rows] == ["onnx"] and 0 <= rows[0]["mAP50-95"] <= 1
+    assert (tmp_path / "benchmark" / "onnx").is_dir() and (tmp_path / "benchmark" / "benchmarks.csv").is_file()
+    with pytest.raises(ValueError, match="format='tflite': expected one of pytorch, onnx, torchscript"):
+        EMSYOLO(pt).benchmark(format="tflite", project=str(tmp_path))

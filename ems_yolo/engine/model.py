@@ -260,6 +260,42 @@ class EMSYOLO(Model):
                              "expected a frame source (event recordings: ems-yolo predict)")
         return super().track(source, stream, persist, **check_values(kwargs))
 
+    def benchmark(self, data: str | None = None, imgsz: int | None = None, format: str = "", device: str | None = None,
+                  project: str | None = None, name: str = "benchmark", **kwargs) -> list[dict]:
+        """Size, mAP and inference speed of this model as PyTorch and in each export format (or the one `format`
+        names), validated on `data` (default: the checkpoint's dataset, else the built-in one; nothing is
+        downloaded) at `imgsz` (default: the training size, else 640); everything goes into one run folder with
+        benchmarks.csv. A model YAML is built for the data's classes first, as training would."""
+        from ultralytics.utils.files import increment_path
+
+        from ems_yolo.cfg import BENCHMARK_FORMATS
+        from ems_yolo.engine.benchmark import benchmark_formats
+
+        self._check_is_pytorch_model()
+        if kwargs:
+            raise ValueError(f"benchmark: unknown key(s) {', '.join(sorted(kwargs))}; expected data, imgsz, format, "
+                             "device, project or name")
+        checked = check_values({"imgsz": imgsz, "format": format or None}, "benchmark")
+        formats = (checked["format"],) if format else BENCHMARK_FORMATS
+        imgsz = checked["imgsz"] or int(self.overrides.get("imgsz") or 640)
+        data = resolve_data(data or self.overrides.get("data"))
+        project = Path(project or default_project())
+        folder = increment_path(project / name)
+        with no_half_written_runs(project):
+            claim_run(folder)
+            stem = Path(self.ckpt_path or self.model.yaml.get("yaml_file", "model")).stem
+            weights = folder / "weights" / f"{stem}.pt"
+            model = self.model
+            if not self.ckpt:
+                dataset = load_data(data)
+                model = model_for_data(self.model.yaml, dataset)
+                model.names = dataset["names"]
+            weights.parent.mkdir(parents=True, exist_ok=True)
+            write_checkpoint({**(self.ckpt or {}), "model": model, "ema": None,
+                              "train_args": {**(self.ckpt or {}).get("train_args", {}), "data": data, "imgsz": imgsz}},
+                             weights)
+            return benchmark_formats(weights, data, formats, folder, imgsz, device)
+
     def energy(
         self,
         data: str | None = None,
