@@ -204,7 +204,7 @@ EVENTS_KEYS = {
 # Value rules of the user-facing keys of every command (ems-yolo's own and the Ultralytics sizes that Ultralytics
 # would silently clamp): one check, one message naming the key and what was expected.
 _POSITIVE_INT = ("time_steps", "channels", "nc", "epochs", "max_batches", "bins", "height", "width", "max_frames",
-                 "cutoff")
+                 "cutoff", "iterations")
 _COUNTS = ("workers",)  # integers >= 0
 _POSITIVE = ("stride_ms", "window_ms", "bin_ms", "spacing_ms", "c_on", "c_off", "e_ac", "e_mac", "depth_multiple",
              "width_multiple")

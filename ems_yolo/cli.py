@@ -168,6 +168,19 @@ for _mode in MODE_HELP:
     _engine_command(_mode)
 
 
+@app.command(context_settings=KEY_VALUE, help="Tune training hyperparameters with Ultralytics' Tuner (iterations=N "
+             "trainings, each mutating the fittest so far; lr0, momentum, weight decay, warm-up and augmentation "
+             "keys); writes best_hyperparameters.yaml into runs/detect/tune.\n\niterations: number of trainings "
+             "(default 300)\n\nEvery other key is a train key (model, data, epochs, imgsz, ...; see 'ems-yolo train "
+             "--help').")
+def tune(ctx: typer.Context) -> None:
+    """EMSYOLO(model, ...).tune(iterations=..., <train keys>)."""
+    tune_keys = parse_key_values([t for t in ctx.args if t.startswith("iterations=")], {"iterations": ""}, "tune")
+    ours, kv = engine_overrides([t for t in ctx.args if not t.startswith("iterations=")], "train")
+    out = _model(ours).tune(**tune_keys, **ours, **kv)
+    typer.echo(f"best hyperparameters -> {out / 'best_hyperparameters.yaml'}")
+
+
 @app.command(context_settings=KEY_VALUE, help="Per-layer firing rates, synaptic operations and energy vs the ANN "
              "twin (E = T x (SOPs x E_AC + MACs x E_MAC)); writes energy.csv, energy.json and firing_rates.png.\n\n"
              + _keys_help(ENERGY_KEYS))

@@ -152,6 +152,24 @@ def ems_yolo_hints():
 
 
 @contextmanager
+def in_process_tuning(trainer):
+    """Hook 12 (tuner). `Tuner.__call__` trains each iteration through `MultiTrainer(None, ...)`, which runs
+    Ultralytics' `yolo train` command in a subprocess (another program, which builds no ems-yolo model, so every
+    iteration failed); within this context the MultiTrainer it imports trains in this process with `trainer`."""
+    real = _ul_trainer.MultiTrainer
+
+    class InProcessMultiTrainer(real):
+        def __init__(self, _cli, args, model, _callbacks=None):
+            super().__init__(trainer, args, model, _callbacks)
+
+    _ul_trainer.MultiTrainer = InProcessMultiTrainer
+    try:
+        yield
+    finally:
+        _ul_trainer.MultiTrainer = real
+
+
+@contextmanager
 def cpu_ddp():
     """Hook 9 (trainer). `BaseTrainer._setup_train` wraps the model as `DistributedDataParallel(model,
     device_ids=[self.device.index])`, which is `[None]` on the CPU and refused by DDP (CPU modules take

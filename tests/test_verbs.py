@@ -180,3 +180,56 @@ def test_benchmark_from_python_defaults_to_local_data_never_a_download(steady, t
     assert (tmp_path / "benchmark" / "onnx").is_dir() and (tmp_path / "benchmark" / "benchmarks.csv").is_file()
     with pytest.raises(ValueError, match="format='tflite': expected one of pytorch, onnx, torchscript"):
         EMSYOLO(pt).benchmark(format="tflite", project=str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def tiny_train():
+    """A tiny frame model YAML (width 0.125, T=1) and a small built-in shapes set at 64 px."""
+    from ems_yolo.cfg import load_model_yaml
+    from ems_yolo.data.shapes import make_shapes_dataset
+    from ems_yolo.engine.model import derive_model_yaml
+
+    cfg = load_model_yaml("ems-res10.yaml")
+    cfg.update(width_multiple=0.125, time_steps=1)
+    return str(derive_model_yaml(cfg)), str(make_shapes_dataset(n_train=8, n_val=4, imgsz=64))
+
+
+def test_tune_from_python_trains_every_iteration_in_process_over_keys_that_matter(tiny_train, tmp_path):
+    import json
+
+    import yaml
+
+    from ems_yolo import EMSYOLO
+    from ems_yolo.engine.tuner import TUNE_SPACE
+
+    model, data = tiny_train
+    space = {"lr0": (1e-4, 1e-2), "fliplr": (0.0, 1.0)}
+    folder = EMSYOLO(model).tune(iterations=2, space=space, data=data, epochs=1, imgsz=64, batch=4, workers=0,
+                                 plots=False, project=str(tmp_path))
+    assert folder == tmp_path / "tune" and sorted(p.name for p in tmp_path.iterdir()) == ["tune"]  # runs nested
+    rows = [json.loads(line) for line in (folder / "tune_results.ndjson").read_text().splitlines()]
+    assert len(rows) == 2 and not any(r.get("failed_datasets") for r in rows)  # both trainings ran and scored
+    assert all(set(r["hyperparameters"]) == set(space) for r in rows)
+    assert rows[0]["hyperparameters"] != rows[1]["hyperparameters"]  # the second iteration mutated the first
+    assert set(yaml.safe_load((folder / "best_hyperparameters.yaml").read_text())) == set(space)
+    assert (folder / "weights" / "best.pt").is_file()
+    assert not {"box", "cls", "dfl"} & set(TUNE_SPACE)  # gains our loss ignores are not searched
+    with pytest.raises(ValueError, match="'box' is a gain of Ultralytics' loss"):
+        EMSYOLO(model).tune(space={"box": (1, 20)}, data=data)
+    with pytest.raises(ValueError, match="use_ray=True"):
+        EMSYOLO(model).tune(use_ray=True, data=data)
+
+
+def test_tune_cli_writes_under_runs_dir_and_refuses_bad_keys_in_one_line(tiny_train, home, tmp_path, capsys):
+    model, data = tiny_train
+    runs = tmp_path / "myruns"
+    assert cli(capsys, "settings", f"runs_dir={runs}")[0] == 0
+    code, out, err = cli(capsys, "tune", f"model={model}", f"data={data}", "iterations=1", "epochs=1", "imgsz=64",
+                         "batch=4", "workers=0", "plots=False")
+    assert code == 0, err
+    best = runs / "detect" / "tune" / "best_hyperparameters.yaml"
+    assert best.is_file() and f"best hyperparameters -> {best}" in out
+    for bad, message in (("iterations=0", "iterations=0: expected a positive integer"),
+                         ("epoch=1", "Did you mean 'epochs'")):
+        code, _, err = cli(capsys, "tune", f"model={model}", f"data={data}", bad)
+        assert code == 2 and message in err.splitlines()[0], err

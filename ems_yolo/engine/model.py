@@ -260,6 +260,23 @@ class EMSYOLO(Model):
                              "expected a frame source (event recordings: ems-yolo predict)")
         return super().track(source, stream, persist, **check_values(kwargs))
 
+    def tune(self, iterations: int = 300, space: dict | None = None, use_ray: bool = False, **kwargs) -> Path:
+        """Ultralytics' hyperparameter evolution with ems-yolo's trainer, in this process: `iterations` trainings
+        (each with the training `kwargs`: data, epochs, imgsz, ...), each mutating the fittest so far over `space`
+        (default `TUNE_SPACE`: the optimiser and augmentation keys that change an ems-yolo training). Returns the
+        tune folder (<runs_dir>/detect/tune unless project/name say otherwise) with best_hyperparameters.yaml."""
+        from ems_yolo.engine.tuner import check_space, run_tuner
+
+        self._check_is_pytorch_model()
+        if use_ray:
+            raise ValueError("use_ray=True: Ray Tune runs Ultralytics' own trainer, which builds no ems-yolo model; "
+                             "expected use_ray=False (Ultralytics' Tuner, run in this process)")
+        iterations = check_values({"iterations": iterations})["iterations"]
+        space = check_space(space)
+        kwargs = {**EMS_TRAIN_DEFAULTS, "project": default_project(), **check_values(kwargs, "train")}
+        kwargs["data"] = resolve_data(kwargs.get("data") or self.overrides.get("data"))
+        return run_tuner(self.model, {**self.overrides, **kwargs, "mode": "train"}, space, iterations, self.callbacks)
+
     def benchmark(self, data: str | None = None, imgsz: int | None = None, format: str = "", device: str | None = None,
                   project: str | None = None, name: str = "benchmark", **kwargs) -> list[dict]:
         """Size, mAP and inference speed of this model as PyTorch and in each export format (or the one `format`
