@@ -52,8 +52,8 @@ def cli(capsys, *args: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-def test_settings_show_change_reset_and_runs_dir_is_honoured(home, tmp_path, capsys):
-    from ems_yolo.cfg import default_project
+def test_settings_show_change_reset_and_runs_dir_is_honoured(home, tmp_path, capsys, steady):
+    from ems_yolo.cfg import DATASETS_DIR, default_project
     from ems_yolo.utils.settings import load_settings
 
     code, out, _ = cli(capsys, "settings")
@@ -64,6 +64,11 @@ def test_settings_show_change_reset_and_runs_dir_is_honoured(home, tmp_path, cap
     assert load_settings()["runs_dir"] == str(runs) and default_project() == str(runs / "detect")
     r = run("checks")  # another process reads the same file
     assert f"runs: {runs / 'detect'}" in r.stdout
+    image = DATASETS_DIR / "coco8" / "images" / "val" / "000000000036.jpg"
+    for command in (["predict", f"source={image}"], ["val", "data=coco8.yaml", "batch=4", "plots=False"]):
+        assert cli(capsys, *command, f"model={steady[0]}", "imgsz=64")[0] == 0
+    assert (runs / "detect" / "predict" / image.name).is_file() and (runs / "detect" / "val").is_dir()
+    assert sorted(tmp_path.iterdir()) == sorted([home, runs])  # nothing elsewhere
     code, _, err = cli(capsys, "settings", "runs_dir_typo=x")
     assert code == 2 and "Did you mean 'runs_dir'" in err
     (home / "settings.yaml").write_text("runs_dirr: x\n")
@@ -106,6 +111,7 @@ def steady(tmp_path_factory):
     return str(pt), video
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tracker", ["bytetrack.yaml", "botsort.yaml"])
 def test_track_follows_boxes_with_steady_ids_from_python(steady, tracker, tmp_path):
     from ems_yolo import EMSYOLO
@@ -147,6 +153,7 @@ def test_track_without_lap_is_one_line_naming_the_extra(steady, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_benchmark_cli_measures_every_format_on_the_named_data_under_runs_dir(steady, home, tmp_path, capsys):
     import csv
 
@@ -169,6 +176,7 @@ def test_benchmark_cli_measures_every_format_on_the_named_data_under_runs_dir(st
     assert sorted(p.name for p in (runs / "detect").iterdir()) == ["benchmark"]  # refusals leave no run folder
 
 
+@pytest.mark.slow
 def test_benchmark_from_python_defaults_to_local_data_never_a_download(steady, tmp_path):
     """Ultralytics' `model.benchmark()` downloads coco8.zip; ems-yolo's validates on the checkpoint's data, else the
     built-in dataset."""
@@ -194,6 +202,7 @@ def tiny_train():
     return str(derive_model_yaml(cfg)), str(make_shapes_dataset(n_train=8, n_val=4, imgsz=64))
 
 
+@pytest.mark.slow
 def test_tune_from_python_trains_every_iteration_in_process_over_keys_that_matter(tiny_train, tmp_path):
     import json
 
@@ -220,6 +229,7 @@ def test_tune_from_python_trains_every_iteration_in_process_over_keys_that_matte
         EMSYOLO(model).tune(use_ray=True, data=data)
 
 
+@pytest.mark.slow
 def test_tune_cli_writes_under_runs_dir_and_refuses_bad_keys_in_one_line(tiny_train, home, tmp_path, capsys):
     model, data = tiny_train
     runs = tmp_path / "myruns"
