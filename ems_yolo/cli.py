@@ -321,7 +321,9 @@ def settings(ctx: typer.Context) -> None:
     if reset:
         tokens.remove("reset")
     kv = parse_key_values(tokens, {k: v[1] for k, v in SETTINGS.items()}, "settings")
-    current = reset_settings() if reset else update_settings(**kv) if kv else load_settings()
+    if reset:
+        reset_settings()
+    current = update_settings(**kv) if kv else load_settings()
     typer.echo(f"ems-yolo settings ({settings_file()}):")
     typer.echo("\n".join(f"  {k}: {v}" for k, v in current.items()))
 

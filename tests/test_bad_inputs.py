@@ -68,6 +68,9 @@ def bad(tmp_path_factory):
     model = EMSDetectionModel(tiny, verbose=False)
     f["finished"] = write_checkpoint({"model": model, "optimizer": None, "epoch": -1,
                                       "train_args": {"epochs": 3, "task": "detect"}}, d / "finished.pt")
+    from ems_yolo import EMSYOLO
+
+    f["finished_ts"] = Path(EMSYOLO(f["finished"]).export(format="torchscript", imgsz=64))  # an exported model
     f["empty_pt"] = d / "empty.pt"
     f["empty_pt"].write_bytes(b"")
     f["random_pt"] = d / "random.pt"
@@ -264,12 +267,14 @@ CASES = [
     ("benchmark model={finished} imgsz=0", "imgsz=0: expected a positive integer"),
     ("benchmark model={malicious_pt}", "malicious.pt: needs builtins.exec to load"),
     ("benchmark modle=x", "'modle' is not a valid key for 'benchmark'"),
+    ("benchmark model={finished_ts}", "finished.torchscript: benchmark needs a PyTorch model"),
     # tune
     ("tune iterations=0", "iterations=0: expected a positive integer"),
     ("tune iterations=abc", "iterations='abc': expected a positive integer"),
     ("tune epohcs=3", "Did you mean 'epochs'?"),
     ("tune data=missing.yaml", "missing.yaml"),
     ("tune model={malicious_pt}", "malicious.pt: needs builtins.exec to load"),
+    ("tune model={finished_ts}", "finished.torchscript: tune needs a PyTorch model"),
     # checks, settings
     ("checks verbose=True", "'verbose' is not a valid key for 'checks'"),
     ("settings runs_dirr=x", "Did you mean 'runs_dir'?"),

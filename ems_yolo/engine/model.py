@@ -260,6 +260,12 @@ class EMSYOLO(Model):
                              "expected a frame source (event recordings: ems-yolo predict)")
         return super().track(source, stream, persist, **check_values(kwargs))
 
+    def _pytorch_only(self, what: str) -> None:
+        """A ValueError (one line from the CLI) when the model is an exported file, not a YAML or .pt."""
+        if not isinstance(self.model, nn.Module):
+            raise ValueError(f"{self.model_name}: {what} needs a PyTorch model (a model YAML or .pt), expected one "
+                             "instead of an exported file")
+
     def tune(self, iterations: int = 300, space: dict | None = None, use_ray: bool = False, **kwargs) -> Path:
         """Ultralytics' hyperparameter evolution with ems-yolo's trainer, in this process: `iterations` trainings
         (each with the training `kwargs`: data, epochs, imgsz, ...), each mutating the fittest so far over `space`
@@ -267,7 +273,7 @@ class EMSYOLO(Model):
         tune folder (<runs_dir>/detect/tune unless project/name say otherwise) with best_hyperparameters.yaml."""
         from ems_yolo.engine.tuner import check_space, run_tuner
 
-        self._check_is_pytorch_model()
+        self._pytorch_only("tune")
         if use_ray:
             raise ValueError("use_ray=True: Ray Tune runs Ultralytics' own trainer, which builds no ems-yolo model; "
                              "expected use_ray=False (Ultralytics' Tuner, run in this process)")
@@ -288,7 +294,7 @@ class EMSYOLO(Model):
         from ems_yolo.cfg import BENCHMARK_FORMATS
         from ems_yolo.engine.benchmark import benchmark_formats
 
-        self._check_is_pytorch_model()
+        self._pytorch_only("benchmark")
         if kwargs:
             raise ValueError(f"benchmark: unknown key(s) {', '.join(sorted(kwargs))}; expected data, imgsz, format, "
                              "device, project or name")
