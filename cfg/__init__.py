@@ -24,7 +24,11 @@ SYNTHETIC_GEN4 = "gen4-synthetic"  # generated 1 Mpx-shaped event dataset
 EVENT_SUFFIXES = (".dat", ".raw", ".h5", ".hdf5")  # prediction sources read as events
 EVENT_CACHE_SUFFIXES = (".h5", ".hdf5")  # dataset splits that are event sample caches
 DEFAULT_MODEL = "ems-res10.yaml"
-EXPORT_FORMATS = ("onnx", "torchscript")  # the export formats ems-yolo supports and tests (format=)
+# The export formats ems-yolo supports and tests (format=). Not OpenVINO: its CPU runtime computes in bfloat16 by
+# default on CPUs that have it, which flips spikes (outputs off by pixels where float32 agrees to 1e-4).
+EXPORT_FORMATS = ("onnx", "torchscript")
+# the packages each export format needs beyond torch, and the extra of ems-yolo that installs them
+EXPORT_PACKAGES = {"onnx": (("onnx", "onnxruntime", "onnxslim"), "export")}
 BENCHMARK_FORMATS = ("pytorch", *EXPORT_FORMATS)  # what `benchmark` measures (format=, default all)
 ONNX_OPSETS = (11, 22)  # the ONNX opsets ems-yolo's export is tested with, lowest and highest (opset=)
 

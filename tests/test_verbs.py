@@ -243,3 +243,24 @@ def test_tune_cli_writes_under_runs_dir_and_refuses_bad_keys_in_one_line(tiny_tr
                          ("epoch=1", "Did you mean 'epochs'")):
         code, _, err = cli(capsys, "tune", f"model={model}", f"data={data}", bad)
         assert code == 2 and message in err.splitlines()[0], err
+
+
+def test_an_export_format_without_its_package_is_one_line_naming_the_extra(steady, tmp_path):
+    """Ultralytics would try to pip-install onnx (auto-install is off: a traceback); ems-yolo says what to install,
+    and benchmark without format= skips that format with a warning."""
+    pt, _ = steady
+    env = {k: v for k, v in os.environ.items() if k != "YOLO_CONFIG_DIR"}
+    hide = "import sys; sys.modules['onnx'] = None; from ems_yolo.cli import main; "
+    r = subprocess.run([sys.executable, "-c", hide + f"sys.argv = ['ems-yolo', 'export', 'model={pt}', "
+                        "'format=onnx', 'imgsz=64']; main()"], capture_output=True, text=True, cwd=tmp_path,
+                       env=env, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip() == ("ems-yolo: error: format=onnx needs onnx, expected installed: "
+                                                      "pip install 'ems-yolo[export]'")
+    code = (hide.replace("from ems_yolo.cli import main; ", "from ems_yolo import EMSYOLO; ") +
+            f"rows = EMSYOLO('{pt}').benchmark(data='coco8.yaml', imgsz=64, project='{tmp_path}'); "
+            "print([r['format'] for r in rows])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "['pytorch', 'torchscript']"
+    assert "benchmark: format=onnx skipped, it needs onnx (pip install 'ems-yolo[export]')" in r.stdout

@@ -26,13 +26,14 @@ from torch import nn
 from ems_yolo import ultralytics_compat  # noqa: F401  (first: offline environment before Ultralytics loads)
 from ultralytics.cfg import get_cfg
 from ultralytics.engine.model import Model
-from ultralytics.utils import DEFAULT_CFG
+from ultralytics.utils import DEFAULT_CFG, LOGGER
 
 from ems_yolo.cfg import (
     DEFAULT_MODEL,
     EMS_TRAIN_DEFAULTS,
     EMS_VAL_DEFAULTS,
     EVENT_SUFFIXES,
+    EXPORT_PACKAGES,
     default_project,
     check_values,
     ems_home,
@@ -95,6 +96,22 @@ def resolve_model_source(
         raise FileNotFoundError(f"{text}: model weights not found (ems-yolo does not download weights)")
     check_exported_model(p)
     return str(p)
+
+
+def missing_export_packages(fmt: str) -> list[str]:
+    """The packages an export format needs (EXPORT_PACKAGES) that are not installed."""
+    import importlib.util
+
+    return [p for p in EXPORT_PACKAGES.get(str(fmt).lower(), ((), ""))[0] if importlib.util.find_spec(p) is None]
+
+
+def check_export_packages(fmt: str) -> None:
+    """A ValueError naming the missing packages of an export format and the extra that installs them (Ultralytics
+    would try to pip-install them, which ems-yolo keeps off, and fail with a traceback)."""
+    missing = missing_export_packages(fmt)
+    if missing:
+        raise ValueError(f"format={fmt} needs {', '.join(missing)}, expected installed: pip install "
+                         f"'ems-yolo[{EXPORT_PACKAGES[str(fmt).lower()][1]}]'")
 
 
 def _guarded(results, project: str | Path) -> Iterator:
@@ -177,6 +194,7 @@ class EMSYOLO(Model):
     def export(self, **kwargs):
         """Ultralytics' exporter (ONNX, TorchScript, ...); its closing hints name `ems-yolo` commands."""
         kwargs = check_values(kwargs)
+        check_export_packages(kwargs.get("format", "torchscript"))  # Ultralytics' default format
         with ultralytics_compat.ems_yolo_hints():
             return super().export(**kwargs)
 
@@ -300,6 +318,14 @@ class EMSYOLO(Model):
                              "device, project or name")
         checked = check_values({"imgsz": imgsz, "format": format or None}, "benchmark")
         formats = (checked["format"],) if format else BENCHMARK_FORMATS
+        if format:
+            check_export_packages(checked["format"])
+        else:  # every format whose packages are installed
+            skipped = [f for f in formats if missing_export_packages(f)]
+            for f in skipped:
+                LOGGER.warning(f"benchmark: format={f} skipped, it needs {', '.join(missing_export_packages(f))} "
+                               f"(pip install 'ems-yolo[{EXPORT_PACKAGES[f][1]}]')")
+            formats = tuple(f for f in formats if f not in skipped)
         imgsz = checked["imgsz"] or int(self.overrides.get("imgsz") or 640)
         data = resolve_data(data or self.overrides.get("data"))
         project = Path(project or default_project())
