@@ -168,6 +168,15 @@ for _mode in MODE_HELP:
     _engine_command(_mode)
 
 
+@app.command(context_settings=KEY_VALUE, help="Size, mAP50-95 and inference speed of a model as PyTorch and in each "
+             "export format, validated on the data you name (nothing is downloaded); writes benchmarks.csv.\n\n"
+             + _keys_help(BENCHMARK_KEYS))
+def benchmark(ctx: typer.Context) -> None:
+    """EMSYOLO(model, ...).benchmark(data=..., imgsz=..., format=...)."""
+    kv = parse_key_values(ctx.args, BENCHMARK_KEYS, "benchmark")
+    _model(kv).benchmark(**kv)
+
+
 @app.command(context_settings=KEY_VALUE, help="Tune training hyperparameters with Ultralytics' Tuner (iterations=N "
              "trainings, each mutating the fittest so far; lr0, momentum, weight decay, warm-up and augmentation "
              "keys); writes best_hyperparameters.yaml into runs/detect/tune.\n\niterations: number of trainings "
@@ -188,15 +197,6 @@ def energy(ctx: typer.Context) -> None:
     """EMSYOLO(model, ...).energy(data=..., ...)."""
     kv = parse_key_values(ctx.args, ENERGY_KEYS, "energy")
     _model(kv).energy(**kv)
-
-
-@app.command(context_settings=KEY_VALUE, help="Size, mAP50-95 and inference speed of a model as PyTorch and in each "
-             "export format, validated on the data you name (nothing is downloaded); writes benchmarks.csv.\n\n"
-             + _keys_help(BENCHMARK_KEYS))
-def benchmark(ctx: typer.Context) -> None:
-    """EMSYOLO(model, ...).benchmark(data=..., imgsz=..., format=...)."""
-    kv = parse_key_values(ctx.args, BENCHMARK_KEYS, "benchmark")
-    _model(kv).benchmark(**kv)
 
 
 @app.command(context_settings=KEY_VALUE, help="Convert a checkpoint of the original EMS-YOLO code (BICLab/EMS-YOLO) "
