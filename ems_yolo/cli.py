@@ -10,8 +10,6 @@ from typing import Any
 
 import typer
 
-from ems_yolo.utils.settings import SETTINGS
-
 from ems_yolo.cfg import (
     BENCHMARK_KEYS,
     CONVERT_KEYS,
@@ -27,6 +25,7 @@ from ems_yolo.cfg import (
     check_values,
     default_project,
 )
+from ems_yolo.utils.settings import SETTINGS
 
 app = typer.Typer(
     name="ems-yolo",
@@ -263,9 +262,11 @@ def events_output(video: Path) -> Path:
     ...) rather than replacing an earlier run's file."""
     from ems_yolo.utils.settings import runs_dir
 
-    folder = runs_dir() / "events"
-    return next(p for n in range(1, 10_000) if not (p := folder / f"{video.stem}{f'-{n}' if n > 1 else ''}_td.dat")
-                .exists())
+    out, n = runs_dir() / "events" / f"{video.stem}_td.dat", 1
+    while out.exists():
+        n += 1
+        out = out.with_name(f"{video.stem}-{n}_td.dat")
+    return out
 
 
 @app.command(context_settings=KEY_VALUE, help="Event files: simulate an event camera from a video (a Prophesee "

@@ -245,6 +245,7 @@ def test_tune_cli_writes_under_runs_dir_and_refuses_bad_keys_in_one_line(tiny_tr
         assert code == 2 and message in err.splitlines()[0], err
 
 
+@pytest.mark.slow
 def test_an_export_format_without_its_package_is_one_line_naming_the_extra(steady, tmp_path):
     """Ultralytics would try to pip-install onnx (auto-install is off: a traceback); ems-yolo says what to install,
     and benchmark without format= skips that format with a warning."""
