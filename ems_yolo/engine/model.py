@@ -30,10 +30,10 @@ from ultralytics.utils import DEFAULT_CFG, LOGGER
 
 from ems_yolo.cfg import (
     DEFAULT_MODEL,
+    EXPORT_PACKAGES,
     EMS_TRAIN_DEFAULTS,
     EMS_VAL_DEFAULTS,
     EVENT_SUFFIXES,
-    EXPORT_PACKAGES,
     default_project,
     check_values,
     ems_home,
@@ -193,8 +193,8 @@ class EMSYOLO(Model):
 
     def export(self, **kwargs):
         """Ultralytics' exporter (ONNX, TorchScript, ...); its closing hints name `ems-yolo` commands."""
+        check_export_packages(str(kwargs.get("format", "torchscript")))  # Ultralytics' default format
         kwargs = check_values(kwargs)
-        check_export_packages(kwargs.get("format", "torchscript"))  # Ultralytics' default format
         with ultralytics_compat.ems_yolo_hints():
             return super().export(**kwargs)
 
