@@ -340,7 +340,7 @@ class EMSYOLO(Model):
                 model = model_for_data(self.model.yaml, dataset)
                 model.names = dataset["names"]
             weights.parent.mkdir(parents=True, exist_ok=True)
-            write_checkpoint({**(self.ckpt or {}), "model": model, "ema": None,
+            write_checkpoint({**(self.ckpt or {}), "model": model, "ema": None, "optimizer": None,  # weights only
                               "train_args": {**(self.ckpt or {}).get("train_args", {}), "data": data, "imgsz": imgsz}},
                              weights)
             return benchmark_formats(weights, data, formats, folder, imgsz, device)
