@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 from pathlib import Path
 from typing import Any
+
+from ems_yolo.utils.settings import ems_home, runs_dir  # noqa: F401  (ems_home: re-exported)
 
 CFG_DIR = Path(__file__).resolve().parent
 MODELS_DIR = CFG_DIR / "models"
@@ -23,7 +24,12 @@ SYNTHETIC_GEN4 = "gen4-synthetic"  # generated 1 Mpx-shaped event dataset
 EVENT_SUFFIXES = (".dat", ".raw", ".h5", ".hdf5")  # prediction sources read as events
 EVENT_CACHE_SUFFIXES = (".h5", ".hdf5")  # dataset splits that are event sample caches
 DEFAULT_MODEL = "ems-res10.yaml"
-EXPORT_FORMATS = ("onnx", "torchscript")  # the export formats ems-yolo supports and tests (format=)
+# The export formats ems-yolo supports and tests (format=). Not OpenVINO: its CPU runtime computes in bfloat16 by
+# default on CPUs that have it, which flips spikes (outputs off by pixels where float32 agrees to 1e-4).
+EXPORT_FORMATS = ("onnx", "torchscript")
+# the packages each export format needs beyond torch, and the extra of ems-yolo that installs them
+EXPORT_PACKAGES = {"onnx": (("onnx", "onnxruntime", "onnxslim"), "export")}
+BENCHMARK_FORMATS = ("pytorch", *EXPORT_FORMATS)  # what `benchmark` measures (format=, default all)
 ONNX_OPSETS = (11, 22)  # the ONNX opsets ems-yolo's export is tested with, lowest and highest (opset=)
 
 # Validation (and prediction) defaults that differ from Ultralytics': the original code's NMS IoU (its val.py;
@@ -36,14 +42,10 @@ EMS_TRAIN_DEFAULTS: dict[str, Any] = {"optimizer": "SGD", "lrf": 0.1, "cos_lr": 
                                       **EMS_VAL_DEFAULTS}
 
 
-def ems_home() -> Path:
-    """Root of ems-yolo's caches (settings, fonts, generated datasets): $EMS_YOLO_HOME or ~/.cache/ems-yolo."""
-    return Path(os.environ.get("EMS_YOLO_HOME", Path.home() / ".cache" / "ems-yolo")).expanduser()
-
-
 def default_project() -> str:
-    """Run folders go to ./runs/detect, as Ultralytics users expect (not to a folder frozen in its settings)."""
-    return str(Path.cwd() / "runs" / "detect")
+    """Run folders go to <runs_dir>/detect: ./runs/detect, as Ultralytics users expect, unless ems-yolo's own
+    settings (`ems-yolo settings runs_dir=...`) name another folder."""
+    return str(runs_dir() / "detect")
 
 
 def available_models() -> list[str]:
@@ -132,6 +134,8 @@ MODE_HELP = {
     "val": "Validate a model (mAP50, mAP50-95; save_json=True adds pycocotools mAP).",
     "predict": "Run detection on images, folders, globs, videos, webcams (source=0), streams or event recordings "
     "(.dat, .raw, .h5); source= is required.",
+    "track": "Track objects across the frames of a video or stream with Ultralytics' trackers (tracker=botsort.yaml, "
+    "the default, or tracker=bytetrack.yaml; needs lap: pip install 'ems-yolo[track]'); source= is required.",
     "export": f"Export to format={' or format='.join(EXPORT_FORMATS)} (T unrolled into the graph; onnx: opset "
     f"{ONNX_OPSETS[0]} to {ONNX_OPSETS[1]}).",
 }
@@ -152,6 +156,17 @@ ENERGY_KEYS = {
     "project": "output folder parent (default runs/detect)",
     "name": "run folder name (default energy)",
     "device": "cpu or a CUDA device",
+}
+BENCHMARK_KEYS = {
+    "model": "model YAML or .pt (default ems-res10.yaml); a YAML is built for the data's classes, untrained",
+    "data": "dataset to validate each format on (default: the checkpoint's, else shapes); never downloaded",
+    "imgsz": "input size (default: the training size of a .pt, else 640)",
+    "format": f"one of {', '.join(BENCHMARK_FORMATS)} (default: all of them)",
+    "time_steps": "override T",
+    "trust": "load a .pt that needs classes outside ems-yolo, Ultralytics and torch.nn (it can run code)",
+    "device": "cpu or a CUDA device",
+    "project": "output folder parent (default runs/detect)",
+    "name": "run folder name (default benchmark)",
 }
 DATASET_KEYS = {
     "src": "dataset root folder holding train/ val/ test/ with <name>_td.dat (or _td.raw, _td.dat.h5, _td.h5) and "
@@ -182,7 +197,8 @@ CONVERT_KEYS = {
 }
 EVENTS_KEYS = {
     "source": "input video (any format OpenCV reads), or an event file to convert or describe (.dat, .raw, .npy)",
-    "out": "output .dat or .raw (EVT 2.0) file; for a video the default is <video stem>_td.dat beside it",
+    "out": "output .dat or .raw (EVT 2.0) file; for a video the default is runs/events/<video stem>_td.dat (under "
+    "the runs_dir setting)",
     "info": "describe an event file: format, sensor size, duration, event count, rate (default False)",
     "width": "sensor width to resize a video to (default 304); for an event file, its width if the file has none",
     "height": "sensor height to resize a video to (default 240); for an event file, likewise",
@@ -199,7 +215,7 @@ EVENTS_KEYS = {
 # Value rules of the user-facing keys of every command (ems-yolo's own and the Ultralytics sizes that Ultralytics
 # would silently clamp): one check, one message naming the key and what was expected.
 _POSITIVE_INT = ("time_steps", "channels", "nc", "epochs", "max_batches", "bins", "height", "width", "max_frames",
-                 "cutoff")
+                 "cutoff", "iterations")
 _COUNTS = ("workers",)  # integers >= 0
 _POSITIVE = ("stride_ms", "window_ms", "bin_ms", "spacing_ms", "c_on", "c_off", "e_ac", "e_mac", "depth_multiple",
              "width_multiple")
@@ -301,9 +317,10 @@ def check_value(key: str, value: Any, mode: str = "") -> Any:
         if not isinstance(value, bool):
             raise ValueError(f"{shown}: expected True or False")
     elif key in _CHOICES:
-        if str(value).lower() not in _CHOICES[key]:
+        choices = BENCHMARK_FORMATS if key == "format" and mode == "benchmark" else _CHOICES[key]
+        if str(value).lower() not in choices:
             what = " (the formats ems-yolo exports and tests)" if key == "format" else ""
-            raise ValueError(f"{shown}: expected one of {', '.join(_CHOICES[key])}{what}")
+            raise ValueError(f"{shown}: expected one of {', '.join(choices)}{what}")
         value = str(value).lower()
     elif key == "cfg":
         check_cfg_file(value, mode)

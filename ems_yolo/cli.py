@@ -11,6 +11,7 @@ from typing import Any
 import typer
 
 from ems_yolo.cfg import (
+    BENCHMARK_KEYS,
     CONVERT_KEYS,
     ENERGY_KEYS,
     ENGINE_KEYS,
@@ -24,6 +25,7 @@ from ems_yolo.cfg import (
     check_values,
     default_project,
 )
+from ems_yolo.utils.settings import SETTINGS
 
 app = typer.Typer(
     name="ems-yolo",
@@ -131,12 +133,13 @@ def engine_overrides(tokens: list[str], mode: str) -> tuple[dict[str, Any], dict
 def run_mode(mode: str, tokens: list[str]):
     """EMSYOLO(model keys).<mode>(every other key): the facade does the work."""
     ours, kv = engine_overrides(tokens, mode)
-    if mode == "predict":
-        require(kv, "source", "predict", "image, folder, glob, video, URL, webcam index or .dat/.raw/.h5")
+    if mode in ("predict", "track"):
+        events = ", .dat/.raw/.h5" if mode == "predict" else ""
+        require(kv, "source", mode, f"image, folder, glob, video, URL or webcam index{events}")
     model = _model(ours)
-    if mode == "predict":
+    if mode in ("predict", "track"):
         kv.setdefault("save", True)
-        for _ in model.predict(stream=True, **ours, **kv) or ():  # bounded memory for long videos and recordings
+        for _ in getattr(model, mode)(stream=True, **ours, **kv) or ():  # bounded memory for long sources
             pass
         return None
     return getattr(model, mode)(**ours, **kv)
@@ -162,6 +165,28 @@ def _engine_command(mode: str) -> None:
 
 for _mode in MODE_HELP:
     _engine_command(_mode)
+
+
+@app.command(context_settings=KEY_VALUE, help="Size, mAP50-95 and inference speed of a model as PyTorch and in each "
+             "export format, validated on the data you name (nothing is downloaded); writes benchmarks.csv.\n\n"
+             + _keys_help(BENCHMARK_KEYS))
+def benchmark(ctx: typer.Context) -> None:
+    """EMSYOLO(model, ...).benchmark(data=..., imgsz=..., format=...)."""
+    kv = parse_key_values(ctx.args, BENCHMARK_KEYS, "benchmark")
+    _model(kv).benchmark(**kv)
+
+
+@app.command(context_settings=KEY_VALUE, help="Tune training hyperparameters with Ultralytics' Tuner (iterations=N "
+             "trainings, each mutating the fittest so far; lr0, momentum, weight decay, warm-up and augmentation "
+             "keys); writes best_hyperparameters.yaml into runs/detect/tune.\n\niterations: number of trainings "
+             "(default 300)\n\nEvery other key is a train key (model, data, epochs, imgsz, ...; see 'ems-yolo train "
+             "--help').")
+def tune(ctx: typer.Context) -> None:
+    """EMSYOLO(model, ...).tune(iterations=..., <train keys>)."""
+    tune_keys = parse_key_values([t for t in ctx.args if t.startswith("iterations=")], {"iterations": ""}, "tune")
+    ours, kv = engine_overrides([t for t in ctx.args if not t.startswith("iterations=")], "train")
+    out = _model(ours).tune(**tune_keys, **ours, **kv)
+    typer.echo(f"best hyperparameters -> {out / 'best_hyperparameters.yaml'}")
 
 
 @app.command(context_settings=KEY_VALUE, help="Per-layer firing rates, synaptic operations and energy vs the ANN "
@@ -232,6 +257,18 @@ def gen4(ctx: typer.Context, action: str = typer.Argument(..., help="preprocess"
     _preprocess("gen4", action, ctx)
 
 
+def events_output(video: Path) -> Path:
+    """Where `events source=<video>` writes without out=: <runs_dir>/events/<stem>_td.dat, numbered (<stem>-2_td.dat,
+    ...) rather than replacing an earlier run's file."""
+    from ems_yolo.utils.settings import runs_dir
+
+    out, n = runs_dir() / "events" / f"{video.stem}_td.dat", 1
+    while out.exists():
+        n += 1
+        out = out.with_name(f"{video.stem}-{n}_td.dat")
+    return out
+
+
 @app.command(context_settings=KEY_VALUE, help="Event files: simulate an event camera from a video (a Prophesee "
              ".dat), convert a recording between formats (source=x.raw out=x_td.dat; .dat, EVT 2.0/2.1/3.0 .raw and "
              ".npy in, .dat and EVT 2.0 .raw out), or describe one (info=True).\n\n" + _keys_help(EVENTS_KEYS))
@@ -255,12 +292,41 @@ def events(ctx: typer.Context) -> None:
         return
     if kv.get("info"):
         raise UsageError(f"info=True describes an event file ({', '.join(EVENT_FILE_SUFFIXES)}), not {source}")
-    out = Path(str(kv.get("out", source.with_name(f"{source.stem}_td.dat"))))
+    out = Path(str(kv["out"])) if "out" in kv else events_output(source)
     refuse_overwriting_inputs(out, source=source)
     sim = {k: kv[k] for k in ("c_on", "c_off", "sigma", "refractory_us", "noise_hz", "seed") if k in kv}
     ev = video_to_events(source, out, width=int(kv.get("width", 304)), height=int(kv.get("height", 240)),
                          config=SimulatorConfig(**sim), max_frames=kv.get("max_frames"), progress=True)
     typer.echo(f"{len(ev):,} events -> {out}")
+
+
+@app.command(context_settings=KEY_VALUE, help="Show the environment: versions, CUDA and Triton, offline settings, "
+             "where data, settings and runs go.")
+def checks(ctx: typer.Context) -> None:
+    """`ems-yolo checks` (Ultralytics' `yolo checks`)."""
+    from ems_yolo.engine.checks import environment_report
+
+    parse_key_values(ctx.args, {}, "checks")
+    typer.echo("\n".join(environment_report()))
+
+
+@app.command(context_settings=KEY_VALUE, help="Show ems-yolo's settings file (not Ultralytics'), change a setting "
+             "(ems-yolo settings runs_dir=/data/runs) or restore the defaults (ems-yolo settings reset).\n\n"
+             + _keys_help({k: v[1] for k, v in SETTINGS.items()}))
+def settings(ctx: typer.Context) -> None:
+    """Show, update or reset `$EMS_YOLO_HOME/settings.yaml`."""
+    from ems_yolo.utils.settings import load_settings, reset_settings, settings_file, update_settings
+
+    tokens = list(ctx.args)
+    reset = "reset" in tokens
+    if reset:
+        tokens.remove("reset")
+    kv = parse_key_values(tokens, {k: v[1] for k, v in SETTINGS.items()}, "settings")
+    if reset:
+        reset_settings()
+    current = update_settings(**kv) if kv else load_settings()
+    typer.echo(f"ems-yolo settings ({settings_file()}):")
+    typer.echo("\n".join(f"  {k}: {v}" for k, v in current.items()))
 
 
 @app.command(name="version", help="Print the version of ems-yolo (also: ems-yolo --version).")

@@ -46,7 +46,17 @@ def _configure_environment() -> None:
     _install_fonts(Path(os.environ["YOLO_CONFIG_DIR"]).expanduser() / "Ultralytics")
 
 
+class _NoUltralyticsSettingsBanner(logging.Filter):
+    """Hook 11 (settings). Ultralytics logs, when it creates or migrates its settings file at import, to view and
+    change it with `yolo settings`: another program and another file than ems-yolo's (`ems-yolo settings`). ems-yolo
+    keeps that file in its own home with integrations off, so those lines are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and "'yolo settings" in record.msg)
+
+
 _configure_environment()
+logging.getLogger("ultralytics").addFilter(_NoUltralyticsSettingsBanner())  # before the import that logs them
 
 import ultralytics.engine.trainer as _ul_trainer  # noqa: E402
 import ultralytics.nn.tasks as _ul_tasks  # noqa: E402
@@ -139,6 +149,24 @@ def ems_yolo_hints():
         yield
     finally:
         LOGGER.removeFilter(rewrite)
+
+
+@contextmanager
+def in_process_tuning(trainer):
+    """Hook 12 (tuner). `Tuner.__call__` trains each iteration through `MultiTrainer(None, ...)`, which runs
+    Ultralytics' `yolo train` command in a subprocess (another program, which builds no ems-yolo model, so every
+    iteration failed); within this context the MultiTrainer it imports trains in this process with `trainer`."""
+    real = _ul_trainer.MultiTrainer
+
+    class InProcessMultiTrainer(real):
+        def __init__(self, _cli, args, model, _callbacks=None):
+            super().__init__(trainer, args, model, _callbacks)
+
+    _ul_trainer.MultiTrainer = InProcessMultiTrainer
+    try:
+        yield
+    finally:
+        _ul_trainer.MultiTrainer = real
 
 
 @contextmanager

@@ -28,6 +28,19 @@ def _empty_working_folder(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture
+def coco8():
+    """The root of the shipped COCO8 as ems-yolo reads it: its copy in the test home (Ultralytics writes its label
+    caches there, never into the package or ../shared)."""
+    from pathlib import Path
+
+    import yaml
+
+    from ems_yolo.data.datasets import resolve_data
+
+    return Path(yaml.safe_load(Path(resolve_data("coco8.yaml")).read_text())["path"])
+
+
+@pytest.fixture
 def tiny_cfg():
     """Factory: a built-in model YAML at reduced width with overrides (nc, time_steps, ...) applied."""
     from ems_yolo.cfg import load_model_yaml

@@ -68,6 +68,9 @@ def bad(tmp_path_factory):
     model = EMSDetectionModel(tiny, verbose=False)
     f["finished"] = write_checkpoint({"model": model, "optimizer": None, "epoch": -1,
                                       "train_args": {"epochs": 3, "task": "detect"}}, d / "finished.pt")
+    from ems_yolo import EMSYOLO
+
+    f["finished_ts"] = Path(EMSYOLO(f["finished"]).export(format="torchscript", imgsz=64))  # an exported model
     f["empty_pt"] = d / "empty.pt"
     f["empty_pt"].write_bytes(b"")
     f["random_pt"] = d / "random.pt"
@@ -248,6 +251,34 @@ CASES = [
     ("export model={truncated_pt}", "truncated.pt: not a readable PyTorch checkpoint"),
     ("export model={malicious_pt}", "malicious.pt: needs builtins.exec to load"),
     ("export model={finished} imgsz=0", "imgsz=0: expected a positive integer"),
+    # export: any format but those ems-yolo tests is one line (openvino, coreml, tflite, ncnn, saved_model, ...)
+    ("export model={finished} format=openvino", "format='openvino': expected one of onnx, torchscript"),
+    ("export model={finished} format=coreml", "format='coreml': expected one of onnx, torchscript"),
+    ("export model={finished} format=saved_model", "format='saved_model': expected one of onnx, torchscript"),
+    # track
+    ("track model={finished}", "track needs source="),
+    ("track model={finished} source={sample_dat}", "expected a frame source"),
+    ("track model={finished} source={video} stride_ms=5", "'stride_ms' applies to 'predict' only"),
+    ("track model={finished} source={empty_jpg}", "empty.jpg"),
+    ("track model={missing} source={video}", "missing.pt: model weights not found"),
+    # benchmark
+    ("benchmark model={finished} format=tflite", "format='tflite': expected one of pytorch, onnx, torchscript"),
+    ("benchmark model={finished} data=missing.yaml", "missing.yaml"),
+    ("benchmark model={finished} imgsz=0", "imgsz=0: expected a positive integer"),
+    ("benchmark model={malicious_pt}", "malicious.pt: needs builtins.exec to load"),
+    ("benchmark modle=x", "'modle' is not a valid key for 'benchmark'"),
+    ("benchmark model={finished_ts}", "finished.torchscript: benchmark needs a PyTorch model"),
+    # tune
+    ("tune iterations=0", "iterations=0: expected a positive integer"),
+    ("tune iterations=abc", "iterations='abc': expected a positive integer"),
+    ("tune epohcs=3", "Did you mean 'epochs'?"),
+    ("tune data=missing.yaml", "missing.yaml"),
+    ("tune model={malicious_pt}", "malicious.pt: needs builtins.exec to load"),
+    ("tune model={finished_ts}", "finished.torchscript: tune needs a PyTorch model"),
+    # checks, settings
+    ("checks verbose=True", "'verbose' is not a valid key for 'checks'"),
+    ("settings runs_dirr=x", "Did you mean 'runs_dir'?"),
+    ("settings runs_dir=", "runs_dir"),
     # energy
     ("energy max_batches=0", "max_batches=0: expected a positive integer"),
     ("energy preset=fp8", "preset='fp8': expected one of fp32, fp16, int8"),
@@ -381,7 +412,8 @@ def test_the_harness_covers_every_command():
     keyless = {"help", "version"}  # they take no key=value argument: nothing of theirs to get wrong
     commands = {c.name or c.callback.__name__ for c in app.registered_commands} - keyless
     assert commands == {c.split()[0] for c, _ in CASES} == {"info", "train", "val", "predict", "export", "energy",
-                                                          "convert", "gen1", "gen4", "events"}
+                                                          "convert", "gen1", "gen4", "events", "track", "benchmark",
+                                                          "tune", "checks", "settings"}
     assert len(CASES) >= 60
 
 

@@ -20,9 +20,7 @@ from ems_yolo.engine.trainer import EMSTrainer
 from ems_yolo.nn import EMSDetectionModel
 
 pytestmark = pytest.mark.slow
-COCO8 = SHARED_DATA / "coco8"
 VIDEO = SHARED_DATA / "videos" / "pedestrians.avi"
-needs_coco8 = pytest.mark.skipif(not COCO8.is_dir(), reason="../shared/data/coco8 not present")
 FAST = dict(workers=0, plots=False, batch=4, verbose=False)
 
 
@@ -78,11 +76,10 @@ def test_builtin_data_training_learns(shapes_run):
     assert len(rows) == 6 and "train/obj_loss" in rows[0]
 
 
-@needs_coco8
-def test_cli_train_on_coco8_writes_weights_and_results(tmp_path, tiny_yaml, caplog):
+def test_cli_train_on_coco8_writes_weights_and_results(tmp_path, tiny_yaml, caplog, coco8):
     data = tmp_path / "coco8.yaml"
     names = "".join(f"  {i}: c{i}\n" for i in range(80))
-    data.write_text(f"path: {COCO8}\ntrain: images/train\nval: images/val\nnames:\n{names}")
+    data.write_text(f"path: {coco8}\ntrain: images/train\nval: images/val\nnames:\n{names}")
     r = CliRunner().invoke(
         app,
         ["train", f"model={tiny_yaml}", f"data={data}", "epochs=2", "imgsz=64", "batch=4", "workers=0",

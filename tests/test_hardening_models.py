@@ -20,13 +20,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from ems_yolo.cfg import load_model_yaml
+from ems_yolo.cfg import DATASETS_DIR, load_model_yaml
 from ems_yolo.cli import run
 from ems_yolo.engine.checkpoints import load_checkpoint_file, write_checkpoint
 from ems_yolo.nn.model import EMSDetectionModel
 from shared_data import SHARED_DATA
 
-IMAGE = SHARED_DATA / "coco8" / "images" / "val" / "000000000036.jpg"
+IMAGE = DATASETS_DIR / "coco8" / "images" / "val" / "000000000036.jpg"  # the shipped COCO8, read only
 
 
 class Call:
@@ -391,7 +391,7 @@ def test_dry_run_counts_what_the_real_model_has(tiny):
     assert sizes.step_activations == numel
 
 
-def test_d13_stock_ultralytics_checkpoint_is_refused_for_training_and_still_validates(tmp_path, capsys):
+def test_d13_stock_ultralytics_checkpoint_is_refused_for_training_and_still_validates(tmp_path, capsys, coco8):
     """Fine-tuning a stock Ultralytics YOLO .pt: one line naming the file, the head rows ems-yolo takes and how to
     fine-tune (no IndexError, nothing written); info, val and predict with the same file work."""
     from ultralytics import YOLO
@@ -400,7 +400,7 @@ def test_d13_stock_ultralytics_checkpoint_is_refused_for_training_and_still_vali
     YOLO("yolov8n.yaml").save(weights)
     data = tmp_path / "coco8.yaml"
     names = "".join(f"  {i}: c{i}\n" for i in range(80))
-    data.write_text(f"path: {SHARED_DATA / 'coco8'}\ntrain: images/train\nval: images/val\nnames:\n{names}")
+    data.write_text(f"path: {coco8}\ntrain: images/train\nval: images/val\nnames:\n{names}")
     common = ["imgsz=64", "batch=2", "workers=0", "device=cpu", f"project={tmp_path / 'runs'}", "plots=False"]
     assert run(["train", f"model={weights}", f"data={data}", "epochs=1", "name=t", *common]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -20,7 +20,7 @@ import yaml
 from shared_data import SHARED_DATA
 
 from ems_yolo import EMSYOLO
-from ems_yolo.cfg import load_model_yaml
+from ems_yolo.cfg import DATASETS_DIR, load_model_yaml
 from ems_yolo.cli import run
 from ems_yolo.data.shapes import make_shapes_dataset
 from ems_yolo.engine.checkpoints import load_checkpoint_file, write_checkpoint
@@ -30,7 +30,7 @@ from ems_yolo.events.raw import write_raw_evt2
 from ems_yolo.events.representations import EventRepresentation
 from ems_yolo.nn import EMSDetectionModel
 
-COCO8_IMAGES = SHARED_DATA / "coco8" / "images" / "val"
+COCO8_IMAGES = DATASETS_DIR / "coco8" / "images" / "val"  # the shipped COCO8, read only
 EVT3 = SHARED_DATA / "events" / "evt3_sample.raw"
 ORIGINAL = SHARED_DATA / "checkpoints" / "original-res10-ee-nc2-T5.pt"
 FAST = dict(workers=0, plots=False, batch=2, imgsz=64, device="cpu", verbose=False)

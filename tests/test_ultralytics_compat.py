@@ -121,3 +121,25 @@ def test_hook10_parse_model_reads_safe_load_from_its_module_globals():
     with pytest.raises(TypeError, match="unsupported activation"):
         tasks.parse_model({"nc": 1, "activation": "print('x') or nn.SiLU()", "backbone": [], "head": []}, ch=3,
                           verbose=False)
+
+
+def test_hook11_ultralytics_settings_banner_is_the_message_the_filter_drops():
+    from ultralytics.utils import SettingsManager
+
+    src = _source(SettingsManager.__init__)
+    assert "'yolo settings" in src, "hook 11: the settings banner no longer names 'yolo settings'"
+    record = logging.LogRecord("ultralytics", logging.INFO, "", 0, "View Ultralytics Settings with 'yolo settings'",
+                               None, None)
+    assert not compat._NoUltralyticsSettingsBanner().filter(record)
+
+
+def test_hook12_tuner_trains_through_the_multitrainer_it_imports_from_the_trainer_module():
+    from ultralytics.engine.tuner import Tuner
+
+    src = _source(Tuner.__call__)
+    assert "from ultralytics.engine.trainer import MultiTrainer" in src and "MultiTrainer(None," in src, \
+        "hook 12: Tuner no longer builds MultiTrainer(None, ...) from ultralytics.engine.trainer"
+    assert list(inspect.signature(ul_trainer.MultiTrainer.__init__).parameters)[1:4] == ["trainer", "args", "model"]
+    with compat.in_process_tuning(BaseTrainer):
+        assert ul_trainer.MultiTrainer(None, {}, None).trainer is BaseTrainer
+    assert ul_trainer.MultiTrainer(None, {}, None).trainer is None

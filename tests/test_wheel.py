@@ -1,6 +1,7 @@
 """A wheel built from the repository works from a folder outside it: configs travel inside the package."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ def run(cmd: list[str], cwd: Path, env: dict | None = None) -> str:
     return r.stdout + r.stderr
 
 
-def test_wheel_in_a_fresh_venv_runs_info_train_predict_outside_the_repo(tmp_path):
+def test_wheel_in_a_fresh_venv_runs_info_train_predict_val_coco8_outside_the_repo(tmp_path):
     run([sys.executable, "-m", "pip", "wheel", REPO, "--no-deps", "-q", "-w", tmp_path / "dist"], cwd=tmp_path)
     wheel = next((tmp_path / "dist").glob("ems_yolo-*.whl"))
     venv = tmp_path / "venv"
@@ -45,3 +46,13 @@ def test_wheel_in_a_fresh_venv_runs_info_train_predict_outside_the_repo(tmp_path
     image = next((tmp_path / "home" / "datasets").rglob("images/val/*.png"))
     run([exe, "predict", f"model={best}", f"source={image}", "imgsz=64"], work, env)
     assert (work / "runs" / "detect" / "predict" / f"{image.stem}.jpg").is_file()
+
+    # COCO8 ships inside the wheel: val on it from another empty folder (read from a copy in the home)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = run([exe, "val", f"model={best}", "data=coco8.yaml", "imgsz=64", "batch=4", "workers=0", "plots=False"],
+              empty, env)
+    assert re.search(r"\ball\s+4\s+\d+\s", out), out  # the 4 val images scored
+    assert (empty / "runs" / "detect" / "val").is_dir()
+    assert (tmp_path / "home" / "datasets" / "coco8" / "labels" / "val.cache").is_file()  # caches in the home
+    assert not list(site.rglob("*.cache"))  # nothing written into the installed package

@@ -12,6 +12,7 @@ caches, so Ultralytics' own dataset checks accept them as they are.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from ems_yolo.data.events import is_event_split, split_representation
 from ems_yolo.events.automotive import SPLITS, EventCache, preprocess_dataset, split_cache_path
 from ems_yolo.events.protocols import GEN1, DatasetProtocol
 from ems_yolo.events.representations import EventRepresentation
-from ems_yolo.utils.files import atomic_write_text, content_addressed, read_yaml_mapping
+from ems_yolo.utils.files import atomic_write_text, build_folder_once, content_addressed, read_yaml_mapping
 
 
 def _dataset_root(d: dict, yaml_path: Path) -> Path:
@@ -38,6 +39,28 @@ def _dataset_root(d: dict, yaml_path: Path) -> Path:
         if (base / p).exists():
             return (base / p).resolve()
     return (Path.cwd() / p).resolve()
+
+
+def _shipped_copy(root: Path) -> Path:
+    """Data shipped inside the package (coco8) is read from a copy in $EMS_YOLO_HOME/datasets, made once: Ultralytics
+    writes its label caches beside the labels, and an installed package (or a source checkout) is no place for them.
+    Other roots are returned as they are."""
+    if not root.is_relative_to(CFG_DIR):
+        return root
+    files = [p.relative_to(root) for p in root.rglob("*") if p.is_file() and p.suffix != ".cache"]
+
+    def complete(folder: Path) -> bool:
+        return all((folder / f).is_file() and (folder / f).stat().st_size == (root / f).stat().st_size for f in files)
+
+    def copy(folder: Path) -> None:
+        for f in files:
+            (folder / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(root / f, folder / f)
+
+    final = ems_home() / "datasets" / root.name
+    if not complete(final):
+        build_folder_once(final, complete, copy)
+    return final
 
 
 def _split_paths(root: Path, value) -> list[Path]:
@@ -58,7 +81,7 @@ def resolve_data(data: str | Path | None) -> str:
     resolved_dir = ems_home() / "data"
     d = read_yaml_mapping(src, ("train", "val", "names"))
     check_class_names(src, d)
-    root = _dataset_root(d, src)
+    root = _shipped_copy(_dataset_root(d, src))
     splits = {k: _split_paths(root, d[k]) for k in ("train", "val", "test") if d.get(k)}
     missing = [p for key in ("train", "val") for p in splits[key] if not p.exists()]
     if missing:

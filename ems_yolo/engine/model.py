@@ -26,10 +26,11 @@ from torch import nn
 from ems_yolo import ultralytics_compat  # noqa: F401  (first: offline environment before Ultralytics loads)
 from ultralytics.cfg import get_cfg
 from ultralytics.engine.model import Model
-from ultralytics.utils import DEFAULT_CFG
+from ultralytics.utils import DEFAULT_CFG, LOGGER
 
 from ems_yolo.cfg import (
     DEFAULT_MODEL,
+    EXPORT_PACKAGES,
     EMS_TRAIN_DEFAULTS,
     EMS_VAL_DEFAULTS,
     EVENT_SUFFIXES,
@@ -96,6 +97,22 @@ def resolve_model_source(
         raise FileNotFoundError(f"{text}: model weights not found (ems-yolo does not download weights)")
     check_exported_model(p)
     return str(p)
+
+
+def missing_export_packages(fmt: str) -> list[str]:
+    """The packages an export format needs (EXPORT_PACKAGES) that are not installed."""
+    import importlib.util
+
+    return [p for p in EXPORT_PACKAGES.get(str(fmt).lower(), ((), ""))[0] if importlib.util.find_spec(p) is None]
+
+
+def check_export_packages(fmt: str) -> None:
+    """A ValueError naming the missing packages of an export format and the extra that installs them (Ultralytics
+    would try to pip-install them, which ems-yolo keeps off, and fail with a traceback)."""
+    missing = missing_export_packages(fmt)
+    if missing:
+        raise ValueError(f"format={fmt} needs {', '.join(missing)}, expected installed: pip install "
+                         f"'ems-yolo[{EXPORT_PACKAGES[str(fmt).lower()][1]}]'")
 
 
 def _guarded(results, project: str | Path) -> Iterator:
@@ -179,6 +196,7 @@ class EMSYOLO(Model):
     def export(self, spike_driven: bool = False, **kwargs):
         """Ultralytics' exporter (ONNX, TorchScript, ...); its closing hints name `ems-yolo` commands.
         `spike_driven=True` exports the binary-spike form of an I-LIF model (`ems_yolo.nn.spike_driven`)."""
+        check_export_packages(str(kwargs.get("format", "torchscript")))  # Ultralytics' default format
         kwargs = check_values({**kwargs, "spike_driven": spike_driven})
         model = self.model
         if kwargs.pop("spike_driven"):
@@ -236,10 +254,11 @@ class EMSYOLO(Model):
     def predict(self, source=None, stream: bool = False, predictor=None, events: bool = False,
                 stride_ms: float = 50.0, cuda_graph: bool | None = None, **kwargs):
         """Ultralytics prediction on images, videos and streams; event recordings (.dat, .raw), event caches (.h5) and,
-        with `events=True`, videos simulated into events go to `EventPredictor` (window step `stride_ms`). NMS keeps
-        val's IoU (0.6, the original's) unless `iou` is given. Saved results go to ./runs/detect/<name> unless
-        `project` is given. On CUDA the model is replayed from a CUDA graph once an input shape repeats (video
-        frames, event windows); `cuda_graph=False` runs it eagerly, `cuda_graph=True` without CUDA is an error."""
+        with `events=True`, videos simulated into events go to `EventPredictor` (window step `stride_ms`), which takes
+        the same save/show keys with the same defaults (nothing saved unless `save=True`). NMS keeps val's IoU (0.6,
+        the original's) unless `iou` is given. Saved results go to <runs_dir>/detect/<name> unless `project` is
+        given. On CUDA the model is replayed from a CUDA graph once an input shape repeats (video frames, event
+        windows); `cuda_graph=False` runs it eagerly, `cuda_graph=True` without CUDA is an error."""
         kwargs = {**EMS_VAL_DEFAULTS, **check_values({**kwargs, "events": events, "stride_ms": stride_ms,
                                                       "cuda_graph": cuda_graph})}
         stride_ms, events, cuda_graph = kwargs.pop("stride_ms"), kwargs.pop("events"), kwargs.pop("cuda_graph")
@@ -249,7 +268,8 @@ class EMSYOLO(Model):
         if not events:
             check_media_source(source)
         if events or str(source).endswith(EVENT_SUFFIXES):
-            args = get_cfg(DEFAULT_CFG, {**self.overrides, "conf": 0.25, **kwargs, "source": source, "mode": "predict"})
+            args = get_cfg(DEFAULT_CFG, {**self.overrides, "conf": 0.25, "save": False, **kwargs, "source": source,
+                                         "mode": "predict"})  # Python saves nothing unless asked, as for frames
             model = self.model if isinstance(self.model, nn.Module) else self.model_name
             return EventPredictor(model, args, stride_ms=float(stride_ms), simulate=events,
                                   cuda_graph=cuda_graph)(source, stream=stream)
@@ -258,6 +278,87 @@ class EMSYOLO(Model):
             return _guarded(super().predict(source, True, predictor, **kwargs), kwargs["project"])
         with no_half_written_runs(kwargs["project"]):
             return super().predict(source, False, predictor, **kwargs)
+
+    def track(self, source=None, stream: bool = False, persist: bool = False, **kwargs):
+        """Ultralytics' trackers (`tracker=botsort.yaml`, the default, or `bytetrack.yaml`) on this model's
+        detections of images, videos and streams; `Results.boxes.id` holds the track ids. Frame sources only (event
+        recordings: predict). Needs the `lap` package (`pip install 'ems-yolo[track]'`)."""
+        try:
+            import lap  # noqa: F401  (Ultralytics' trackers match boxes with it, and would try to pip-install it)
+        except ImportError:
+            raise ValueError("tracking needs the lap package, expected it installed: pip install 'ems-yolo[track]' "
+                             "(or pip install lap)") from None
+        if str(source).endswith(EVENT_SUFFIXES) or kwargs.get("events"):
+            raise ValueError(f"source={source}: track follows objects across frames of images, videos or streams, "
+                             "expected a frame source (event recordings: ems-yolo predict)")
+        return super().track(source, stream, persist, **check_values(kwargs))
+
+    def _pytorch_only(self, what: str) -> None:
+        """A ValueError (one line from the CLI) when the model is an exported file, not a YAML or .pt."""
+        if not isinstance(self.model, nn.Module):
+            raise ValueError(f"{self.model_name}: {what} needs a PyTorch model (a model YAML or .pt), expected one "
+                             "instead of an exported file")
+
+    def tune(self, iterations: int = 300, space: dict | None = None, use_ray: bool = False, **kwargs) -> Path:
+        """Ultralytics' hyperparameter evolution with ems-yolo's trainer, in this process: `iterations` trainings
+        (each with the training `kwargs`: data, epochs, imgsz, ...), each mutating the fittest so far over `space`
+        (default `TUNE_SPACE`: the optimiser and augmentation keys that change an ems-yolo training). Returns the
+        tune folder (<runs_dir>/detect/tune unless project/name say otherwise) with best_hyperparameters.yaml."""
+        from ems_yolo.engine.tuner import check_space, run_tuner
+
+        self._pytorch_only("tune")
+        if use_ray:
+            raise ValueError("use_ray=True: Ray Tune runs Ultralytics' own trainer, which builds no ems-yolo model; "
+                             "expected use_ray=False (Ultralytics' Tuner, run in this process)")
+        iterations = check_values({"iterations": iterations})["iterations"]
+        space = check_space(space)
+        kwargs = {**EMS_TRAIN_DEFAULTS, "project": default_project(), **check_values(kwargs, "train")}
+        kwargs["data"] = resolve_data(kwargs.get("data") or self.overrides.get("data"))
+        return run_tuner(self.model, {**self.overrides, **kwargs, "mode": "train"}, space, iterations, self.callbacks)
+
+    def benchmark(self, data: str | None = None, imgsz: int | None = None, format: str = "", device: str | None = None,
+                  project: str | None = None, name: str = "benchmark", **kwargs) -> list[dict]:
+        """Size, mAP and inference speed of this model as PyTorch and in each export format (or the one `format`
+        names), validated on `data` (default: the checkpoint's dataset, else the built-in one; nothing is
+        downloaded) at `imgsz` (default: the training size, else 640); everything goes into one run folder with
+        benchmarks.csv. A model YAML is built for the data's classes first, as training would."""
+        from ultralytics.utils.files import increment_path
+
+        from ems_yolo.cfg import BENCHMARK_FORMATS
+        from ems_yolo.engine.benchmark import benchmark_formats
+
+        self._pytorch_only("benchmark")
+        if kwargs:
+            raise ValueError(f"benchmark: unknown key(s) {', '.join(sorted(kwargs))}; expected data, imgsz, format, "
+                             "device, project or name")
+        checked = check_values({"imgsz": imgsz, "format": format or None}, "benchmark")
+        formats = (checked["format"],) if format else BENCHMARK_FORMATS
+        if format:
+            check_export_packages(checked["format"])
+        else:  # every format whose packages are installed
+            skipped = [f for f in formats if missing_export_packages(f)]
+            for f in skipped:
+                LOGGER.warning(f"benchmark: format={f} skipped, it needs {', '.join(missing_export_packages(f))} "
+                               f"(pip install 'ems-yolo[{EXPORT_PACKAGES[f][1]}]')")
+            formats = tuple(f for f in formats if f not in skipped)
+        imgsz = checked["imgsz"] or int(self.overrides.get("imgsz") or 640)
+        data = resolve_data(data or self.overrides.get("data"))
+        project = Path(project or default_project())
+        folder = increment_path(project / name)
+        with no_half_written_runs(project):
+            claim_run(folder)
+            stem = Path(self.ckpt_path or self.model.yaml.get("yaml_file", "model")).stem
+            weights = folder / "weights" / f"{stem}.pt"
+            model = self.model
+            if not self.ckpt:
+                dataset = load_data(data)
+                model = model_for_data(self.model.yaml, dataset)
+                model.names = dataset["names"]
+            weights.parent.mkdir(parents=True, exist_ok=True)
+            write_checkpoint({**(self.ckpt or {}), "model": model, "ema": None, "optimizer": None,  # weights only
+                              "train_args": {**(self.ckpt or {}).get("train_args", {}), "data": data, "imgsz": imgsz}},
+                             weights)
+            return benchmark_formats(weights, data, formats, folder, imgsz, device)
 
     def energy(
         self,

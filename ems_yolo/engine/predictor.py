@@ -4,7 +4,9 @@ sample cache, one window per labelled timestamp).
 For each window end t the model sees the representation it was trained on (recorded in its YAML by training on
 event data); detections are mapped back to sensor pixels and yielded as Ultralytics `Results` on the window's
 newest event frame. With `save=True` they are also collected as a Gen1 v2 `_bbox.npy` (t = window end,
-`class_confidence` = score) that `evaluate_detections` reads, and drawn into an annotated video.
+`class_confidence` = score) that `evaluate_detections` reads, and drawn into an annotated video; `save_txt`,
+`save_conf`, `save_crop` and `show` act per window as they do per frame in Ultralytics' predictor (labels/ and
+crops/ files named `<stem>_<t>us`), and a progress bar counts the windows.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from ems_yolo import ultralytics_compat  # noqa: F401  (first: offline environme
 from ultralytics.engine.results import Results
 from ultralytics.models.yolo.detect import DetectionPredictor
 from ultralytics.nn.autobackend import AutoBackend
-from ultralytics.utils import LOGGER
+from ultralytics.utils import LOGGER, TQDM
+from ultralytics.utils.checks import check_imshow
 from ultralytics.utils.files import increment_path
 from ultralytics.utils.nms import non_max_suppression
 from ultralytics.utils.torch_utils import select_device
@@ -101,6 +104,11 @@ def stream_windows(
         yield t_end, rep(events, t_end), newest
 
 
+def stream_window_count(source: EventSource, stride_us: int) -> int:
+    """How many windows `stream_windows` yields."""
+    return source.duration_us // stride_us + 1 if source.count else 0
+
+
 def cache_windows(cache: EventCache) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Yield (t, model input, newest-bin frame) for every sample of a split cache (its label times)."""
     rep = cache.representation
@@ -128,14 +136,14 @@ class EventPredictor:
         self.save_dir = increment_path(Path(args.project or default_project()) / (args.name or "predict"),
                                        exist_ok=args.exist_ok)
 
-    def _windows(self, source: Path) -> tuple[str, EventRepresentation, Iterator]:
-        """(output stem, representation, window iterator) of an event source."""
+    def _windows(self, source: Path) -> tuple[str, EventRepresentation, Iterator, int]:
+        """(output stem, representation, window iterator, window count) of an event source."""
         trained = model_representation(self.torch_model)
         if source.suffix in EVENT_CACHE_SUFFIXES and not is_event_h5(source):
             cache = EventCache(source)
             if trained is not None and trained != cache.representation:
                 raise ValueError(f"{source}: cached as {cache.representation}, but the model was trained on {trained}")
-            return source.stem, cache.representation, cache_windows(cache)
+            return source.stem, cache.representation, cache_windows(cache), len(cache)
         if trained is None:
             raise ValueError(
                 f"{source}: the model records no event representation (it was not trained on event data, or it is "
@@ -145,15 +153,15 @@ class EventPredictor:
         self._check_windows(events)
         rep = replace(trained, height=events.height or trained.height, width=events.width or trained.width)
         stem = source.name.removesuffix(source.suffix).removesuffix(".dat").removesuffix("_td")  # x_td.dat.h5 -> x
-        return stem, rep, stream_windows(events, rep, self.stride_us)
+        return stem, rep, stream_windows(events, rep, self.stride_us), stream_window_count(events, self.stride_us)
 
     def _check_windows(self, events: EventSource) -> None:
         """Warn before starting when the stride gives more than MAX_WINDOWS windows: their count, and the size of
         the annotated video they make."""
-        n = events.duration_us // self.stride_us + 1 if events.count else 0
+        n = stream_window_count(events, self.stride_us)
         if n > MAX_WINDOWS:
             mb = n * (events.width or 304) * (events.height or 240) * 3 * VIDEO_BYTES_PER_PIXEL / 1e6
-            video = f" and an annotated video of about {mb:,.0f} MB" if self.args.save is not False else ""
+            video = f" and an annotated video of about {mb:,.0f} MB" if self.args.save else ""
             LOGGER.warning(f"{events.path}: stride_ms={self.stride_us / 1000:g} gives {n:,} windows{video} over "
                            f"{events.duration_us / 1e6:.1f} s; a larger stride_ms gives fewer (stride_ms="
                            f"{-(-events.duration_us // (MAX_WINDOWS * 1000))} gives at most {MAX_WINDOWS:,})")
@@ -166,7 +174,7 @@ class EventPredictor:
         source = Path(source)
         if not source.is_file():
             raise FileNotFoundError(f"{source}: event source not found")
-        if self.args.save is not False:
+        if self.args.save or self.args.save_txt or self.args.save_crop:
             refuse_source_folder(self.save_dir, source)
         with no_half_written_runs(self.save_dir.parent):
             claim_run(self.save_dir)
@@ -178,14 +186,14 @@ class EventPredictor:
             n = len(video_to_events(source, dat, progress=self.args.verbose))
             LOGGER.info(f"simulated {n:,} events from {source} -> {dat}")
             source = dat
-        stem, rep, windows = self._windows(source)
+        stem, rep, windows, count = self._windows(source)
         args, size = self.args, max(image_hw(self.args.imgsz))
-        save = args.save is not False
+        save, show = bool(args.save), bool(args.show) and check_imshow(warn=True)
         names, rows, video = self.backend.names, [], None
         avi = self.save_dir / f"{stem}.avi"
         tmp = temporary_sibling(avi, ".avi")  # a killed run leaves no unindexed .avi (the writer chooses by suffix)
         try:
-            for t, x, newest in windows:
+            for t, x, newest in TQDM(windows, total=count, desc=f"{source.name} windows", disable=not args.verbose):
                 inp = torch.from_numpy(resize_channels(x, size).copy())[None].float().div(255).to(self.backend.device)
                 with torch.no_grad():
                     det = non_max_suppression(self.forward(inp), args.conf, args.iou, max_det=args.max_det)[0].cpu()
@@ -195,8 +203,13 @@ class EventPredictor:
                 rows.append(detections_to_boxes(d[:, :4], d[:, 5], d[:, 4], t))
                 frame = cv2.cvtColor(np.ascontiguousarray(newest), cv2.COLOR_GRAY2BGR)
                 result = Results(frame, path=f"{source}@{t}us", names=names, boxes=det)
-                if save:
+                self._write_window(result, f"{stem}_{t}us")
+                if save or show:
                     plotted = result.plot(line_width=1)
+                if show:
+                    cv2.imshow(str(source), plotted)
+                    cv2.waitKey(1)
+                if save:
                     if video is None:
                         self.save_dir.mkdir(parents=True, exist_ok=True)
                         remove_stale_temporaries(avi)
@@ -218,6 +231,14 @@ class EventPredictor:
             if video is not None:
                 video.release()
             tmp.unlink(missing_ok=True)
+
+    def _write_window(self, result: Results, name: str) -> None:
+        """A window's labels (`save_txt`, with scores when `save_conf`) and crops (`save_crop`), named after it."""
+        if self.args.save_txt:
+            (self.save_dir / "labels").mkdir(parents=True, exist_ok=True)
+            result.save_txt(self.save_dir / "labels" / f"{name}.txt", save_conf=self.args.save_conf)
+        if self.args.save_crop:
+            result.save_crop(self.save_dir / "crops", file_name=name)
 
     def __call__(self, source: str | Path, stream: bool = False) -> Iterator[Results] | list[Results]:
         """Predict on an event source: a generator with `stream=True`, else the list of all windows' results."""
