@@ -31,6 +31,7 @@ _NEURON_VALUES = (
     ("alpha", lambda x: x is None or (_number(x) and x > 0), "a positive surrogate width or null"),
     ("detach_reset", lambda x: isinstance(x, bool), "true or false"),
     ("backend", lambda x: isinstance(x, str), "'torch' or 'triton'"),
+    ("levels", lambda x: isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= 255, "an integer in 1..255"),
 )
 
 
@@ -38,7 +39,8 @@ _NEURON_VALUES = (
 class NeuronConfig:
     """Neuron settings shared by every spiking layer of a model (the `neuron:` section of a model YAML).
 
-    kind: "lif" (the paper's neuron) or "relu" (the ANN twin, used with time_steps=1).
+    kind: "lif" (the paper's neuron), "ilif" (SpikeYOLO's integer LIF, spikes 0..`levels`, decay `tau`) or "relu"
+    (the ANN twin, used with time_steps=1).
     backend: "torch", or "triton" for the fused CUDA kernels of the training recurrence (rectangular surrogate;
     other cases, and CPU tensors, run the torch path).
     """
@@ -50,6 +52,7 @@ class NeuronConfig:
     alpha: float | None = None
     detach_reset: bool = True
     backend: str = "torch"
+    levels: int = 4
 
     @classmethod
     def from_dict(cls, d: dict | None, where: str = "neuron") -> NeuronConfig:
@@ -63,8 +66,8 @@ class NeuronConfig:
             if key in d and not ok(d[key]):
                 raise ValueError(f"{where}.{key}: expected {expected}, got {d[key]!r}")
         cfg = cls(**d)
-        if cfg.kind not in ("lif", "relu"):
-            raise ValueError(f"{where}.kind: expected 'lif' or 'relu', got {cfg.kind!r}")
+        if cfg.kind not in ("lif", "ilif", "relu"):
+            raise ValueError(f"{where}.kind: expected 'lif', 'ilif' or 'relu', got {cfg.kind!r}")
         get_surrogate(cfg.surrogate)  # validates the name
         check_backend(cfg.backend, f"{where}.backend")
         return cfg
@@ -298,4 +301,8 @@ def make_neuron(cfg: NeuronConfig, time_steps: int) -> nn.Module:
     """Instantiate the neuron a model's config asks for."""
     if cfg.kind == "relu":
         return ReLUNeuron()
+    if cfg.kind == "ilif":
+        from ems_yolo.nn.ilif import ILIF  # ilif builds on this module's time folding
+
+        return ILIF(time_steps, cfg.levels, cfg.tau)
     return LIF(time_steps, cfg.tau, cfg.vth, cfg.surrogate, cfg.alpha, cfg.detach_reset, cfg.backend)
