@@ -17,6 +17,7 @@ from ultralytics.utils.callbacks import base as ul_callbacks
 from ems_yolo import EMSYOLO
 from ems_yolo.cfg import BUILTIN_TRAIN_DEFAULTS, LONG_RUN_MIN, QUICK_RUN_MIN, builtin_train_defaults
 from ems_yolo.cli import run
+from ems_yolo.data.events import EventDetectionDataset
 from ems_yolo.engine.trainer import long_run_warning, quick_run, train_command
 from ems_yolo.events.synthetic import make_synthetic_gen1
 
@@ -139,5 +140,7 @@ def test_usage_and_preprocess_hints_run_as_printed(tmp_path, started, capsys):
     hint = re.search(r"train with: (ems-yolo train .*)", capsys.readouterr().out).group(1)
     args = run_printed(hint, started)
     assert args.data.endswith(".yaml") and args.epochs == 100  # not generated data: Ultralytics' defaults
+    full = len(EventDetectionDataset(tmp_path / "c" / "train.h5", 64))  # fraction= (the long-run hint's) on events
+    assert len(EventDetectionDataset(tmp_path / "c" / "train.h5", 64, fraction=0.5)) == max(1, round(full / 2)) < full
     assert run(["gen1", "preprocess", f"src={src}", f"dst={tmp_path / 'v'}", "splits=[val]"]) == 0
     assert "train with" not in capsys.readouterr().out  # no train split: no train command
