@@ -142,7 +142,9 @@ MODEL_KEYS = ("model", "time_steps", "ann", "checkpoint", "sync_bn", "trust")
 MODE_ONLY_KEYS = {"events": "predict", "stride_ms": "predict", "energy": "val", "checkpoint": "train",
                   "sync_bn": "train"}
 MODE_HELP = {
-    "train": "Train a spiking detector. data= defaults to the built-in shapes dataset (also data=shapes).",
+    "train": "Train a spiking detector. data= defaults to the built-in shapes dataset (also data=shapes). The "
+    "generated datasets (shapes, gen1-synthetic, gen4-synthetic) train at their own size for a few CPU minutes "
+    "unless imgsz= or epochs= is given; a long CPU run is a WARNING naming a command that ends in minutes.",
     "val": "Validate a model (mAP50, mAP50-95; save_json=True adds pycocotools mAP).",
     "predict": "Run detection on images, folders, globs, videos, webcams (source=0), streams or event recordings "
     "(.dat, .raw, .h5); source= is required.",

@@ -184,16 +184,18 @@ class EMSTrainer(DetectionTrainer):
 
     def _cpu_time_note(self, model: EMSDetectionModel) -> None:
         """Say before the first batch what the run will cost on this CPU: one image's forward and backward at the
-        training size is timed on a copy of the model (so neither BatchNorm statistics, gradients nor, under DDP,
-        the gradient hooks of the trained parameters see it) and scaled to the training set. A run longer than
+        training size is timed (after one untimed pass) on a copy of the model (so neither BatchNorm statistics,
+        gradients nor, under DDP, the gradient hooks of the trained parameters see it) and scaled to the training
+        set. A run longer than
         LONG_RUN_MIN is a WARNING naming a command that ends within QUICK_RUN_MIN."""
         h, w = image_hw(self.args.imgsz)
         x = torch.rand(1, int(model.yaml.get("channels", 3)), h, w, device=self.device)
         probe = deepcopy(model)
-        start = time.perf_counter()
         with local_bn_stats(probe):  # rank 0 alone: no collective
-            sum(o.float().mean() for o in probe(x)).backward()
-        seconds = time.perf_counter() - start
+            for _ in range(2):  # the first pass also sets up kernels: the second is timed
+                start = time.perf_counter()
+                sum(o.float().mean() for o in probe(x)).backward()
+                seconds = time.perf_counter() - start
         n = len(self.train_loader.dataset)
         LOGGER.info(f"CPU training: one image takes {seconds:.2f} s at {h}x{w}, T={model.time_steps}")
         keys = self.command or {"model": self.args.model, "data": self.args.data}
