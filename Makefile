@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# options of tools/demo.py, e.g. make demo DEMO_ARGS="--epochs 1 --imgsz 64" (as tests/test_readme.py runs it)
+DEMO_ARGS ?=
 STAMP := $(VENV)/.installed
 
 .PHONY: install test demo bench clean
@@ -19,7 +21,7 @@ test: install
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 demo: install
-	$(PY) tools/demo.py
+	$(PY) tools/demo.py $(DEMO_ARGS)
 
 bench: install
 	$(PY) -m pip install -q -e ".[bench]" || echo "expelliarmus unavailable: bench_events.py reports ems-yolo's .raw rates only"

@@ -40,6 +40,24 @@ EMS_VAL_DEFAULTS: dict[str, Any] = {"iou": 0.6}
 # the validation after every epoch.
 EMS_TRAIN_DEFAULTS: dict[str, Any] = {"optimizer": "SGD", "lrf": 0.1, "cos_lr": True, "close_mosaic": 0,
                                       **EMS_VAL_DEFAULTS}
+# First runs that finish: the generated datasets train at their own image size (shapes: 160 px images; the Gen1
+# sensor is 304x240, so 320; the 1 Mpx caches are 640x360, so 640) for an epoch count that ends in minutes on a
+# 2-core CPU (EMS-ResNet10: about 5 minutes each). An imgsz= or epochs= the user sets always wins.
+BUILTIN_TRAIN_DEFAULTS: dict[str, dict[str, int]] = {
+    BUILTIN_DATA: {"imgsz": 160, "epochs": 10},
+    SYNTHETIC_GEN1: {"imgsz": 320, "epochs": 8},
+    SYNTHETIC_GEN4: {"imgsz": 640, "epochs": 10},
+}
+# A training run estimated longer than this on the CPU logs a WARNING with a command that ends within QUICK_RUN_MIN.
+LONG_RUN_MIN = 15.0
+QUICK_RUN_MIN = 10.0
+
+
+def builtin_train_defaults(data: Any, user_keys: set[str] | frozenset[str] = frozenset()) -> dict[str, int]:
+    """The imgsz/epochs defaults of a generated dataset (`data` None, a name of BUILTIN_TRAIN_DEFAULTS, with or
+    without .yaml), without the keys in `user_keys`; {} for any other data."""
+    name = BUILTIN_DATA if data is None else str(data).removesuffix(".yaml")
+    return {k: v for k, v in BUILTIN_TRAIN_DEFAULTS.get(name, {}).items() if k not in user_keys}
 
 
 def default_project() -> str:
@@ -130,7 +148,9 @@ MODEL_KEYS = ("model", "time_steps", "ann", "checkpoint", "sync_bn", "trust")
 MODE_ONLY_KEYS = {"events": "predict", "stride_ms": "predict", "cuda_graph": "predict", "energy": "val",
                   "checkpoint": "train", "sync_bn": "train", "spike_driven": "export"}
 MODE_HELP = {
-    "train": "Train a spiking detector. data= defaults to the built-in shapes dataset (also data=shapes).",
+    "train": "Train a spiking detector. data= defaults to the built-in shapes dataset (also data=shapes). The "
+    "generated datasets (shapes, gen1-synthetic, gen4-synthetic) train at their own size for a few CPU minutes "
+    "unless imgsz= or epochs= is given; a long CPU run is a WARNING naming a command that ends in minutes.",
     "val": "Validate a model (mAP50, mAP50-95; save_json=True adds pycocotools mAP).",
     "predict": "Run detection on images, folders, globs, videos, webcams (source=0), streams or event recordings "
     "(.dat, .raw, .h5); source= is required.",

@@ -216,6 +216,7 @@ def _preprocess(dataset: str, action: str, ctx: typer.Context) -> None:
     from ems_yolo.data.datasets import prepare_dataset
     from ems_yolo.events.automotive import SPLITS, default_representation
     from ems_yolo.events.protocols import get_protocol
+    from ems_yolo.utils.files import read_yaml_mapping
 
     if action != "preprocess":
         raise UsageError(f"unknown {dataset} action '{action}', expected 'preprocess'")
@@ -236,7 +237,10 @@ def _preprocess(dataset: str, action: str, ctx: typer.Context) -> None:
         splits = [x.strip(" '\"") for x in splits.strip("[]()").split(",") if x.strip()]
     out = prepare_dataset(str(kv["src"]), str(kv["dst"]), p, default_representation(p, **rep_keys), tuple(splits),
                           workers=kv.get("workers", 1))
-    typer.echo(f"caches written; train with data={out}")
+    if read_yaml_mapping(Path(out)).get("train"):
+        typer.echo(f"caches written; train with: ems-yolo train data={out}")
+    else:
+        typer.echo(f"caches written (no train split): data={out}")
 
 
 _PREPROCESS_HELP = ("'ems-yolo {0} preprocess src=... dst=<folder>' builds one HDF5 sample cache per split and "

@@ -128,22 +128,32 @@ _ul_tasks.SAFE_LOAD = True
 
 
 class _OurCommands(logging.Filter):
-    """Rewrites the `yolo <mode> task=detect ...` follow-up commands in Ultralytics' log as `ems-yolo <mode> ...`."""
+    """Rewrites the `yolo <mode> task=detect ...` follow-up commands in Ultralytics' log as `ems-yolo <mode> ...`;
+    the predict line gets `source=` (ems-yolo's predict requires it), or is dropped when no source is known."""
+
+    def __init__(self, source: str | None = None) -> None:
+        super().__init__()
+        self.source = source
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.msg, str) and "yolo " in record.msg:
-            record.msg = re.sub(r"(?<![\w-])yolo (predict|val) task=detect ", r"ems-yolo \1 ", record.msg)
+            msg = re.sub(r"(?<![\w-])yolo (predict|val) task=detect ", r"ems-yolo \1 ", record.msg)
+            if self.source:
+                msg = re.sub(r"ems-yolo predict model=\S+", lambda m: f"{m.group(0)} source={self.source}", msg)
+            else:
+                msg = re.sub(r"\n[^\n]*ems-yolo predict [^\n]*", "", msg)
+            record.msg = msg
         return True
 
 
 @contextmanager
-def ems_yolo_hints():
+def ems_yolo_hints(source: str | None = None):
     """Hook 8 (exporter). `Exporter.__call__` ends by logging how to predict and validate with the exported file in
     Ultralytics' `yolo` CLI (another program, which makes network look-ups); within this context those lines name
-    `ems-yolo` commands."""
+    `ems-yolo` commands, the predict one on `source` (or left out without one)."""
     from ultralytics.utils import LOGGER
 
-    rewrite = _OurCommands()
+    rewrite = _OurCommands(source)
     LOGGER.addFilter(rewrite)
     try:
         yield

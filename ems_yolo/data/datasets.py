@@ -12,6 +12,7 @@ caches, so Ultralytics' own dataset checks accept them as they are.
 
 from __future__ import annotations
 
+import fcntl
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -211,7 +212,9 @@ def make_synthetic_data(protocol: str = "gen1") -> Path:
     from ems_yolo.events.synthetic import make_synthetic_gen1, make_synthetic_gen4
 
     root = (make_synthetic_gen1 if protocol == "gen1" else make_synthetic_gen4)()
-    return prepare_dataset(root, root / "cache", protocol, progress=False)
+    with open(root.with_name(f"{root.name}.lock"), "a") as lock:  # the processes of a run (torchrun's ranks)
+        fcntl.flock(lock, fcntl.LOCK_EX)  # build the caches once, one after the other: the first one writes them
+        return prepare_dataset(root, root / "cache", protocol, progress=False)
 
 
 def _missing_message(src: Path, d: dict, root: Path, missing: list[Path]) -> str:

@@ -53,14 +53,19 @@ class EventDetectionDataset(torch.utils.data.Dataset):
 
     collate_fn = staticmethod(YOLODataset.collate_fn)
 
-    def __init__(self, cache: str | Path | EventCache | RVTSplit, imgsz: int = 320, fliplr: float = 0.0, seed: int = 0):
+    def __init__(self, cache: str | Path | EventCache | RVTSplit, imgsz: int = 320, fliplr: float = 0.0, seed: int = 0,
+                 fraction: float | int = 1.0):
+        """`fraction`: the first part of the samples used, a ratio or a count (Ultralytics' `fraction=`)."""
         self.cache = cache if isinstance(cache, (EventCache, RVTSplit)) else open_event_split(cache)
         self.rep = self.cache.representation
         self.imgsz = int(imgsz)
         self.fliplr = fliplr
         self.rng = np.random.default_rng(seed)
-        self.im_files = [f"{self.cache.recordings[r]}@{t}us" for r, t in zip(self.cache.recording, self.cache.t_us)]
-        self.labels = [self._label(i) for i in range(len(self.cache))]
+        n = len(self.cache)
+        n = min(n, fraction) if isinstance(fraction, int) else min(n, max(1, round(n * fraction)))
+        self.im_files = [f"{self.cache.recordings[r]}@{t}us" for r, t in zip(self.cache.recording[:n],
+                                                                                self.cache.t_us[:n])]
+        self.labels = [self._label(i) for i in range(n)]
 
     def _label(self, i: int) -> dict:
         """Ultralytics-style label dict: class [n, 1] and normalised centre-xywh boxes [n, 4]."""
@@ -104,4 +109,5 @@ def build_event_dataset(path: str | Path, args, mode: str = "val", data: dict | 
     """EventDetectionDataset of one split at the engine's image size; horizontal flips only in training."""
     fliplr = args.fliplr if mode == "train" else 0.0
     split = open_event_split(path, (data or {}).get("rvt"))
-    return EventDetectionDataset(split, max(image_hw(args.imgsz)), fliplr=fliplr, seed=args.seed)
+    fraction = getattr(args, "fraction", 1.0) if mode == "train" else 1.0
+    return EventDetectionDataset(split, max(image_hw(args.imgsz)), fliplr=fliplr, seed=args.seed, fraction=fraction)

@@ -24,7 +24,7 @@ from ems_yolo.cfg import ems_home
 from ems_yolo.utils.checks import check_int
 from ems_yolo.utils.files import build_folder_once
 
-__all__ = ["CLASS_NAMES", "default_root", "make_shapes_dataset"]
+__all__ = ["CLASS_NAMES", "default_root", "held_out_image", "make_shapes_dataset", "write_held_out_video"]
 
 CLASS_NAMES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "ring")
 
@@ -74,6 +74,31 @@ def make_shapes_dataset(
 
     build_folder_once(final, lambda f: _is_complete(f, params), lambda tmp: _write_dataset(tmp, final, params))
     return yaml_path
+
+
+def held_out_image(i: int, imgsz: int = 160, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Image `i` of a third split drawn as the built-in dataset's but used neither in training nor in validation:
+    the uint8 BGR image and its objects as `(cls, x0, y0, x1, y1)` pixel boxes (x1, y1 exclusive)."""
+    image, labels, _ = _render(np.random.default_rng((seed, len(_SPLITS), i)), imgsz)
+    return image, labels
+
+
+def write_held_out_video(out: str | Path, frames: int = 40, fps: int = 4, imgsz: int = 160, seed: int = 0) -> Path:
+    """Write `frames` images drawn as the built-in dataset's, but from a third split that neither training nor
+    validation uses, as a video (.mp4: mp4v, otherwise MJPG): what a model trained on the built-in data has not
+    seen, to predict on."""
+    check_int("frames", frames, 1)
+    out = Path(out)
+    fourcc = cv2.VideoWriter_fourcc(*("mp4v" if out.suffix.lower() == ".mp4" else "MJPG"))
+    writer = cv2.VideoWriter(str(out), fourcc, fps, (imgsz, imgsz))
+    if not writer.isOpened():
+        raise OSError(f"{out}: OpenCV cannot write this video file")
+    try:
+        for i in range(frames):
+            writer.write(held_out_image(i, imgsz, seed)[0])
+    finally:
+        writer.release()
+    return out
 
 
 def _is_complete(folder: Path, params: dict) -> bool:

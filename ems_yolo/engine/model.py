@@ -17,6 +17,7 @@ named in its arguments, also in DDP workers), so the new T is what checkpoints r
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,10 @@ from ems_yolo.cfg import (
     EXPORT_PACKAGES,
     EMS_TRAIN_DEFAULTS,
     EMS_VAL_DEFAULTS,
+    EVENT_CACHE_SUFFIXES,
     EVENT_SUFFIXES,
+    builtin_train_defaults,
+    check_cfg_file,
     default_project,
     check_values,
     ems_home,
@@ -51,7 +55,7 @@ from ems_yolo.nn.model import EMSDetectionModel, ann_twin
 from ems_yolo.nn.parser import ULTRALYTICS_HEADS
 from ems_yolo.nn.spike_driven import to_spike_driven
 from ems_yolo.utils.checks import check_exported_model
-from ems_yolo.utils.files import claim_run, content_addressed, no_half_written_runs
+from ems_yolo.utils.files import claim_run, content_addressed, no_half_written_runs, read_yaml_mapping
 
 YAML_OVERRIDES = ("nc", "channels", "input")  # model YAML keys that EMSYOLO(...) may override besides T
 
@@ -143,6 +147,9 @@ class EMSYOLO(Model):
         if trust:  # the user vouches for the file: unpickle it without the allow-list
             trust_file(source)
         self._conversion_time_steps = time_steps  # read by _load if `source` is an original EMS-YOLO checkpoint
+        # the model part of this model's `ems-yolo` command line (for printed hints)
+        self._model_keys = {"model": str(model), "time_steps": time_steps, "ann": ann, "checkpoint": checkpoint,
+                            "sync_bn": sync_bn, "trust": trust, **overrides}
         try:
             super().__init__(source, task=task, verbose=verbose)
         except ValueError as e:  # an error in a derived YAML (overrides applied) names the user's model instead
@@ -203,10 +210,21 @@ class EMSYOLO(Model):
             self._check_is_pytorch_model()
             self.model = to_spike_driven(model)
         try:
-            with ultralytics_compat.ems_yolo_hints():
+            with ultralytics_compat.ems_yolo_hints(self._val_images()):
                 return super().export(**kwargs)
         finally:
             self.model = model
+
+    def _val_images(self) -> str | None:
+        """The validation images of the dataset this model was trained on (a folder or list of images), for the
+        exporter's predict hint; None for event data, or when unknown or no longer on disk."""
+        try:
+            d = read_yaml_mapping(Path(self.overrides["data"]), ("val",))
+        except (KeyError, TypeError, OSError, ValueError):
+            return None
+        val = d["val"][0] if isinstance(d["val"], list) else d["val"]
+        path = Path(d.get("path") or ".") / str(val)
+        return str(path) if path.exists() and path.suffix.lower() not in EVENT_CACHE_SUFFIXES else None
 
     def info(self, detailed: bool = False, verbose: bool = True, imgsz: int | list = 640):
         """Log the layer table and the summary (layers, parameters, gradients, GFLOPs per step and over all T)."""
@@ -217,8 +235,14 @@ class EMSYOLO(Model):
         return self.model.info(detailed=detailed, verbose=verbose, imgsz=imgsz)
 
     def train(self, trainer=None, **kwargs):
-        """Train with the EMS-YOLO recipe defaults (overridable); `data` defaults to the built-in dataset."""
-        kwargs = {**EMS_TRAIN_DEFAULTS, "project": default_project(), **check_values(kwargs, "train")}
+        """Train with the EMS-YOLO recipe defaults (overridable); `data` defaults to the built-in dataset, and the
+        generated datasets train at their own size for a few CPU minutes unless imgsz=/epochs= are set."""
+        user = check_values(kwargs, "train")
+        user_keys = {*user, *self.overrides, *(check_cfg_file(user["cfg"], "train") if user.get("cfg") else {})}
+        builtin = {} if user.get("resume") else builtin_train_defaults(
+            user.get("data") or self.overrides.get("data"), user_keys)
+        command = {**getattr(self, "_model_keys", {"model": self.model_name}), **user}  # for the trainer's hints
+        kwargs = {**EMS_TRAIN_DEFAULTS, "project": default_project(), **builtin, **user}
         if self.ckpt and not isinstance(self.model, EMSDetectionModel):  # e.g. a stock Ultralytics YOLO .pt
             raise ValueError(f"{self.ckpt_path}: holds an Ultralytics {type(self.model).__name__} with "
                              f"{ULTRALYTICS_HEADS}")
@@ -230,7 +254,7 @@ class EMSYOLO(Model):
         if not kwargs.get("resume"):
             kwargs["data"] = resolve_data(kwargs.get("data") or self.overrides.get("data"))
         with no_half_written_runs(kwargs["project"]):
-            return super().train(trainer=trainer, **kwargs)
+            return super().train(trainer=trainer or partial(EMSTrainer, command=command), **kwargs)
 
     def val(self, validator=None, energy: bool = False, **kwargs):
         """Validate on `data` (default: the checkpoint's dataset, else the built-in one); `energy=True` also writes

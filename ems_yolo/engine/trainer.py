@@ -8,7 +8,9 @@ same distributed code path (sampler, gradient averaging, rank-0 checkpoints, EMA
 
 from __future__ import annotations
 
+import math
 import os
+import shlex
 import time
 from copy import copy, deepcopy
 from datetime import timedelta
@@ -23,7 +25,14 @@ from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import DEFAULT_CFG, LOCAL_RANK, LOGGER, RANK
 from ultralytics.utils.torch_utils import strip_optimizer, torch_distributed_zero_first, unwrap_model
 
-from ems_yolo.cfg import load_model_yaml
+from ems_yolo.cfg import (
+    DEFAULT_MODEL,
+    LONG_RUN_MIN,
+    MODEL_KEYS,
+    QUICK_RUN_MIN,
+    builtin_train_defaults,
+    load_model_yaml,
+)
 from ems_yolo.data.datasets import resolve_data
 from ems_yolo.data.splits import build_split_dataset
 from ems_yolo.engine.checkpoints import load_checkpoint_file  # also hook 7: every checkpoint read is the safe loader
@@ -83,7 +92,9 @@ def model_for_data(cfg, data: dict, verbose: bool = False) -> EMSDetectionModel:
 class EMSTrainer(DetectionTrainer):
     """Detection trainer for spiking EMS models; everything else (loop, EMA, augmentation, DDP) is Ultralytics'."""
 
-    def __init__(self, cfg=DEFAULT_CFG, overrides: dict | None = None, _callbacks=None):
+    def __init__(self, cfg=DEFAULT_CFG, overrides: dict | None = None, _callbacks=None, command: dict | None = None):
+        """`command`: the keys of the user's `ems-yolo train` command line (model and train keys), for hints."""
+        self.command = command
         super().__init__(cfg, overrides, _callbacks)
         compat.atomic_checkpoints(self)
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -172,26 +183,28 @@ class EMSTrainer(DetectionTrainer):
         return EMSValidator(self.test_loader, save_dir=self.save_dir, args=copy(self.args), _callbacks=self.callbacks)
 
     def _cpu_time_note(self, model: EMSDetectionModel) -> None:
-        """Say before the first batch what an epoch will cost on this CPU: one image's forward and backward at the
-        training size is timed on a copy of the model (so neither BatchNorm statistics, gradients nor, under DDP,
-        the gradient hooks of the trained parameters see it) and scaled to the training set."""
+        """Say before the first batch what the run will cost on this CPU: one image's forward and backward at the
+        training size is timed (after one untimed pass) on a copy of the model (so neither BatchNorm statistics,
+        gradients nor, under DDP, the gradient hooks of the trained parameters see it) and scaled to the training
+        set. A run longer than
+        LONG_RUN_MIN is a WARNING naming a command that ends within QUICK_RUN_MIN."""
         h, w = image_hw(self.args.imgsz)
         x = torch.rand(1, int(model.yaml.get("channels", 3)), h, w, device=self.device)
         probe = deepcopy(model)
-        start = time.perf_counter()
         with local_bn_stats(probe):  # rank 0 alone: no collective
-            sum(o.float().mean() for o in raw_levels(probe(x))).backward()
-        seconds = time.perf_counter() - start
+            for _ in range(2):  # the first pass also sets up kernels: the second is timed
+                start = time.perf_counter()
+                sum(o.float().mean() for o in raw_levels(probe(x))).backward()
+                seconds = time.perf_counter() - start
         n = len(self.train_loader.dataset)
-        epoch_min = seconds * n / 60
-        total_h = epoch_min * self.epochs / 60
-        note = (f"CPU training: one image takes {seconds:.2f} s at {h}x{w}, T={model.time_steps}, so an epoch of {n} "
-                f"images takes about {epoch_min:.1f} min ({self.epochs} epochs: about {total_h:.1f} h)")
-        if epoch_min > 5:
-            LOGGER.warning(f"{note}. For a first run on CPU try imgsz=128 time_steps=2 (as `make demo` does), or a GPU "
-                           "(device=0)")
+        LOGGER.info(f"CPU training: one image takes {seconds:.2f} s at {h}x{w}, T={model.time_steps}")
+        keys = self.command or {"model": self.args.model, "data": self.args.data}
+        warning = long_run_warning(seconds, (h, w), n, self.epochs, keys)
+        if warning:
+            LOGGER.warning(warning)
         else:
-            LOGGER.info(note)
+            LOGGER.info(f"an epoch of {n} images takes about {seconds * n / 60:.1f} min ({self.epochs} epochs: "
+                        f"about {seconds * n * self.epochs / 60:.0f} min)")
 
     def _setup_train(self) -> None:
         """Ultralytics' set-up with its AMP check replaced by an offline one, then AutoAnchor on the training labels
@@ -206,3 +219,41 @@ class EMSTrainer(DetectionTrainer):
             thr = float((model.yaml.get("loss") or {}).get("anchor_t", 4.0))
             if check_anchors(model, self.train_loader.dataset, max(image_hw(self.args.imgsz)), thr):
                 self.ema.ema.model[-1].anchor_grid.copy_(model.model[-1].anchor_grid)
+
+
+def train_command(keys: dict) -> str:
+    """The `ems-yolo train` command line of `keys` (model and train keys, as `EMSYOLO(...)` and its `train` take
+    them); unset model settings (None, False) and the default model are left out."""
+    parts = ["ems-yolo", "train"]
+    for key, value in keys.items():
+        if value is None or (key in MODEL_KEYS and value is False) or (key == "model" and value == DEFAULT_MODEL):
+            continue
+        text = f"[{','.join(map(str, value))}]" if isinstance(value, (list, tuple)) else str(value)
+        parts.append(shlex.quote(f"{key}={text}"))
+    return " ".join(parts)
+
+
+def quick_run(seconds: float, hw: tuple[int, int], n: int, epochs: int, data=None) -> dict:
+    """imgsz, epochs and, when even one epoch is too long, the `fraction` of the training set, for a run of about
+    QUICK_RUN_MIN at `seconds` per image of size `hw` (time scaled with the pixel count): a generated dataset at
+    its own size, other data at 320 px at most."""
+    native = builtin_train_defaults(data).get("imgsz", 320)
+    size = min(max(hw), native)
+    per_image = seconds * size * size / (hw[0] * hw[1])
+    budget = QUICK_RUN_MIN * 60 / (per_image * n)  # epochs over the whole training set
+    if budget >= 1:
+        return {"imgsz": size, "epochs": min(epochs, math.floor(budget))}
+    return {"imgsz": size, "epochs": 1, "fraction": max(math.floor(budget * 100) / 100, 0.01)}
+
+
+def long_run_warning(seconds: float, hw: tuple[int, int], n: int, epochs: int, keys: dict) -> str:
+    """The warning for a CPU run estimated over LONG_RUN_MIN at `seconds` per image (size `hw`, `n` training
+    images), with the command (`keys` with imgsz/epochs/fraction replaced) that ends in about QUICK_RUN_MIN; ''
+    for a shorter run."""
+    total_min = seconds * n * epochs / 60
+    if total_min <= LONG_RUN_MIN:
+        return ""
+    quick = quick_run(seconds, hw, n, epochs, keys.get("data"))
+    return (f"CPU training: an epoch of {n} images at {hw[0]}x{hw[1]} takes about {seconds * n / 60:.1f} min, "
+            f"{epochs} epochs about {total_min / 60:.1f} h. This ends in about {QUICK_RUN_MIN:.0f} min: "
+            f"{train_command({**keys, **quick})} (or train on a GPU: device=0)")
