@@ -248,7 +248,7 @@ def test_a_model_trained_on_the_rvt_folder_predicts_recordings_with_its_layout(t
                               name="pred", stream=True)
     windows = []
     predictor = EventPredictor(trained.model, _predict_args(tmp_path), stride_ms=stride_ms)
-    stem, rep, built = predictor._windows(source)
+    stem, rep, built, _count = predictor._windows(source)
     assert stem == "synth_val_0000" and rep == split.representation
     events = recording.read(None, None)
     for t, x, _ in built:
