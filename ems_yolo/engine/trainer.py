@@ -159,7 +159,12 @@ class EMSTrainer(DetectionTrainer):
         """Ultralytics' final validation of best.pt. Its stand-alone validator puts every DDP rank on an
         accelerator, so CPU workers validate best.pt's weights through the path every epoch uses (all ranks, each
         on its shard, statistics gathered on rank 0) after Ultralytics' stripping of last.pt and best.pt."""
-        if not (self.device.type == "cpu" and self.world_size > 1 and self.best.exists()):
+        if not (self.device.type == "cpu" and self.world_size > 1):
+            return super().final_eval()
+        best = [str(self.best)]  # rank 0's run: torchrun's other ranks never chose a run folder of their own
+        dist.broadcast_object_list(best, src=0)
+        self.best = Path(best[0])
+        if not self.best.exists():
             return super().final_eval()
         with torch_distributed_zero_first(LOCAL_RANK):
             if RANK in {-1, 0}:
