@@ -2,7 +2,7 @@
 currents to the spikes and one uint8 code per neuron and step, and a backward that reads only that code.
 
 `custom_ops` registers such a pair as `torch.library` custom ops (fake implementations and the autograd formula
-that links them included).
+that links them included); `backward_buffers` lays out what a Triton backward kernel reads and writes.
 """
 
 from __future__ import annotations
@@ -58,3 +58,10 @@ def custom_ops(
     forward.register_autograd(autograd, setup_context=setup)
     return forward, backward
 
+
+def backward_buffers(grad_spikes: torch.Tensor, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """(dL/ds in the layout of `code`, copied into it when it differs; an empty dL/dI like code in dL/ds's dtype;
+    T; elements per step) for a backward kernel over `[T, ...]` steps."""
+    if grad_spikes.stride() != code.stride():
+        grad_spikes = torch.empty_like(code, dtype=grad_spikes.dtype).copy_(grad_spikes)
+    return grad_spikes, torch.empty_like(code, dtype=grad_spikes.dtype), code.shape[0], code[0].numel()
