@@ -225,6 +225,13 @@ def spike_conv(c1: int, c2: int, k: int = 1, s: int = 1, spike_input: bool = Tru
     return conv
 
 
+def conv_bn(c1: int, c2: int, k: int, s: int, alpha: float, neuron: NeuronConfig, spike_input: bool) -> tuple[
+        nn.Conv2d, TDBatchNorm2d]:
+    """`spike_conv` (binary spikes when the neuron is a LIF) and the tdBN(alpha, the neuron's V_th) after it: every
+    conv of the model is such a pair."""
+    return spike_conv(c1, c2, k, s, spike_input, binary=neuron.kind == "lif"), TDBatchNorm2d(c2, alpha, neuron.vth)
+
+
 class MaxPoolFunction(torch.autograd.Function):
     """s x s max-pool (stride s) that saves only its argmax indices, as int32.
 
@@ -298,16 +305,8 @@ class EncodingConv(nn.Module):
     about 25% and 3x faster that way on CPU (oneDNN), and strided pooling views stay vectorised.
     """
 
-    def __init__(
-        self,
-        c1: int,
-        c2: int,
-        k: int = 3,
-        s: int = 2,
-        time_steps: int = 1,
-        neuron: NeuronConfig | None = None,
-        input_kind: str = "frames",
-    ):
+    def __init__(self, c1: int, c2: int, k: int = 3, s: int = 2, time_steps: int = 1,
+                 neuron: NeuronConfig | None = None, input_kind: str = "frames"):
         super().__init__()
         if input_kind not in ("frames", "events"):
             raise ValueError(f"input must be 'frames' or 'events', got {input_kind!r}")
@@ -318,9 +317,7 @@ class EncodingConv(nn.Module):
             )
         self.time_steps, self.input_kind, self.in_channels = time_steps, input_kind, c1
         step_channels = c1 // time_steps if input_kind == "events" else c1
-        vth = (neuron or NeuronConfig()).vth
-        self.conv = spike_conv(step_channels, c2, k, s, spike_input=False)
-        self.bn = TDBatchNorm2d(c2, 1.0, vth)
+        self.conv, self.bn = conv_bn(step_channels, c2, k, s, 1.0, neuron or NeuronConfig(), spike_input=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Encode `[B, C_in, H, W]` to `[T*B, c2, H/s, W/s]`."""
@@ -342,21 +339,12 @@ class EncodingConv(nn.Module):
 class LCB(nn.Module):
     """LIF -> Conv k x k (stride s) -> tdBN(alpha): the paper's basic unit; its conv always reads spikes."""
 
-    def __init__(
-        self,
-        c1: int,
-        c2: int,
-        k: int = 3,
-        s: int = 1,
-        alpha: float = 1.0,
-        time_steps: int = 1,
-        neuron: NeuronConfig | None = None,
-    ):
+    def __init__(self, c1: int, c2: int, k: int = 3, s: int = 1, alpha: float = 1.0, time_steps: int = 1,
+                 neuron: NeuronConfig | None = None):
         super().__init__()
         neuron = neuron or NeuronConfig()
         self.lif = make_neuron(neuron, time_steps)
-        self.conv = spike_conv(c1, c2, k, s, spike_input=neuron.kind != "relu", binary=neuron.kind == "lif")
-        self.bn = TDBatchNorm2d(c2, alpha, neuron.vth)
+        self.conv, self.bn = conv_bn(c1, c2, k, s, alpha, neuron, spike_input=neuron.kind != "relu")
 
     fuse_bn = True  # apply the previous LCB's tdBN inside this LIF in training (`configure_kernels`)
 

@@ -116,14 +116,7 @@ def lif_forward(currents: torch.Tensor, lif: LIF) -> tuple[torch.Tensor, tuple[t
         return spikes, (code,)
     spikes = torch.empty_like(currents)
     deriv = torch.empty_like(currents)
-    fired = torch.empty_like(currents[0], dtype=torch.bool)
-    u = currents[0].clone()  # the membrane, updated in place
-    x = torch.empty_like(u)
-    for t in range(currents.shape[0]):
-        if t:
-            u.mul_(tau).mul_(~fired).add_(currents[t])  # the rounding of (tau * u) * (1 - s) + I
-        torch.sub(u, vth, out=x)
-        torch.gt(x, 0, out=fired)
+    for t, x, fired in lif_ops.reference.membrane(currents, tau, vth):
         spikes[t] = fired
         deriv[t] = surrogate.derivative(x, alpha)
     return spikes, (deriv, spikes.to(torch.bool))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from ems_yolo.nn.ops import multistep
 from ems_yolo.nn.ops.runtime import triton
 
 if triton is not None:
@@ -75,10 +76,7 @@ def forward(currents: torch.Tensor, levels: int, tau: float, charge: str) -> tup
 
 def backward(grad_spikes: torch.Tensor, window: torch.Tensor, tau: float, charge: str) -> torch.Tensor:
     """dL/dI in the layout of `window` (dL/ds is copied into that layout first when it differs)."""
-    if grad_spikes.stride() != window.stride():
-        grad_spikes = torch.empty_like(window, dtype=grad_spikes.dtype).copy_(grad_spikes)
-    T, n = window.shape[0], window[0].numel()
-    grad = torch.empty_like(window, dtype=grad_spikes.dtype)
+    grad_spikes, grad, T, n = multistep.backward_buffers(grad_spikes, window)
     gain = 1 - tau if charge == "gen1" else 1.0
     _backward_kernel[(triton.cdiv(n, BLOCK),)](grad_spikes, window, grad, n, tau, gain, T=T, BLOCK=BLOCK)
     return grad

@@ -9,45 +9,14 @@ Triton kernels (`triton.py`) over the torch reference (`reference.py`); `runtime
 
 import torch
 
+from ems_yolo.nn.ops import multistep
 from ems_yolo.nn.ops.lif import reference
 from ems_yolo.nn.ops.lif import triton as kernels
 
-
-@torch.library.custom_op("ems_yolo::lif_forward", mutates_args=())
-def _forward(currents: torch.Tensor, tau: float, vth: float, alpha: float, kernel: bool) -> tuple[
-        torch.Tensor, torch.Tensor]:
-    impl = kernels if kernel else reference
-    return impl.forward(currents, tau, vth, alpha)
-
-
-@_forward.register_fake
-def _(currents, tau, vth, alpha, kernel):
-    return torch.empty_like(currents), torch.empty_like(currents, dtype=torch.uint8)
-
-
-@torch.library.custom_op("ems_yolo::lif_backward", mutates_args=())
-def _backward(grad_spikes: torch.Tensor, code: torch.Tensor, tau: float, scale: float, kernel: bool) -> torch.Tensor:
-    impl = kernels if kernel else reference
-    return impl.backward(grad_spikes, code, tau, scale)
-
-
-@_backward.register_fake
-def _(grad_spikes, code, tau, scale, kernel):
-    return torch.empty_like(code, dtype=grad_spikes.dtype)
-
-
-def _setup(ctx, inputs, output) -> None:
-    _, tau, _, alpha, kernel = inputs
-    ctx.save_for_backward(output[1])
-    ctx.tau, ctx.scale, ctx.kernel = tau, 1 / alpha, kernel
-
-
-def _autograd(ctx, grad_spikes, _grad_code):
-    (code,) = ctx.saved_tensors
-    return _backward(grad_spikes, code, ctx.tau, ctx.scale, ctx.kernel), None, None, None, None
-
-
-_forward.register_autograd(_autograd, setup_context=_setup)
+_forward, _backward = multistep.custom_ops(
+    "lif", reference, kernels, "float tau, float vth, float alpha", "Tensor code, float tau, float scale",
+    lambda tau, vth, alpha: (tau, 1 / alpha),
+)
 
 
 def forward(currents: torch.Tensor, tau: float, vth: float, alpha: float, kernel: bool) -> tuple[

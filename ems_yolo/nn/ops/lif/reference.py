@@ -6,15 +6,16 @@ bit 1 = spike), all that backward needs. Currents are `[T, ...]`; the membrane i
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 
-def forward(currents: torch.Tensor, tau: float, vth: float, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(spikes in the currents' dtype, uint8 code) of u_t = tau * u_{t-1} * (1 - s_{t-1}) + I_t, s_t = [u_t > vth]."""
-    spikes = torch.empty_like(currents)
-    code = torch.empty_like(currents, dtype=torch.uint8)
+def membrane(currents: torch.Tensor, tau: float, vth: float) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """The recurrence u_t = tau * u_{t-1} * (1 - s_{t-1}) + I_t, s_t = [u_t > vth] over `[T, ...]` currents: yields
+    (t, u_t - vth, s_t) per step. Both tensors are buffers reused by the next step; the caller may overwrite the
+    first (the rectangle's window does, in place)."""
     fired = torch.empty_like(currents[0], dtype=torch.bool)
-    window = torch.empty_like(fired)
     u = currents[0].clone()  # the membrane, updated in place
     x = torch.empty_like(u)
     for t in range(currents.shape[0]):
@@ -22,6 +23,15 @@ def forward(currents: torch.Tensor, tau: float, vth: float, alpha: float) -> tup
             u.mul_(tau).mul_(~fired).add_(currents[t])  # the rounding of (tau * u) * (1 - s) + I
         torch.sub(u, vth, out=x)
         torch.gt(x, 0, out=fired)
+        yield t, x, fired
+
+
+def forward(currents: torch.Tensor, tau: float, vth: float, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(spikes in the currents' dtype, uint8 code) of the `membrane` recurrence."""
+    spikes = torch.empty_like(currents)
+    code = torch.empty_like(currents, dtype=torch.uint8)
+    window = torch.empty_like(currents[0], dtype=torch.bool)
+    for t, x, fired in membrane(currents, tau, vth):
         spikes[t] = fired
         torch.lt(x.abs_(), alpha / 2, out=window)
         torch.add(window.view(torch.uint8), fired.view(torch.uint8), alpha=2, out=code[t])

@@ -13,6 +13,7 @@ Runs on CUDA tensors; with TRITON_INTERPRET=1 set before the first import of tri
 
 import torch
 
+from ems_yolo.nn.ops import multistep
 from ems_yolo.nn.ops.runtime import triton
 
 if triton is not None:
@@ -93,10 +94,7 @@ def forward(
 
 def backward(grad_spikes: torch.Tensor, code: torch.Tensor, tau: float, scale: float) -> torch.Tensor:
     """dL/dI in the layout of `code` (dL/ds is copied into that layout first when it differs)."""
-    if grad_spikes.stride() != code.stride():
-        grad_spikes = torch.empty_like(code, dtype=grad_spikes.dtype).copy_(grad_spikes)
-    T, n = code.shape[0], code[0].numel()
-    grad = torch.empty_like(code, dtype=grad_spikes.dtype)
+    grad_spikes, grad, T, n = multistep.backward_buffers(grad_spikes, code)
     _backward_kernel[(triton.cdiv(n, BLOCK),)](grad_spikes, code, grad, n, tau, scale, T=T, BLOCK=BLOCK)
     return grad
 
