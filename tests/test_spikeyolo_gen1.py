@@ -243,3 +243,18 @@ def test_a_gen1_neuron_built_otherwise_is_one_line(changes, message, tmp_path):
         read_spikeyolo(path)
     line = str(e.value)
     assert line.startswith(f"{path}: ") and "\n" not in line and NEURON in line and re.search(message, line)
+
+
+def test_the_gen1_rows_build_the_layers_of_spikeyolo_s(gen1_file):
+    """Their Gen1 YAML at scale s (other scales, row 8 `[-1, 1, MS_ConvBlock, [2,7]]`) builds the layers of
+    spikeyolo-s.yaml, argument for argument; only the neuron, the event input and nc differ (meta device)."""
+    from ems_yolo.cfg import load_model_yaml
+    from ems_yolo.nn.parser import parse_model
+    from ems_yolo.nn.spikeyolo_checkpoint import ems_model_yaml
+
+    gen1 = ems_model_yaml(read_spikeyolo(gen1_file))
+    coco = {**load_model_yaml("spikeyolo-s.yaml"), **{k: gen1[k] for k in ("nc", "time_steps", "channels", "input")}}
+    with torch.device("meta"):
+        theirs, _ = parse_model(gen1, 3 * T)
+        ours, _ = parse_model(coco, 3 * T)
+    assert [(m.type, m.n, m.f, m.args) for m in theirs] == [(m.type, m.n, m.f, m.args) for m in ours]
