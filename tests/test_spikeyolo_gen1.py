@@ -26,6 +26,7 @@ from torch import nn
 from ems_yolo.nn.ilif import ILIF
 from ems_yolo.nn.inert_pickle import InertObject, inert_load
 from ems_yolo.nn.spikeyolo_checkpoint import load_spikeyolo, read_spikeyolo
+from foreign_checkpoints import assert_one_line
 from shared_data import SHARED_DATA
 
 COCO = SHARED_DATA / "checkpoints" / "spikeyolo" / "spikeyolo-s-coco-T1D4.pt"
@@ -241,8 +242,8 @@ def test_a_gen1_neuron_built_otherwise_is_one_line(changes, message, tmp_path):
     path = write_gen1_checkpoint(tmp_path / "other.pt", **changes)
     with pytest.raises(ValueError, match=r"model row 2 \(MS_AllConvBlock\): neuron 'model\.2\.Conv\.lif1' ") as e:
         read_spikeyolo(path)
-    line = str(e.value)
-    assert line.startswith(f"{path}: ") and "\n" not in line and NEURON in line and re.search(message, line)
+    assert_one_line(e.value, path)
+    assert NEURON in str(e.value) and re.search(message, str(e.value))
 
 
 def test_the_gen1_rows_build_the_layers_of_spikeyolo_s(gen1_file):
