@@ -75,6 +75,21 @@ def foreign_fields(path: Path, ckpt: dict, source: str, model: InertObject, cfg:
     )
 
 
+def pickled_rows(path: Path, cfg: dict) -> list[tuple[int, list]]:
+    """(index, [from, n, module, args]) of every backbone and head row of a pickled model YAML, checked for that
+    shape and a positive integer repeat count."""
+    rows = []
+    for i, row in enumerate(list(cfg["backbone"]) + list(cfg["head"])):
+        if not (isinstance(row, (list, tuple)) and len(row) == 4 and isinstance(row[3], list)):
+            raise fail(path, f"model row {i} of the pickled YAML is {row!r}, expected [from, n, module, args]")
+        n = row[1]
+        if not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
+            raise fail(path, f"model row {i} of the pickled YAML is {row!r}, expected a positive integer repeat "
+                             f"count n, got {n!r}")
+        rows.append((i, list(row)))
+    return rows
+
+
 def class_names(path: Path, names, nc: int) -> dict[int, str]:
     """The pickled class names (a list, or a dict keyed 0..nc-1) as {index: name}; errors name what is wrong."""
     if isinstance(names, dict):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ems_yolo.nn.foreign import ForeignCheckpoint, fail, foreign_fields, load_strict, read_pickled_model
+from ems_yolo.nn.foreign import ForeignCheckpoint, fail, foreign_fields, load_strict, pickled_rows, read_pickled_model
 from ems_yolo.nn.model import EMSDetectionModel
 
 ORIGINAL_TIME_STEPS = 5  # the original code's global `time_window`
@@ -102,13 +102,8 @@ def _none(a):
 def translate_rows(orig: OriginalCheckpoint) -> list[list]:
     """The pickled YAML rows as ems-yolo rows (module names, argument lists, channel axis of Concat)."""
     rows = []
-    for i, row in enumerate(list(orig.yaml["backbone"]) + list(orig.yaml["head"])):
-        if not (isinstance(row, (list, tuple)) and len(row) == 4 and isinstance(row[3], list)):
-            raise fail(orig.path, f"model row {i} of the pickled YAML is {row!r}, expected [from, n, module, args]")
+    for i, row in pickled_rows(orig.path, orig.yaml):
         f, n, name, args = row
-        if not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
-            raise fail(orig.path, f"model row {i} of the pickled YAML is {row!r}, expected a positive integer "
-                                   f"repeat count n, got {n!r}")
         if not all(isinstance(x, int) and not isinstance(x, bool) for x in (f if isinstance(f, list) else [f])):
             raise fail(orig.path, f"model row {i} of the pickled YAML is {row!r}, expected 'from' as layer "
                                    f"indices, got {f!r}")

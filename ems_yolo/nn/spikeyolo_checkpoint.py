@@ -30,7 +30,7 @@ from torch import nn
 from ems_yolo import ultralytics_compat  # noqa: F401  (first: offline environment before Ultralytics loads)
 from ultralytics.nn.modules import DFL, Concat
 
-from ems_yolo.nn.foreign import ForeignCheckpoint, fail, foreign_fields, load_strict, read_pickled_model
+from ems_yolo.nn.foreign import ForeignCheckpoint, fail, foreign_fields, load_strict, pickled_rows, read_pickled_model
 from ems_yolo.nn.ilif import ILIF
 from ems_yolo.nn.inert_pickle import InertObject
 from ems_yolo.nn.model import EMSDetectionModel
@@ -211,12 +211,8 @@ def translate_rows(sy: SpikeYOLOCheckpoint) -> list[list]:
     """The pickled YAML rows as ems-yolo rows with the fork's channel rules applied (widths written out)."""
     depth, width, max_c = _scaling(sy)
     rows = []
-    for i, row in enumerate(list(sy.yaml["backbone"]) + list(sy.yaml["head"])):
-        if not (isinstance(row, (list, tuple)) and len(row) == 4 and isinstance(row[3], list)):
-            raise fail(sy.path, f"model row {i} of the pickled YAML is {row!r}, expected [from, n, module, args]")
+    for i, row in pickled_rows(sy.path, sy.yaml):
         f, n, name, args = row
-        if not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
-            raise fail(sy.path, f"model row {i} of the pickled YAML is {row!r}, expected a positive repeat count")
         ours = ROW_MODULES.get(name if isinstance(name, str) else "")
         if ours is None:
             raise fail(sy.path, f"model row {i} uses SpikeYOLO's module '{name}', which has no ems-yolo counterpart "
