@@ -14,6 +14,7 @@ from ems_yolo.nn.ilif import ILIF
 from ems_yolo.nn.inert_pickle import inert_class
 from ems_yolo.nn.spikeyolo import SpikeDetect
 from ems_yolo.nn.spikeyolo_checkpoint import load_into, load_spikeyolo, model_from_spikeyolo, read_spikeyolo
+from foreign_checkpoints import assert_one_line, damaged, tensor_edits
 from shared_data import SHARED_DATA
 
 FIXTURE = SHARED_DATA / "checkpoints" / "spikeyolo"
@@ -114,12 +115,6 @@ def test_layer_by_layer_against_the_float32_intermediates(converted, reference):
             assert torch.equal(hist, reference[f"fp32.lif.{name}.hist"]), (dtype, name)
 
 
-def _damaged(edit):
-    sy = read_spikeyolo(CKPT)
-    edit(sy)
-    return sy
-
-
 def _rename_class(sy, path: str, name: str):
     """The module at `path` pickled as another class."""
     module = inert_class(name)()
@@ -130,13 +125,12 @@ def _rename_class(sy, path: str, name: str):
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda s: s.tensors.pop("model.6.0.conv1.body.0.weight"),
-         r"no tensor for ems-yolo's 'model\.6\.0\.conv1\.body\.0\.weight'"),
-        (lambda s: s.tensors.__setitem__("model.6.0.extra.weight", torch.zeros(1)),
-         r"tensor 'model\.6\.0\.extra\.weight' has no ems-yolo counterpart"),
-        (lambda s: s.tensors.__setitem__("model.10.conv.weight", torch.zeros(256, 512, 3, 3)),
-         r"tensor 'model\.10\.conv\.weight' has shape \[256, 512, 3, 3\], ems-yolo's 'model\.10\.conv\.weight' "
-         r"needs \[256, 512, 1, 1\]"),
+        *tensor_edits("model.6.0.conv1.body.0.weight", "model.6.0.extra.weight",
+                      ("model.10.conv.weight", (256, 512, 3, 3)),
+                      (r"no tensor for ems-yolo's 'model\.6\.0\.conv1\.body\.0\.weight'",
+                       r"tensor 'model\.6\.0\.extra\.weight' has no ems-yolo counterpart",
+                       r"tensor 'model\.10\.conv\.weight' has shape \[256, 512, 3, 3\], ems-yolo's "
+                       r"'model\.10\.conv\.weight' needs \[256, 512, 1, 1\]")),
         (lambda s: _rename_class(s, "model.8.Conv.pwconv3", "torch.nn.modules.conv.Conv2d"),
          r"model row 8 \(MS_ConvBlock\): 'model\.8\.Conv\.pwconv3' is a torch\.nn\.modules\.conv\.Conv2d, the "
          r"ems-yolo model has SepRepConv there"),
@@ -146,13 +140,13 @@ def _rename_class(sy, path: str, name: str):
     ids=["missing", "extra", "shape", "other-class", "unknown-row"],
 )
 def test_mapping_errors_name_the_file_and_the_first_offending_key(edit, message, converted):
-    sy = _damaged(edit)
+    sy = damaged(read_spikeyolo, CKPT, edit)
     with pytest.raises(ValueError, match=message) as e:
         if "MS_Block" in str(sy.yaml["head"][0]):
             model_from_spikeyolo(sy)  # refused while translating the rows, before anything is built
         else:
             load_into(sy, deepcopy(converted[0]))
-    assert str(e.value).startswith(f"{CKPT}: ") and "\n" not in str(e.value)
+    assert_one_line(e.value, CKPT)
 
 
 @pytest.mark.slow

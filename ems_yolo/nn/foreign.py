@@ -8,11 +8,29 @@ named otherwise.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ems_yolo.nn.inert_pickle import InertObject, inert_load
+from ems_yolo.nn.inert_pickle import InertObject, inert_load, module_tensors, module_tree
+
+
+@dataclass
+class ForeignCheckpoint:
+    """What a foreign checkpoint holds, read as data: the pickled model YAML, its state dict (as `state_dict()`
+    would name it), every module (inert) by path, and the training metadata."""
+
+    path: Path
+    yaml: dict
+    yaml_file: str | None  # the model YAML's file name, as the pickle records it
+    tensors: dict[str, torch.Tensor]
+    modules: dict[str, InertObject]
+    names: dict[int, str]
+    stride: list[float]
+    epoch: int | None
+    date: str | None
+    source: str  # "ema" or "model"
 
 
 def fail(path: Path, what: str) -> ValueError:
@@ -36,6 +54,40 @@ def read_pickled_model(path: Path, model_class: str, code: str, what: str) -> tu
     if not (isinstance(model, InertObject) and model.global_name == model_class):
         raise fail(path, f"'{source}' is {getattr(model, 'global_name', type(model).__name__)}, expected {what}")
     return ckpt, source, model
+
+
+def foreign_fields(path: Path, ckpt: dict, source: str, model: InertObject, cfg: dict,
+                   yaml_file) -> dict:
+    """The `ForeignCheckpoint` fields of a checkpoint dict and its inert model (YAML `cfg` with a checked nc)."""
+    nc = cfg["nc"]
+    stride, date, epoch = model.attr("stride"), ckpt.get("date"), ckpt.get("epoch")
+    return dict(
+        path=path,
+        yaml=cfg,
+        yaml_file=yaml_file if isinstance(yaml_file, str) else None,
+        tensors=module_tensors(model),
+        modules=module_tree(model),
+        names=class_names(path, model.attr("names") or [str(i) for i in range(nc)], nc),
+        stride=[float(s) for s in stride] if isinstance(stride, torch.Tensor) else [],
+        epoch=epoch if isinstance(epoch, int) else None,
+        date=date if isinstance(date, str) else None,
+        source=source,
+    )
+
+
+def pickled_rows(path: Path, cfg: dict) -> list[tuple[int, list]]:
+    """(index, [from, n, module, args]) of every backbone and head row of a pickled model YAML, checked for that
+    shape and a positive integer repeat count."""
+    rows = []
+    for i, row in enumerate(list(cfg["backbone"]) + list(cfg["head"])):
+        if not (isinstance(row, (list, tuple)) and len(row) == 4 and isinstance(row[3], list)):
+            raise fail(path, f"model row {i} of the pickled YAML is {row!r}, expected [from, n, module, args]")
+        n = row[1]
+        if not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
+            raise fail(path, f"model row {i} of the pickled YAML is {row!r}, expected a positive integer repeat "
+                             f"count n, got {n!r}")
+        rows.append((i, list(row)))
+    return rows
 
 
 def class_names(path: Path, names, nc: int) -> dict[int, str]:

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ems_yolo.nn.foreign import class_names, fail, load_strict, read_pickled_model
-from ems_yolo.nn.inert_pickle import InertObject, module_tensors, module_tree
+from ems_yolo.nn.foreign import ForeignCheckpoint, fail, foreign_fields, load_strict, pickled_rows, read_pickled_model
 from ems_yolo.nn.model import EMSDetectionModel
 
 ORIGINAL_TIME_STEPS = 5  # the original code's global `time_window`
@@ -63,21 +62,8 @@ ORIGINAL_MODULES: dict[str, OriginalModule] = {
 }
 
 
-@dataclass
-class OriginalCheckpoint:
-    """What an original checkpoint holds, read as data: the pickled model YAML, its state dict (as
-    `state_dict()` would name it), every module (inert) by path, and the training metadata."""
-
-    path: Path
-    yaml: dict
-    yaml_file: str | None  # the original model YAML's file name
-    tensors: dict[str, torch.Tensor]
-    modules: dict[str, InertObject]
-    names: dict[int, str]
-    stride: list[float]
-    epoch: int | None
-    date: str | None
-    source: str  # "ema" or "model"
+class OriginalCheckpoint(ForeignCheckpoint):
+    """What an original checkpoint holds, read as data (`ForeignCheckpoint`)."""
 
 
 def is_original_checkpoint(path: str | Path) -> bool:
@@ -102,26 +88,11 @@ def read_original(path: str | Path) -> OriginalCheckpoint:
         value = cfg.get(key, 3)
         if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
             raise fail(path, f"the pickled YAML's {key} is {value!r}, expected a positive integer")
-    nc = cfg["nc"]
     for key in ("depth_multiple", "width_multiple"):
         value = cfg.get(key, 1.0)
         if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")):
             raise fail(path, f"the pickled YAML's {key} is {value!r}, expected a positive number")
-    stride = model.attr("stride")
-    names = class_names(path, model.attr("names") or [str(i) for i in range(nc)], nc)
-    date = ckpt.get("date")
-    return OriginalCheckpoint(
-        path=path,
-        yaml=cfg,
-        yaml_file=model.attr("yaml_file") if isinstance(model.attr("yaml_file"), str) else None,
-        tensors=module_tensors(model),
-        modules=module_tree(model),
-        names=names,
-        stride=[float(s) for s in stride] if isinstance(stride, torch.Tensor) else [],
-        epoch=ckpt.get("epoch") if isinstance(ckpt.get("epoch"), int) else None,
-        date=date if isinstance(date, str) else None,
-        source=source,
-    )
+    return OriginalCheckpoint(**foreign_fields(path, ckpt, source, model, cfg, model.attr("yaml_file")))
 
 
 def _none(a):
@@ -131,13 +102,8 @@ def _none(a):
 def translate_rows(orig: OriginalCheckpoint) -> list[list]:
     """The pickled YAML rows as ems-yolo rows (module names, argument lists, channel axis of Concat)."""
     rows = []
-    for i, row in enumerate(list(orig.yaml["backbone"]) + list(orig.yaml["head"])):
-        if not (isinstance(row, (list, tuple)) and len(row) == 4 and isinstance(row[3], list)):
-            raise fail(orig.path, f"model row {i} of the pickled YAML is {row!r}, expected [from, n, module, args]")
+    for i, row in pickled_rows(orig.path, orig.yaml):
         f, n, name, args = row
-        if not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
-            raise fail(orig.path, f"model row {i} of the pickled YAML is {row!r}, expected a positive integer "
-                                   f"repeat count n, got {n!r}")
         if not all(isinstance(x, int) and not isinstance(x, bool) for x in (f if isinstance(f, list) else [f])):
             raise fail(orig.path, f"model row {i} of the pickled YAML is {row!r}, expected 'from' as layer "
                                    f"indices, got {f!r}")

@@ -184,47 +184,51 @@ class SpikeSepConv(nn.Module):
         return self.bn3(self.pwconv3(self.lif3(x)))
 
 
-class _SameWidth(nn.Module):
-    """A block whose output has its input's width: its YAML arguments leave out the channels."""
+class _SepConvResidual(nn.Module):
+    """x + SepConv(x), then x + mix(x), mix being a residual branch widened `ratio` times that each block builds; the
+    output has the input's width, so the YAML arguments leave out the channels."""
+
+    def __init__(self, c1: int, k: int, time_steps: int, neuron: NeuronConfig | None):
+        super().__init__()
+        self.Conv = SpikeSepConv(c1, k, time_steps, neuron)
 
     @staticmethod
     def out_channels(c1: int, **_) -> int:
         """Output channels = input channels."""
         return c1
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        x = self.Conv(x) + x
+        return x + self.mix(x)
 
-class SpikeConvBlock(_SameWidth):
+
+class SpikeConvBlock(_SepConvResidual):
     """x + SepConv(x), then a residual of two re-parameterisable convs widened `ratio` times (`MS_ConvBlock`)."""
 
     def __init__(self, c1: int, ratio: float = 4, k: int = 7, time_steps: int = 1,
                  neuron: NeuronConfig | None = None):
-        super().__init__()
+        super().__init__(c1, k, time_steps, neuron)
         hidden = int(c1 * ratio)
-        self.Conv = SpikeSepConv(c1, k, time_steps, neuron)
         self.lif1, self.lif2 = _neuron(neuron, time_steps), _neuron(neuron, time_steps)
         self.conv1, self.bn1 = RepConv(c1, hidden), nn.BatchNorm2d(hidden)
         self.conv2, self.bn2 = RepConv(hidden, c1), nn.BatchNorm2d(c1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        x = self.Conv(x) + x
-        y = self.bn1(self.conv1(self.lif1(x)))
-        return x + self.bn2(self.conv2(self.lif2(y)))
+    def mix(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return self.bn2(self.conv2(self.lif2(self.bn1(self.conv1(self.lif1(x))))))
 
 
-class SpikeAllConvBlock(_SameWidth):
+class SpikeAllConvBlock(_SepConvResidual):
     """x + SepConv(x), then a residual of two standard 3x3 spiking convs widened `ratio` times (`MS_AllConvBlock`)."""
 
     def __init__(self, c1: int, ratio: float = 4, k: int = 7, time_steps: int = 1,
                  neuron: NeuronConfig | None = None):
-        super().__init__()
+        super().__init__(c1, k, time_steps, neuron)
         hidden = int(c1 * ratio)
-        self.Conv = SpikeSepConv(c1, k, time_steps, neuron)
         self.conv1 = SpikeConv(c1, hidden, 3, 1, time_steps, neuron)
         self.conv2 = SpikeConv(hidden, c1, 3, 1, time_steps, neuron)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        x = self.Conv(x) + x
-        return x + self.conv2(self.conv1(x))
+    def mix(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return self.conv2(self.conv1(x))
 
 
 class SpikeSPPF(nn.Module):

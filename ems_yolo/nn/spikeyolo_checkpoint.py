@@ -5,9 +5,18 @@ Its trainer pickles whole `ultralytics.nn.tasks.DetectionModel` objects built fr
 `strip_optimizer`: `model` = the EMA model in FP16, `ema` = None). Such a file is read with `inert_load` (nothing of
 that code is imported or run). Its pickled YAML rows are translated into ems-yolo rows with the fork's channel and
 depth rules (channels written out, so any scale builds exactly), T comes from its `MS_GetT` layer and D from its
-neurons' quantiser (`MultiSpike<D>`). Every module of the pickled tree must be one this mapping knows, at the same
-path and of the mapped class in the ems-yolo model (ems_yolo/nn/spikeyolo.py keeps the original layout), so the
-tensors map one-to-one under their own names; shapes are checked and the first offending key is named.
+neurons' quantiser (`MultiSpike<D>`).
+
+Its Gen1 code (`SpikeYOLO_for_Gen1/`, the same fork with the same module classes and `parse_model`) replaces every
+`mem_update` by SpikingJelly's `MultiStepLIFNode(detach_reset=True, v_reset=None)` (tau 2, soft reset by the
+spike) from the SpikingJelly 0.0.0.0.12 copy it ships, whose `surrogate.Sigmoid` fires `round(clip(v, 0, 4))`: an
+I-LIF with `charge: gen1`, D=4. Its input is T event frames per sample (`[B, T, 3, H, W]`, the 0/127/255 frames of
+its pre_gen1.py, ems-yolo's `ems_frames`), so the model reads `input: events` with 3*T channels; T is not in the file
+(its `MS_GetT` keeps the YAML's 1): the released Gen1 checkpoint's T=2 unless given.
+
+Every module of the pickled tree must be one this mapping knows, at the same path and of the mapped class in the
+ems-yolo model (ems_yolo/nn/spikeyolo.py keeps the original layout), so the tensors map one-to-one under their own
+names; shapes are checked and the first offending key is named.
 """
 
 from __future__ import annotations
@@ -16,15 +25,14 @@ import ast
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from ems_yolo import ultralytics_compat  # noqa: F401  (first: offline environment before Ultralytics loads)
 from ultralytics.nn.modules import DFL, Concat
 
-from ems_yolo.nn.foreign import class_names, fail, load_strict, read_pickled_model
+from ems_yolo.nn.foreign import ForeignCheckpoint, fail, foreign_fields, load_strict, pickled_rows, read_pickled_model
 from ems_yolo.nn.ilif import ILIF
-from ems_yolo.nn.inert_pickle import InertObject, module_tensors, module_tree
+from ems_yolo.nn.inert_pickle import InertObject
 from ems_yolo.nn.model import EMSDetectionModel
 from ems_yolo.nn.parser import make_divisible
 from ems_yolo.nn.spikeyolo import (
@@ -46,6 +54,12 @@ SPIKEYOLO_MODEL = "ultralytics.nn.tasks.DetectionModel"
 SPIKEYOLO_PACKAGE = "ultralytics.nn.modules.yolo_spikformer."
 SPIKEYOLO_CODE = "SpikeYOLO's trainer (BICLab/SpikeYOLO)"
 SPIKEYOLO_TAU = 0.25  # the fork's module-level `decay`, not stored in checkpoints
+GEN1_NEURON = "spikingjelly.clock_driven.neuron.MultiStepLIFNode"
+GEN1_SURROGATE = "spikingjelly.clock_driven.surrogate.Sigmoid"  # the shipped copy's: fires round(clip(v, 0, 4))
+GEN1_LEVELS = 4
+GEN1_TIME_STEPS = 2  # the released Gen1 checkpoint's T (their README: 23M, T=2, D=4); not stored in the file
+# the SpikingJelly settings of the Gen1 neuron this mapping reads as `charge: gen1` (the state or memory entry)
+GEN1_SETTINGS = {"tau": 2.0, "decay_input": True, "v_reset": None, "v_threshold": 1.0}
 
 # the fork's YAML module names -> ems-yolo's
 ROW_MODULES = {
@@ -70,6 +84,7 @@ MODULE_CLASSES: dict[str, type] = {
         "SpikeConvWithoutBN": SpikeConvNoBN, "SpikeDetect": SpikeDetect, "SepConv": SpikeSepConv,
         "SepRepConv": SepRepConv, "RepConv": RepConv, "BNAndPadLayer": BNAndPad, "mem_update": ILIF,
     }.items()},
+    GEN1_NEURON: ILIF,  # the Gen1 code's neuron: ILIF with charge gen1
     SPIKEYOLO_PACKAGE + "SpikeDFL": DFL,  # Ultralytics' DFL; SpikeDFL's neuron, never called, is dropped
     "ultralytics.nn.modules.conv.Concat": Concat,
     _TORCH + "batchnorm.BatchNorm2d": nn.BatchNorm2d,
@@ -83,21 +98,13 @@ QUANTISERS = {f"{SPIKEYOLO_PACKAGE}MultiSpike{d}": d for d in (1, 2, 4, 8)}  # m
 
 
 @dataclass
-class SpikeYOLOCheckpoint:
-    """A SpikeYOLO checkpoint read as data: pickled YAML, state dict, inert modules by path, T, D, metadata."""
+class SpikeYOLOCheckpoint(ForeignCheckpoint):
+    """A SpikeYOLO checkpoint read as data (`ForeignCheckpoint`), with T, D and the neuron's charge ("leak": the
+    COCO code's `mem_update`; "gen1": the Gen1 code's SpikingJelly node)."""
 
-    path: Path
-    yaml: dict
-    yaml_file: str | None
-    tensors: dict[str, torch.Tensor]
-    modules: dict[str, InertObject]
-    names: dict[int, str]
-    stride: list[float]
     time_steps: int
     levels: int
-    epoch: int | None
-    date: str | None
-    source: str  # "ema" or "model"
+    charge: str
 
 
 def is_spikeyolo_globals(names: set[str] | list[str]) -> bool:
@@ -115,12 +122,13 @@ def _row_name(modules: dict[str, InertObject], path: str) -> str:
 
 
 def _dropped(modules: dict[str, InertObject], name: str) -> bool:
-    """Modules with no ems-yolo counterpart and no tensors: a neuron's quantiser (its D is read) and SpikeDFL's
-    neuron, which its forward never calls (with everything below them)."""
+    """Modules with no ems-yolo counterpart and no tensors: a neuron's quantiser or surrogate (its D is read) and
+    SpikeDFL's neuron, which its forward never calls (with everything below them)."""
     while "." in name:
         parent = modules.get(name.rsplit(".", 1)[0])
         leaf = name.rsplit(".", 1)[1]
         if parent is not None and ((parent.global_name.endswith(".mem_update") and leaf == "qtrick")
+                                   or (parent.global_name == GEN1_NEURON and leaf == "surrogate_function")
                                    or (parent.global_name.endswith(".SpikeDFL") and leaf == "lif")):
             return True
         name = name.rsplit(".", 1)[0]
@@ -138,43 +146,49 @@ def read_spikeyolo(path: str | Path) -> SpikeYOLOCheckpoint:
     nc = cfg["nc"]
     if not (isinstance(nc, int) and not isinstance(nc, bool) and nc >= 1):
         raise fail(path, f"the pickled YAML's nc is {nc!r}, expected a positive integer")
-    modules = module_tree(model)
+    fields = foreign_fields(path, ckpt, source, model, cfg, cfg.get("yaml_file"))
+    modules = fields["modules"]
     for name, m in modules.items():
         if name and not _dropped(modules, name) and m.global_name not in MODULE_CLASSES:
             raise fail(path, f"{_row_name(modules, name)}: module class {m.global_name} (at '{name}') has no ems-yolo "
                              "counterpart")
-    levels = set()
-    for name, m in modules.items():
-        if m.global_name.endswith(".mem_update"):
-            q = (m.attr("_modules") or {}).get("qtrick")
-            d = QUANTISERS.get(getattr(q, "global_name", ""))
-            if d is None:
-                raise fail(path, f"{_row_name(modules, name)}: neuron '{name}' quantises with "
-                                 f"{getattr(q, 'global_name', q)!r}, expected one of {sorted(QUANTISERS)}")
-            levels.add(d)
-    if len(levels) != 1:
-        raise fail(path, f"the neurons quantise to {sorted(levels) or 'nothing'}, expected one level count D")
+    settings = {_neuron_setting(path, modules, name) for name, m in modules.items()
+                if m.global_name.endswith((".mem_update", GEN1_NEURON)) and not _dropped(modules, name)}
+    if len(settings) != 1:
+        raise fail(path, f"the neurons are {sorted(settings) or 'none'} ((charge, D) pairs), expected one kind")
+    charge, levels = settings.pop()
     getter = modules.get("model.0")
     T = getter.attr("T") if getter is not None and getter.global_name.endswith(".MS_GetT") else None
     if not (isinstance(T, int) and not isinstance(T, bool) and T >= 1):
         raise fail(path, f"model row 0 is {getattr(getter, 'global_name', 'missing')} with T={T!r}, expected "
                          "MS_GetT with a positive integer T")
-    stride = model.attr("stride")
-    date = ckpt.get("date")
-    return SpikeYOLOCheckpoint(
-        path=path,
-        yaml=cfg,
-        yaml_file=cfg.get("yaml_file") if isinstance(cfg.get("yaml_file"), str) else None,
-        tensors=module_tensors(model),
-        modules=modules,
-        names=class_names(path, model.attr("names") or [str(i) for i in range(nc)], nc),
-        stride=[float(s) for s in stride] if isinstance(stride, torch.Tensor) else [],
-        time_steps=T,
-        levels=levels.pop(),
-        epoch=ckpt.get("epoch") if isinstance(ckpt.get("epoch"), int) else None,
-        date=date if isinstance(date, str) else None,
-        source=source,
-    )
+    return SpikeYOLOCheckpoint(**fields, time_steps=GEN1_TIME_STEPS if charge == "gen1" else T, levels=levels,
+                               charge=charge)
+
+
+def _neuron_setting(path: Path, modules: dict[str, InertObject], name: str) -> tuple[str, int]:
+    """(charge, D) of a pickled neuron: `mem_update` with its `MultiSpike<D>` quantiser, or the Gen1 code's
+    SpikingJelly node with the settings and surrogate its code builds."""
+    m = modules[name]
+    children = m.attr("_modules") or {}
+    if m.global_name == GEN1_NEURON:
+        memories = m.attr("_memories") or {}
+        for key, expected in GEN1_SETTINGS.items():
+            value = memories.get(key, m.attr(key)) if key in ("v_reset", "v_threshold") else m.attr(key)
+            if value != expected or type(value) is not type(expected):
+                raise fail(path, f"{_row_name(modules, name)}: neuron '{name}' ({GEN1_NEURON}) has {key}={value!r}, "
+                                 f"expected {expected!r} as SpikeYOLO's Gen1 code builds it")
+        surrogate = children.get("surrogate_function")
+        if getattr(surrogate, "global_name", "") != GEN1_SURROGATE or surrogate.attr("spiking") is not True:
+            raise fail(path, f"{_row_name(modules, name)}: neuron '{name}' fires through "
+                             f"{getattr(surrogate, 'global_name', surrogate)!r}, expected {GEN1_SURROGATE} (spiking)")
+        return "gen1", GEN1_LEVELS
+    q = children.get("qtrick")
+    d = QUANTISERS.get(getattr(q, "global_name", ""))
+    if d is None:
+        raise fail(path, f"{_row_name(modules, name)}: neuron '{name}' quantises with "
+                         f"{getattr(q, 'global_name', q)!r}, expected one of {sorted(QUANTISERS)}")
+    return "leak", d
 
 
 def _scaling(sy: SpikeYOLOCheckpoint) -> tuple[float, float, float]:
@@ -197,12 +211,8 @@ def translate_rows(sy: SpikeYOLOCheckpoint) -> list[list]:
     """The pickled YAML rows as ems-yolo rows with the fork's channel rules applied (widths written out)."""
     depth, width, max_c = _scaling(sy)
     rows = []
-    for i, row in enumerate(list(sy.yaml["backbone"]) + list(sy.yaml["head"])):
-        if not (isinstance(row, (list, tuple)) and len(row) == 4 and isinstance(row[3], list)):
-            raise fail(sy.path, f"model row {i} of the pickled YAML is {row!r}, expected [from, n, module, args]")
+    for i, row in pickled_rows(sy.path, sy.yaml):
         f, n, name, args = row
-        if not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
-            raise fail(sy.path, f"model row {i} of the pickled YAML is {row!r}, expected a positive repeat count")
         ours = ROW_MODULES.get(name if isinstance(name, str) else "")
         if ours is None:
             raise fail(sy.path, f"model row {i} uses SpikeYOLO's module '{name}', which has no ems-yolo counterpart "
@@ -263,10 +273,15 @@ def ems_model_yaml(sy: SpikeYOLOCheckpoint, time_steps: int | None = None, base:
         stem = Path(sy.yaml_file or sy.path.name).stem
         cfg = {"depth_multiple": 1.0, "width_multiple": 1.0, "backbone": rows[:nb], "head": rows[nb:],
                "yaml_file": f"spikeyolo-{stem}.yaml", "input": "frames"}
-    neuron = {**(cfg.get("neuron") or {}), "kind": "ilif", "levels": sy.levels, "tau": SPIKEYOLO_TAU}
+    neuron = {k: v for k, v in (cfg.get("neuron") or {}).items() if k not in ("tau", "charge")}
+    neuron.update({"kind": "ilif", "levels": sy.levels},
+                  **({"charge": "gen1"} if sy.charge == "gen1" else {"tau": SPIKEYOLO_TAU}))
     ch = sy.yaml.get("ch", 3)
-    cfg.update(nc=int(sy.yaml["nc"]), time_steps=int(time_steps or sy.time_steps), neuron=neuron,
-               channels=ch if isinstance(ch, int) and not isinstance(ch, bool) and ch >= 1 else 3)
+    ch = ch if isinstance(ch, int) and not isinstance(ch, bool) and ch >= 1 else 3
+    T = int(time_steps or sy.time_steps)
+    gen1 = sy.charge == "gen1"  # T event frames of `ch` channels each, time-major (their [B, T, C, H, W])
+    cfg.update(nc=int(sy.yaml["nc"]), time_steps=T, neuron=neuron, channels=ch * T if gen1 else ch,
+               input="events" if gen1 else cfg.get("input", "frames"))
     return cfg
 
 
