@@ -210,8 +210,7 @@ def convert(ctx: typer.Context) -> None:
 
 def _preprocess(dataset: str, action: str, ctx: typer.Context) -> None:
     """`ems-yolo <dataset> preprocess`: the split caches and data YAML of a Gen1 or 1 Mpx folder."""
-    from ems_yolo.data.datasets import prepare_dataset
-    from ems_yolo.events.automotive import SPLITS, default_representation
+    from ems_yolo.events.automotive import SPLITS, default_representation, preprocess_dataset, write_event_data_yaml
     from ems_yolo.events.protocols import get_protocol
     from ems_yolo.utils.files import read_yaml_mapping
 
@@ -232,8 +231,9 @@ def _preprocess(dataset: str, action: str, ctx: typer.Context) -> None:
     splits = kv.get("splits", SPLITS)
     if isinstance(splits, str):  # splits=[train,val] or splits=train,val arrive as text
         splits = [x.strip(" '\"") for x in splits.strip("[]()").split(",") if x.strip()]
-    out = prepare_dataset(str(kv["src"]), str(kv["dst"]), p, default_representation(p, **rep_keys), tuple(splits),
-                          workers=kv.get("workers", 1))
+    preprocess_dataset(str(kv["src"]), str(kv["dst"]), p, default_representation(p, **rep_keys), tuple(splits),
+                       workers=kv.get("workers", 1))
+    out = write_event_data_yaml(str(kv["dst"]))
     if read_yaml_mapping(Path(out)).get("train"):
         typer.echo(f"caches written; train with: ems-yolo train data={out}")
     else:
