@@ -1,4 +1,5 @@
-"""Event data several test files build alike: a tiny event-model checkpoint and random recordings."""
+"""Event data several test files build alike: the Gen1 cache representation, a tiny event-model checkpoint and
+random recordings."""
 
 from pathlib import Path
 
@@ -9,6 +10,9 @@ from ems_yolo.engine.checkpoints import write_checkpoint
 from ems_yolo.events.io import EVENT_DTYPE
 from ems_yolo.events.representations import EventRepresentation
 from ems_yolo.nn import EMSDetectionModel
+
+GEN1_REP = EventRepresentation(bins=3, window_us=150_000)  # the caches of the `gen1_cache` fixture
+
 
 def tiny_event_checkpoint(path: Path, rep: EventRepresentation) -> Path:
     """An untrained two-class ems-res10 at 1/8 width and T=2 reading `rep`, written as a checkpoint at `path`."""
