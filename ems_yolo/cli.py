@@ -101,11 +101,18 @@ def _model(kv: dict[str, Any], keys: tuple[str, ...] = MODEL_KEYS):
     return EMSYOLO(**{k: kv.pop(k) for k in keys if k in kv})
 
 
-@app.command(context_settings=KEY_VALUE, help="Print a model's layer table and summary.\n\n" + _keys_help(INFO_KEYS))
-def info(ctx: typer.Context) -> None:
-    """EMSYOLO(model, ...).info(imgsz=..., detailed=...)."""
-    kv = parse_key_values(ctx.args, INFO_KEYS, "info")
-    _model(kv, ("model", "time_steps", "nc", "channels", "input")).info(**kv)
+def _model_command(name: str, keys: dict[str, str], text: str, model_keys: tuple[str, ...] = MODEL_KEYS) -> None:
+    """Register `ems-yolo <name>`: EMSYOLO(<model keys>).<name>(<the other keys>)."""
+
+    def command(ctx: typer.Context) -> None:
+        kv = parse_key_values(ctx.args, keys, name)
+        getattr(_model(kv, model_keys), name)(**kv)
+
+    app.command(name=name, context_settings=KEY_VALUE, help=f"{text}\n\n{_keys_help(keys)}")(command)
+
+
+_model_command("info", INFO_KEYS, "Print a model's layer table and summary.",
+               ("model", "time_steps", "nc", "channels", "input"))
 
 
 def engine_overrides(tokens: list[str], mode: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -167,13 +174,8 @@ for _mode in MODE_HELP:
     _engine_command(_mode)
 
 
-@app.command(context_settings=KEY_VALUE, help="Size, mAP50-95 and inference speed of a model as PyTorch and in each "
-             "export format, validated on the data you name (nothing is downloaded); writes benchmarks.csv.\n\n"
-             + _keys_help(BENCHMARK_KEYS))
-def benchmark(ctx: typer.Context) -> None:
-    """EMSYOLO(model, ...).benchmark(data=..., imgsz=..., format=...)."""
-    kv = parse_key_values(ctx.args, BENCHMARK_KEYS, "benchmark")
-    _model(kv).benchmark(**kv)
+_model_command("benchmark", BENCHMARK_KEYS, "Size, mAP50-95 and inference speed of a model as PyTorch and in each "
+               "export format, validated on the data you name (nothing is downloaded); writes benchmarks.csv.")
 
 
 @app.command(context_settings=KEY_VALUE, help="Tune training hyperparameters with Ultralytics' Tuner (iterations=N "
@@ -189,13 +191,8 @@ def tune(ctx: typer.Context) -> None:
     typer.echo(f"best hyperparameters -> {out / 'best_hyperparameters.yaml'}")
 
 
-@app.command(context_settings=KEY_VALUE, help="Per-layer firing rates, synaptic operations and energy vs the ANN "
-             "twin (E = T x (SOPs x E_AC + MACs x E_MAC)); writes energy.csv, energy.json and firing_rates.png.\n\n"
-             + _keys_help(ENERGY_KEYS))
-def energy(ctx: typer.Context) -> None:
-    """EMSYOLO(model, ...).energy(data=..., ...)."""
-    kv = parse_key_values(ctx.args, ENERGY_KEYS, "energy")
-    _model(kv).energy(**kv)
+_model_command("energy", ENERGY_KEYS, "Per-layer firing rates, synaptic operations and energy vs the ANN twin "
+               "(E = T x (SOPs x E_AC + MACs x E_MAC)); writes energy.csv, energy.json and firing_rates.png.")
 
 
 @app.command(context_settings=KEY_VALUE, help="Convert a checkpoint of the original EMS-YOLO code (BICLab/EMS-YOLO) "
@@ -213,8 +210,7 @@ def convert(ctx: typer.Context) -> None:
 
 def _preprocess(dataset: str, action: str, ctx: typer.Context) -> None:
     """`ems-yolo <dataset> preprocess`: the split caches and data YAML of a Gen1 or 1 Mpx folder."""
-    from ems_yolo.data.datasets import prepare_dataset
-    from ems_yolo.events.automotive import SPLITS, default_representation
+    from ems_yolo.events.automotive import SPLITS, default_representation, preprocess_dataset, write_event_data_yaml
     from ems_yolo.events.protocols import get_protocol
     from ems_yolo.utils.files import read_yaml_mapping
 
@@ -235,8 +231,9 @@ def _preprocess(dataset: str, action: str, ctx: typer.Context) -> None:
     splits = kv.get("splits", SPLITS)
     if isinstance(splits, str):  # splits=[train,val] or splits=train,val arrive as text
         splits = [x.strip(" '\"") for x in splits.strip("[]()").split(",") if x.strip()]
-    out = prepare_dataset(str(kv["src"]), str(kv["dst"]), p, default_representation(p, **rep_keys), tuple(splits),
-                          workers=kv.get("workers", 1))
+    preprocess_dataset(str(kv["src"]), str(kv["dst"]), p, default_representation(p, **rep_keys), tuple(splits),
+                       workers=kv.get("workers", 1))
+    out = write_event_data_yaml(str(kv["dst"]))
     if read_yaml_mapping(Path(out)).get("train"):
         typer.echo(f"caches written; train with: ems-yolo train data={out}")
     else:

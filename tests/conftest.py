@@ -67,3 +67,23 @@ def tiny_yaml_file():
         return str(derive_model_yaml(d))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def gen1_synth(tmp_path_factory):
+    """Synthetic Gen1 recordings (3 train, 1 val, 1 test of 2 s), shared read only: copy a file before changing it."""
+    from ems_yolo.events.synthetic import make_synthetic_gen1
+
+    return make_synthetic_gen1(tmp_path_factory.mktemp("gen1") / "raw", n_train=3, n_val=1, n_test=1, duration_s=2.0)
+
+
+@pytest.fixture(scope="session")
+def gen1_cache(gen1_synth, tmp_path_factory):
+    """The split caches of `gen1_synth` in `event_data.GEN1_REP`, shared read only (as a reference to compare with)."""
+    from event_data import GEN1_REP
+
+    from ems_yolo.events.automotive import SPLITS, preprocess_dataset
+
+    out = tmp_path_factory.mktemp("gen1-cache")
+    assert preprocess_dataset(gen1_synth, out, "gen1", GEN1_REP, progress=False) == {s: out / f"{s}.h5" for s in SPLITS}
+    return out

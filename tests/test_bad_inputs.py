@@ -13,6 +13,7 @@ import yaml
 from ems_yolo.cfg import ems_home, load_model_yaml
 from ems_yolo.cli import run
 from shared_data import SAMPLE, SHARED_DATA
+from ultralytics_logs import ultralytics_log
 
 ORIGINAL = SHARED_DATA / "checkpoints" / "original-res10-ee-nc2-T5.pt"
 VIDEO = SHARED_DATA / "videos" / "esim_test_frames.avi"
@@ -504,7 +505,7 @@ def test_train_batch_keeps_ultralytics_autobatch_values_other_commands_refuse_th
 def test_integral_float_keys_work_on_the_command_line(bad, capsys):
     """`info time_steps=2.0 imgsz=64.0`: the values Ultralytics' parser gives as floats are used as integers."""
     codes = []
-    log = _ultralytics_log(lambda: codes.append(run(["info", f"model={bad['tiny_yaml']}", "time_steps=2.0",
+    log = ultralytics_log(lambda: codes.append(run(["info", f"model={bad['tiny_yaml']}", "time_steps=2.0",
                                                      "imgsz=64.0"])))
     assert codes == [0], capsys.readouterr().err
     summary = [line for line in log.splitlines() if "summary:" in line][-1]
@@ -526,22 +527,6 @@ def test_gen1_preprocess_takes_cutoff_and_bins_from_the_command_line(tmp_path, c
     assert (rep.name, rep.cutoff, rep.bins) == ("histogram", 10, 2)
 
 
-def _ultralytics_log(action) -> str:
-    """Everything Ultralytics logs while `action()` runs."""
-    import logging
-
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger = logging.getLogger("ultralytics")
-    logger.addHandler(handler)
-    try:
-        action()
-    finally:
-        logger.removeHandler(handler)
-    return "\n".join(r.getMessage() for r in records)
-
-
 def test_validating_on_other_classes_warns_with_both_class_lists(bad, tmp_path):
     """An 80-class model on a 2-class dataset: one WARNING line naming both class lists (Ultralytics reported the
     model's names without a word); a model of the dataset's own classes validates without it."""
@@ -559,11 +544,11 @@ def test_validating_on_other_classes_warns_with_both_class_lists(bad, tmp_path):
         models[nc] = write_checkpoint({"model": model, "optimizer": None, "epoch": -1,
                                        "train_args": {"task": "detect"}}, tmp_path / f"nc{nc}.pt")
     val = dict(data=data, imgsz=64, batch=1, plots=False, project=str(tmp_path / "runs"))
-    log = _ultralytics_log(lambda: EMSYOLO(models[80]).val(**val))
+    log = ultralytics_log(lambda: EMSYOLO(models[80]).val(**val))
     warnings = [line for line in log.splitlines() if "classes" in line and "dataset's" in line]
     assert len(warnings) == 1, log
     assert "80 ['coco0', 'coco1'," in warnings[0] and "2 ['a', 'b']" in warnings[0] and "..." in warnings[0]
-    log = _ultralytics_log(lambda: EMSYOLO(models[2]).val(**val))
+    log = ultralytics_log(lambda: EMSYOLO(models[2]).val(**val))
     assert "dataset's" not in log
 
 

@@ -6,6 +6,7 @@ import logging
 
 import pytest
 import torch
+from ultralytics_logs import ultralytics_log
 
 from ems_yolo import EMSYOLO
 from ems_yolo.cfg import load_model_yaml
@@ -29,16 +30,9 @@ def data():
 def run(tiny, data, tmp_path_factory):
     """One short training run at 64 px, its log kept."""
     project = tmp_path_factory.mktemp("defects")
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger = logging.getLogger("ultralytics")
-    logger.addHandler(handler)
-    try:
-        EMSYOLO(tiny, time_steps=1).train(data=data, epochs=1, imgsz=64, project=str(project), name="r", **FAST)
-    finally:
-        logger.removeHandler(handler)
-    return project / "r", "\n".join(r.getMessage() for r in records)
+    log = ultralytics_log(lambda: EMSYOLO(tiny, time_steps=1).train(data=data, epochs=1, imgsz=64,
+                                                                    project=str(project), name="r", **FAST))
+    return project / "r", log
 
 
 def test_results_name_losses_as_ultralytics_plots_them(run):

@@ -26,10 +26,9 @@ from ems_yolo import EMSYOLO
 from ems_yolo.cfg import load_model_yaml
 from ems_yolo.cli import run
 from ems_yolo.engine.checkpoints import load_checkpoint_file
-from ems_yolo.data.datasets import prepare_dataset
 from ems_yolo.engine.model import derive_model_yaml
 from ems_yolo.events import EventRepresentation
-from ems_yolo.events.automotive import EventCache
+from ems_yolo.events.automotive import EventCache, preprocess_dataset, write_event_data_yaml
 from ems_yolo.events.synthetic import make_synthetic_gen1
 from ems_yolo.nn.layers import TDBatchNorm2d
 
@@ -105,8 +104,8 @@ def event_data(tmp_path_factory) -> Path:
     """A small Gen1-shaped event dataset (2 bins of 50 ms)."""
     root = make_synthetic_gen1(tmp_path_factory.mktemp("gen1") / "raw", n_train=2, n_val=2, n_test=0,
                                duration_s=1.5)
-    return prepare_dataset(root, root / "cache", "gen1", EventRepresentation(bins=2, window_us=100_000),
-                           progress=False)
+    preprocess_dataset(root, root / "cache", "gen1", EventRepresentation(bins=2, window_us=100_000), progress=False)
+    return write_event_data_yaml(root / "cache")
 
 
 @pytest.fixture(scope="module")

@@ -5,14 +5,12 @@ video without out= writes under the runs folder, never beside the video."""
 import cv2
 import numpy as np
 import pytest
+from event_data import random_events, tiny_event_checkpoint
 
-from ems_yolo.cfg import load_model_yaml
 from ems_yolo.cli import run
-from ems_yolo.engine.checkpoints import write_checkpoint
 from ems_yolo.engine.model import EMSYOLO
-from ems_yolo.events.io import EVENT_DTYPE, read_dat, write_dat
+from ems_yolo.events.io import read_dat, write_dat
 from ems_yolo.events.representations import EventRepresentation
-from ems_yolo.nn import EMSDetectionModel
 
 STRIDE_MS = 250  # a 1 s recording: windows ending at 250, 500, 750, 1000 ms
 
@@ -21,18 +19,9 @@ STRIDE_MS = 250  # a 1 s recording: windows ending at 250, 500, 750, 1000 ms
 def event_model(tmp_path_factory):
     """A tiny untrained event model (2 bins of 50 ms, 64x48) and a 1 s recording of random events."""
     d = tmp_path_factory.mktemp("ev")
-    rep = EventRepresentation(bins=2, window_us=50_000, height=48, width=64)
-    cfg = load_model_yaml("ems-res10.yaml")
-    cfg.update(width_multiple=0.125, input="events", time_steps=2, events=vars(rep).copy())
-    model = EMSDetectionModel(cfg, nc=2, ch=rep.bins * rep.channels_per_bin, verbose=False)
-    pt = write_checkpoint({"model": model, "optimizer": None, "epoch": -1, "train_args": {"task": "detect"}},
-                          d / "ev.pt")
-    rng = np.random.default_rng(0)
-    ev = np.zeros(20_000, EVENT_DTYPE)
-    ev["t"] = np.sort(rng.integers(0, 1_000_000, len(ev)))
-    ev["x"], ev["y"], ev["p"] = rng.integers(0, 64, len(ev)), rng.integers(0, 48, len(ev)), rng.integers(0, 2, len(ev))
+    pt = tiny_event_checkpoint(d / "ev.pt", EventRepresentation(bins=2, window_us=50_000, height=48, width=64))
     rec = d / "rec_td.dat"
-    write_dat(rec, ev, width=64, height=48)
+    write_dat(rec, random_events(20_000, 1_000_000, 64, 48), width=64, height=48)
     return str(pt), rec
 
 

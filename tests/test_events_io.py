@@ -11,18 +11,8 @@ import numpy as np
 import pytest
 from shared_data import SAMPLE, needs_sample
 
-from ems_yolo.events import (
-    BBOX_DTYPE,
-    BBOX_DTYPE_V1,
-    EVENT_DTYPE,
-    DatReader,
-    EventFileError,
-    read_bbox,
-    read_dat,
-    read_dat_header,
-    write_bbox,
-    write_dat,
-)
+from ems_yolo.events import (BBOX_DTYPE, BBOX_DTYPE_V1, EVENT_DTYPE, DatReader, EventFileError, read_bbox, read_dat,
+                             read_dat_header, write_bbox, write_dat)
 
 HEADER_304x240 = b"% Data file containing Event2D events\n% Version 2\n% Height 240\n% Width 304\n"
 

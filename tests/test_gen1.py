@@ -7,6 +7,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from event_data import GEN1_REP as REP
 import yaml
 from shared_data import SHARED_DATA
 from typer.testing import CliRunner
@@ -21,30 +22,16 @@ from ems_yolo.events.protocols import clean_labels
 from ems_yolo.cfg import load_model_yaml
 from ems_yolo.events.io import BBOX_DTYPE, EventFileError, read_bbox, read_dat
 from ems_yolo.events.representations import EventRepresentation
-from ems_yolo.events.synthetic import make_synthetic_gen1
 
-REP = EventRepresentation(bins=3, window_us=150_000)
 ESIM_VIDEO = SHARED_DATA / "videos" / "esim_test_frames.avi"
 
 
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory) -> Path:
-    return make_synthetic_gen1(tmp_path_factory.mktemp("gen1") / "raw", n_train=3, n_val=1, n_test=1, duration_s=2.0)
-
-
-@pytest.fixture(scope="module")
-def cache_dir(synth, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("cache")
-    expected = {s: out / f"{s}.h5" for s in ("train", "val", "test")}
-    assert preprocess_dataset(synth, out, "gen1", REP, progress=False) == expected
-    return out
-
-
-@pytest.fixture(scope="module")
-def data_yaml(cache_dir) -> Path:
+def data_yaml(gen1_cache) -> Path:
     """An ordinary data YAML whose splits are the cache files (channels come from the caches)."""
-    y = cache_dir / "gen1-tiny.yaml"
-    y.write_text(f"path: {cache_dir}\ntrain: train.h5\nval: val.h5\ntest: test.h5\nnames:\n  0: car\n  1: pedestrian\n")
+    y = gen1_cache / "gen1-tiny.yaml"
+    y.write_text(f"path: {gen1_cache}\ntrain: train.h5\nval: val.h5\ntest: test.h5\n"
+                 "names:\n  0: car\n  1: pedestrian\n")
     return y
 
 
@@ -67,9 +54,9 @@ def test_clean_labels_last_per_track_clipped_no_empty():
     np.testing.assert_allclose(out[1000], [[0, 12, 10, 20, 20], [1, 290, 0, 14, 15]])
 
 
-def test_cache_holds_the_representation_and_clean_labels(synth, cache_dir):
-    c = EventCache(cache_dir / "train.h5")
-    recs = find_recordings(synth / "train")
+def test_cache_holds_the_representation_and_clean_labels(gen1_synth, gen1_cache):
+    c = EventCache(gen1_cache / "train.h5")
+    recs = find_recordings(gen1_synth / "train")
     assert c.recordings == [r[0] for r in recs]
     expected = [(i, ts, b) for i, (_, td, bb) in enumerate(recs) for ts, b in clean_labels(read_bbox(bb)).items()]
     assert len(c) == len(expected) > 0
@@ -79,11 +66,11 @@ def test_cache_holds_the_representation_and_clean_labels(synth, cache_dir):
         np.testing.assert_array_equal(c.boxes(k), b)
         events = read_dat(recs[i][1], ts - REP.window_us, ts)
         np.testing.assert_array_equal(c.stored(k), REP.stored(events, ts))
-    with h5py.File(cache_dir / "train.h5") as f:
+    with h5py.File(gen1_cache / "train.h5") as f:
         assert f["samples"].compression == "lzf" and f["samples"].chunks[0] == 1 and f.attrs["split"] == "train"
 
 
-def test_preprocess_resumes_after_interruption(synth, cache_dir, tmp_path, monkeypatch):
+def test_preprocess_resumes_after_interruption(gen1_synth, gen1_cache, tmp_path, monkeypatch):
     dst = tmp_path / "resumed"
     real = automotive._recording_batches
     done = []
@@ -97,24 +84,24 @@ def test_preprocess_resumes_after_interruption(synth, cache_dir, tmp_path, monke
 
     monkeypatch.setattr(automotive, "_recording_batches", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
-        preprocess_dataset(synth, dst, "gen1", REP, progress=False)
+        preprocess_dataset(gen1_synth, dst, "gen1", REP, progress=False)
     monkeypatch.setattr(automotive, "_recording_batches", real)
     assert not (dst / "train.h5").exists()  # never written in place: only the finished recording's part is kept
     assert sorted(p.name for p in (dst / ".parts" / "train").iterdir()) == [f"{done[0]}.h5"]
-    preprocess_dataset(synth, dst, "gen1", REP, progress=False)
+    preprocess_dataset(gen1_synth, dst, "gen1", REP, progress=False)
     assert sorted(p.name for p in dst.iterdir()) == ["test.h5", "train.h5", "val.h5"]
     for split in ("train", "val", "test"):
-        with h5py.File(dst / f"{split}.h5") as a, h5py.File(cache_dir / f"{split}.h5") as b:
+        with h5py.File(dst / f"{split}.h5") as a, h5py.File(gen1_cache / f"{split}.h5") as b:
             for name in ("samples", "labels", "t_us", "recording", "label_count"):
                 np.testing.assert_array_equal(a[name][:], b[name][:])
     with pytest.raises(ValueError, match="representation"):
-        preprocess_dataset(synth, dst, "gen1", EventRepresentation(bins=5), progress=False)
+        preprocess_dataset(gen1_synth, dst, "gen1", EventRepresentation(bins=5), progress=False)
 
 
-def test_preprocess_errors_name_the_bad_file(synth, tmp_path):
+def test_preprocess_errors_name_the_bad_file(gen1_synth, tmp_path):
     src = tmp_path / "src" / "train"
     src.mkdir(parents=True)
-    name, td, bb = find_recordings(synth / "train")[0]
+    name, td, bb = find_recordings(gen1_synth / "train")[0]
     (src / td.name).write_bytes(td.read_bytes() + b"\x01\x02\x03")  # truncated record
     (src / bb.name).write_bytes(bb.read_bytes())
     with pytest.raises(EventFileError, match=f"{td.name}.*byte offset"):
@@ -126,7 +113,7 @@ def test_preprocess_errors_name_the_bad_file(synth, tmp_path):
         preprocess_dataset(tmp_path / "nowhere", tmp_path / "c3", "gen1", REP, progress=False)
 
 
-def test_bad_cache_files_are_clear_errors(cache_dir, tmp_path):
+def test_bad_cache_files_are_clear_errors(gen1_cache, tmp_path):
     (tmp_path / "empty.h5").write_bytes(b"")
     with pytest.raises(ValueError, match="empty.h5: not a readable HDF5 event cache"):
         EventCache(tmp_path / "empty.h5")
@@ -135,7 +122,7 @@ def test_bad_cache_files_are_clear_errors(cache_dir, tmp_path):
     with pytest.raises(ValueError, match="old.h5: not an ems-yolo event cache of version 2"):
         EventCache(tmp_path / "old.h5")
     y = tmp_path / "d.yaml"
-    y.write_text(f"path: {cache_dir}\ntrain: train.h5\nval: val.h5\nchannels: 4\nnames: [car, pedestrian]\n")
+    y.write_text(f"path: {gen1_cache}\ntrain: train.h5\nval: val.h5\nchannels: 4\nnames: [car, pedestrian]\n")
     with pytest.raises(ValueError, match="channels: 4' does not match the event caches.*expected channels: 9"):
         resolve_data(y)
 
@@ -183,9 +170,9 @@ def test_event_training_at_T3_lowers_loss_and_scores_both_protocols(trained, dat
 
 
 @pytest.mark.slow
-def test_predict_on_recording_and_cache(trained, synth, cache_dir, tmp_path):
+def test_predict_on_recording_and_cache(trained, gen1_synth, gen1_cache, tmp_path):
     run, _ = trained
-    name, td, bb = find_recordings(synth / "val")[0]
+    name, td, bb = find_recordings(gen1_synth / "val")[0]
     predict_cli(run, td, tmp_path / "p", "stride_ms=250")
     out = tmp_path / "p" / f"{name}_bbox.npy"
     det = read_bbox(out)
@@ -197,13 +184,13 @@ def test_predict_on_recording_and_cache(trained, synth, cache_dir, tmp_path):
     assert set(times[[len(r.boxes) > 0 for r in results]].tolist()) == set(det["t"].tolist())
     api = np.concatenate([r.boxes.xyxy.numpy() for r in results])  # the Python API gives the CLI's boxes
     np.testing.assert_allclose(api[:, :2], np.stack([det["x"], det["y"]], 1), atol=1e-3)
-    predict_cli(run, cache_dir / "val.h5", tmp_path / "h")
+    predict_cli(run, gen1_cache / "val.h5", tmp_path / "h")
     det = read_bbox(tmp_path / "h" / "val_bbox.npy")
-    assert set(np.unique(det["t"])) <= set(EventCache(cache_dir / "val.h5").t_us.tolist())
+    assert set(np.unique(det["t"])) <= set(EventCache(gen1_cache / "val.h5").t_us.tolist())
 
 
-def test_cli_gen1_preprocess_and_video_to_events(synth, tmp_path):
-    r = CliRunner().invoke(app, ["gen1", "preprocess", f"src={synth}", f"dst={tmp_path / 'c'}", "bins=2",
+def test_cli_gen1_preprocess_and_video_to_events(gen1_synth, tmp_path):
+    r = CliRunner().invoke(app, ["gen1", "preprocess", f"src={gen1_synth}", f"dst={tmp_path / 'c'}", "bins=2",
                                  "window_ms=100", "splits=[val]"])
     assert r.exit_code == 0, r.output
     c = EventCache(tmp_path / "c" / "val.h5")
@@ -277,13 +264,13 @@ def test_predict_on_an_rvt_hdf5_event_file(trained, tmp_path):
     assert (tmp_path / "h5" / "ncars.avi").is_file()
 
 
-def test_preprocess_takes_raw_and_rvt_h5_recordings(synth, cache_dir, tmp_path):
+def test_preprocess_takes_raw_and_rvt_h5_recordings(gen1_synth, gen1_cache, tmp_path):
     """A recording as EVT 2.0 .raw, or as RVT's _td.dat.h5, gives the same samples as its .dat."""
     import hdf5plugin
 
     from ems_yolo.events import write_raw_evt2
 
-    name, td, bb = find_recordings(synth / "val")[0]
+    name, td, bb = find_recordings(gen1_synth / "val")[0]
     events = read_dat(td)
     for suffix in ("_td.raw", "_td.dat.h5"):
         src = tmp_path / suffix.strip("_.") / "val"
@@ -297,7 +284,7 @@ def test_preprocess_takes_raw_and_rvt_h5_recordings(synth, cache_dir, tmp_path):
                     f.create_dataset(f"events/{k}", data=events[k], **hdf5plugin.Blosc(cname="zstd"))
         assert [r[1].name for r in find_recordings(src)] == [f"{name}{suffix}"]
         preprocess_dataset(src.parent, tmp_path / f"cache{suffix}", "gen1", REP, splits=("val",), progress=False)
-        ours, ref = EventCache(tmp_path / f"cache{suffix}" / "val.h5"), EventCache(cache_dir / "val.h5")
+        ours, ref = EventCache(tmp_path / f"cache{suffix}" / "val.h5"), EventCache(gen1_cache / "val.h5")
         n = int((ref.recording == ref.recordings.index(name)).sum())
         assert len(ours) == n > 0
         for i in range(n):
@@ -305,9 +292,9 @@ def test_preprocess_takes_raw_and_rvt_h5_recordings(synth, cache_dir, tmp_path):
             np.testing.assert_array_equal(ours.boxes(i), ref.boxes(i))
 
 
-def test_parallel_preprocessing_writes_the_same_caches(synth, cache_dir, tmp_path):
-    preprocess_dataset(synth, tmp_path / "w2", "gen1", REP, progress=False, workers=2)
+def test_parallel_preprocessing_writes_the_same_caches(gen1_synth, gen1_cache, tmp_path):
+    preprocess_dataset(gen1_synth, tmp_path / "w2", "gen1", REP, progress=False, workers=2)
     for split in ("train", "val", "test"):
-        with h5py.File(tmp_path / "w2" / f"{split}.h5") as a, h5py.File(cache_dir / f"{split}.h5") as b:
+        with h5py.File(tmp_path / "w2" / f"{split}.h5") as a, h5py.File(gen1_cache / f"{split}.h5") as b:
             for name in ("samples", "labels", "t_us", "recording", "label_count", "recordings"):
                 np.testing.assert_array_equal(a[name][:], b[name][:])

@@ -14,6 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from event_data import GEN1_REP as REP
 
 from ems_yolo.cfg import ems_home
 from ems_yolo.cli import run
@@ -22,24 +23,10 @@ from ems_yolo.events.automotive import EventCache, find_recordings, preprocess_d
 from ems_yolo.events.formats import open_events, read_events
 from ems_yolo.events.io import EVENT_DTYPE, MAX_SENSOR_SIZE, read_bbox, read_dat, write_bbox, write_dat
 from ems_yolo.events.raw import RawIndex, RawReader, read_raw_header, write_raw_evt2
-from ems_yolo.events.representations import EventRepresentation
-from ems_yolo.events.synthetic import make_synthetic_gen1, make_synthetic_gen4
+from ems_yolo.events.synthetic import make_synthetic_gen4
 
 REPO = Path(__file__).resolve().parents[1]
-REP = EventRepresentation(bins=3, window_us=150_000)
 CLI_REP = ["bins=3", "window_ms=150"]  # REP from the command line
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory) -> Path:
-    return make_synthetic_gen1(tmp_path_factory.mktemp("gen1") / "raw", n_train=3, n_val=1, n_test=1, duration_s=2.0)
-
-
-@pytest.fixture(scope="module")
-def reference(synth, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("reference")
-    preprocess_dataset(synth, out, "gen1", REP, progress=False)
-    return out
 
 
 def assert_same_caches(a: Path, b: Path) -> None:
@@ -110,43 +97,43 @@ KILL_POINTS = {
     (1, list(KILL_POINTS)),
     (2, ["part-being-written", "first-part-done", "train-merge-temp", "val-part", "after-3s"]),
 ])
-def test_sigkill_at_any_point_resumes_to_the_same_cache(synth, reference, tmp_path, workers, points):
+def test_sigkill_at_any_point_resumes_to_the_same_cache(gen1_synth, gen1_cache, tmp_path, workers, points):
     """D3: killed (SIGKILL) at many points, `gen1 preprocess` leaves no unreadable split cache, and a rerun gives
     caches equal, array by array, to an uninterrupted run's."""
     stopped = {}
     for point in points:
         dst = tmp_path / point
-        args = ["gen1", "preprocess", f"src={synth}", f"dst={dst}", f"workers={workers}", *CLI_REP]
+        args = ["gen1", "preprocess", f"src={gen1_synth}", f"dst={dst}", f"workers={workers}", *CLI_REP]
         stopped[point] = _interrupt(args, dst, KILL_POINTS[point])
         for cache in dst.glob("*.h5"):  # a split cache present is always complete and readable
             assert len(EventCache(cache)) > 0
-        preprocess_dataset(synth, dst, "gen1", REP, progress=False, workers=workers)
-        assert_same_caches(dst, reference)
+        preprocess_dataset(gen1_synth, dst, "gen1", REP, progress=False, workers=workers)
+        assert_same_caches(dst, gen1_cache)
         assert sorted(f for f in _listing(dst) if f != "data.yaml") == ["test.h5", "train.h5", "val.h5"]
     killed = [p for p, files in stopped.items() if files is not None]
     assert len(killed) >= len(points) - 2, stopped  # (a point may come after the run finished)
 
 
-def test_sigint_resumes_and_the_rerun_from_the_cli_completes(synth, reference, tmp_path, capsys):
+def test_sigint_resumes_and_the_rerun_from_the_cli_completes(gen1_synth, gen1_cache, tmp_path, capsys):
     for point in ("first-part-done", "train-cache-renamed"):
         dst = tmp_path / point
-        args = ["gen1", "preprocess", f"src={synth}", f"dst={dst}", *CLI_REP]
+        args = ["gen1", "preprocess", f"src={gen1_synth}", f"dst={dst}", *CLI_REP]
         assert _interrupt(args, dst, KILL_POINTS[point], signal.SIGINT) is not None
         assert run(args) == 0, capsys.readouterr().err
-        assert_same_caches(dst, reference)
+        assert_same_caches(dst, gen1_cache)
         assert not (dst / ".parts").exists()
 
 
-def test_parts_left_by_a_kill_after_the_rename_are_cleaned_up(synth, reference, tmp_path):
+def test_parts_left_by_a_kill_after_the_rename_are_cleaned_up(gen1_synth, gen1_cache, tmp_path):
     """A kill between a split file's rename and the removal of its parts: the rerun removes those parts."""
     dst = tmp_path / "dst"
-    preprocess_dataset(synth, dst, "gen1", REP, progress=False)
-    name = find_recordings(synth / "train")[0][0]
+    preprocess_dataset(gen1_synth, dst, "gen1", REP, progress=False)
+    name = find_recordings(gen1_synth / "train")[0][0]
     (dst / ".parts" / "train").mkdir(parents=True)
     shutil.copy(dst / "train.h5", dst / ".parts" / "train" / f"{name}.h5")
-    preprocess_dataset(synth, dst, "gen1", REP, progress=False)
+    preprocess_dataset(gen1_synth, dst, "gen1", REP, progress=False)
     assert sorted(_listing(dst)) == ["test.h5", "train.h5", "val.h5"]
-    assert_same_caches(dst, reference)
+    assert_same_caches(dst, gen1_cache)
 
 
 def _legacy_truncated_cache(path: Path) -> None:
@@ -158,10 +145,11 @@ def _legacy_truncated_cache(path: Path) -> None:
         f.truncate(96)
 
 
-def test_unreadable_cache_is_named_in_the_users_folder_and_rebuilt_in_ems_yolos(synth, reference, tmp_path, capsys):
+def test_unreadable_cache_is_named_in_the_users_folder_and_rebuilt_in_ems_yolos(gen1_synth, gen1_cache, tmp_path,
+                                                                                 capsys):
     dst = tmp_path / "user"
     _legacy_truncated_cache(dst / "train.h5")
-    args = ["gen1", "preprocess", f"src={synth}", f"dst={dst}", *CLI_REP]
+    args = ["gen1", "preprocess", f"src={gen1_synth}", f"dst={dst}", *CLI_REP]
     assert run(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{dst / 'train.h5'}: not a readable HDF5 event cache" in err[0]
@@ -177,14 +165,14 @@ def test_unreadable_cache_is_named_in_the_users_folder_and_rebuilt_in_ems_yolos(
         owned.mkdir(parents=True, exist_ok=True)
         (owned / "train.h5").write_bytes(bad)
         _legacy_truncated_cache(owned / "val.h5")
-        preprocess_dataset(synth, owned, "gen1", REP, progress=False)
-        assert_same_caches(owned, reference)
+        preprocess_dataset(gen1_synth, owned, "gen1", REP, progress=False)
+        assert_same_caches(owned, gen1_cache)
 
 
-def _copy_dataset(synth: Path, dst: Path, splits=("train", "val", "test")) -> Path:
+def _copy_dataset(gen1_synth: Path, dst: Path, splits=("train", "val", "test")) -> Path:
     for split in splits:
         (dst / split).mkdir(parents=True)
-        for _, td, bb in find_recordings(synth / split):
+        for _, td, bb in find_recordings(gen1_synth / split):
             (dst / split / td.name).write_bytes(td.read_bytes())
             (dst / split / bb.name).write_bytes(bb.read_bytes())
     return dst
@@ -198,10 +186,10 @@ def _gen1_fails(src: Path, dst: Path, capsys, *keys: str) -> str:
 
 
 @pytest.mark.parametrize("cls, row", [(99, 0), (2, 3), (255, 5)])
-def test_class_ids_outside_the_dataset_are_refused_naming_row_and_value(synth, tmp_path, capsys, cls, row):
+def test_class_ids_outside_the_dataset_are_refused_naming_row_and_value(gen1_synth, tmp_path, capsys, cls, row):
     """D7: a `_bbox.npy` class id outside Gen1's two classes is one line naming the file, row, value and range,
     and (D9) the failed run leaves no file behind."""
-    src = _copy_dataset(synth, tmp_path / "src", ("val",))
+    src = _copy_dataset(gen1_synth, tmp_path / "src", ("val",))
     bbox = next((src / "val").glob("*_bbox.npy"))
     boxes = read_bbox(bbox)
     boxes["class_id"][row] = cls
@@ -229,9 +217,9 @@ def test_gen4_class_ids_are_checked_against_the_seven_dataset_classes(tmp_path, 
     assert not (tmp_path / "dst2").exists()
 
 
-def test_labels_after_the_recording_are_dropped_with_a_warning(synth, reference, tmp_path, caplog):
+def test_labels_after_the_recording_are_dropped_with_a_warning(gen1_synth, gen1_cache, tmp_path, caplog):
     """D7: boxes timed long after the last event would be samples of empty frames: dropped, counted in a warning."""
-    src = _copy_dataset(synth, tmp_path / "src", ("val",))
+    src = _copy_dataset(gen1_synth, tmp_path / "src", ("val",))
     bbox = next((src / "val").glob("*_bbox.npy"))
     boxes = read_bbox(bbox)
     late = boxes[:3].copy()
@@ -241,16 +229,16 @@ def test_labels_after_the_recording_are_dropped_with_a_warning(synth, reference,
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warned) == 1 and re.search(r"_bbox.npy: 2 of \d+ label times come more than the 150000 us window "
                                           r"after the last event.*dropped \(first at t=1000000000000 us\)", warned[0])
-    ours, ref = EventCache(tmp_path / "dst" / "val.h5"), EventCache(reference / "val.h5")
+    ours, ref = EventCache(tmp_path / "dst" / "val.h5"), EventCache(gen1_cache / "val.h5")
     assert ours.t_us.max() < 10**12
     np.testing.assert_array_equal(ours.t_us, ref.t_us)
     np.testing.assert_array_equal(ours.labels, ref.labels)
 
 
-def test_failed_preprocess_leaves_no_file_it_created(synth, tmp_path, capsys):
+def test_failed_preprocess_leaves_no_file_it_created(gen1_synth, tmp_path, capsys):
     """D9: bad boxes, missing labels, a recording of another sensor size, too many bins: no `train.h5` (or any
     other file) is left, and the user's files in an existing dst are untouched."""
-    src = _copy_dataset(synth, tmp_path / "src")
+    src = _copy_dataset(gen1_synth, tmp_path / "src")
     dst = tmp_path / "existing"
     dst.mkdir()
     (dst / "notes.txt").write_text("mine")
@@ -265,7 +253,7 @@ def test_failed_preprocess_leaves_no_file_it_created(synth, tmp_path, capsys):
     assert "no matching labels file" in _gen1_fails(src, dst, capsys)
     events = read_dat(src / "train" / f"{names[-1]}_td.dat")
     write_dat(src / "train" / f"{names[-1]}_td.dat", events, 640, 480)
-    write_bbox(last_bbox, read_bbox(synth / "train" / f"{names[-1]}_bbox.npy"))
+    write_bbox(last_bbox, read_bbox(gen1_synth / "train" / f"{names[-1]}_bbox.npy"))
     assert "a 640x480 recording, expected the 304x240 sensor of gen1" in _gen1_fails(src, dst, capsys)
     assert "expected at most" in _gen1_fails(src, dst, capsys, "bins=1000")  # within the key's bound, too large
     assert "bins=100000: expected a positive integer up to" in _gen1_fails(src, dst, capsys, "bins=100000")
@@ -277,25 +265,25 @@ def test_failed_preprocess_leaves_no_file_it_created(synth, tmp_path, capsys):
                                      "notes.txt"]
 
 
-def test_huge_representations_are_refused_before_allocating(synth, tmp_path, capsys):
+def test_huge_representations_are_refused_before_allocating(gen1_synth, tmp_path, capsys):
     """D15: bins x channels x height x width per sample is bounded (one line with the key, value and limit)."""
     for keys in (["bins=1000"], ["bins=600", "representation=histogram"]):  # within the key's bound of 1024
-        line = _gen1_fails(synth, tmp_path / "d", capsys, *keys)
+        line = _gen1_fails(gen1_synth, tmp_path / "d", capsys, *keys)
         assert line.startswith("ems-yolo: error: bins=") and f"expected at most {automotive.MAX_SAMPLE_BYTES:,}" \
             in line
     assert not (tmp_path / "d").exists()
 
 
-def test_integer_keys_from_the_cli_reach_preprocessing(synth, tmp_path, capsys):
+def test_integer_keys_from_the_cli_reach_preprocessing(gen1_synth, tmp_path, capsys):
     """`cutoff=10` and `bins=10` (parsed as numbers by the key parser) are accepted as integers."""
     dst = tmp_path / "h"
-    args = ["gen1", "preprocess", f"src={synth}", f"dst={dst}", "representation=histogram", "bins=10", "cutoff=10",
+    args = ["gen1", "preprocess", f"src={gen1_synth}", f"dst={dst}", "representation=histogram", "bins=10", "cutoff=10",
             "window_ms=50", "splits=[val]"]
     assert run(args) == 0, capsys.readouterr().err
     rep = EventCache(dst / "val.h5").representation
     assert (rep.name, rep.bins, rep.cutoff) == ("histogram", 10, 10)
-    assert "cutoff" in _gen1_fails(synth, tmp_path / "h2", capsys, "representation=histogram", "cutoff=10.5")
-    assert "bins" in _gen1_fails(synth, tmp_path / "h3", capsys, "bins=2.5")
+    assert "cutoff" in _gen1_fails(gen1_synth, tmp_path / "h2", capsys, "representation=histogram", "cutoff=10.5")
+    assert "bins" in _gen1_fails(gen1_synth, tmp_path / "h3", capsys, "bins=2.5")
 
 
 def _raw_header(path: Path, geometry: str, data: bytes = b"") -> Path:

@@ -17,18 +17,18 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from event_data import random_events, tiny_event_checkpoint
 from shared_data import SHARED_DATA
 
 from ems_yolo import EMSYOLO
 from ems_yolo.cfg import DATASETS_DIR, load_model_yaml
 from ems_yolo.cli import run
 from ems_yolo.data.shapes import make_shapes_dataset
-from ems_yolo.engine.checkpoints import load_checkpoint_file, write_checkpoint
+from ems_yolo.engine.checkpoints import load_checkpoint_file
 from ems_yolo.engine.model import derive_model_yaml
 from ems_yolo.events.io import EVENT_DTYPE, read_dat, write_dat
 from ems_yolo.events.raw import write_raw_evt2
 from ems_yolo.events.representations import EventRepresentation
-from ems_yolo.nn import EMSDetectionModel
 
 COCO8_IMAGES = DATASETS_DIR / "coco8" / "images" / "val"  # the shipped COCO8, read only
 EVT3 = SHARED_DATA / "events" / "evt3_sample.raw"
@@ -107,18 +107,9 @@ def copy_run(run_dir: Path, dst: Path) -> Path:
 def event_model(tmp_path_factory):
     """A tiny checkpoint of a model for event input (2 bins of 20 ms ems_frames, 64x48) and a 30 s recording."""
     d = tmp_path_factory.mktemp("evmodel")
-    rep = EventRepresentation(bins=2, window_us=20_000, height=48, width=64)
-    cfg = load_model_yaml("ems-res10.yaml")
-    cfg.update(width_multiple=0.125, input="events", time_steps=2, events=vars(rep).copy())
-    model = EMSDetectionModel(cfg, nc=2, ch=rep.bins * rep.channels_per_bin, verbose=False)
-    pt = write_checkpoint({"model": model, "optimizer": None, "epoch": -1, "train_args": {"task": "detect"}},
-                          d / "ev.pt")
-    rng = np.random.default_rng(0)
-    n = 30_000
-    ev = np.zeros(n, EVENT_DTYPE)
-    ev["t"] = np.sort(rng.integers(0, 30_000_000, n))
+    pt = tiny_event_checkpoint(d / "ev.pt", EventRepresentation(bins=2, window_us=20_000, height=48, width=64))
+    ev = random_events(30_000, 30_000_000, 64, 48)
     ev["t"][[0, -1]] = 0, 29_999_999  # 30,000 windows of 1 ms
-    ev["x"], ev["y"], ev["p"] = rng.integers(0, 64, n), rng.integers(0, 48, n), rng.integers(0, 2, n)
     raw = write_raw_evt2(d / "long.raw", ev, 64, 48)
     return pt, raw
 

@@ -1,5 +1,7 @@
-"""A wheel built from the repository works from a folder outside it: configs travel inside the package."""
+"""A wheel built from the repository works from a folder outside it: configs travel inside the package, and every
+package of the source tree is in it."""
 
+import configparser
 import os
 import re
 import subprocess
@@ -9,7 +11,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
 
 
 def run(cmd: list[str], cwd: Path, env: dict | None = None) -> str:
@@ -18,6 +19,36 @@ def run(cmd: list[str], cwd: Path, env: dict | None = None) -> str:
     return r.stdout + r.stderr
 
 
+def setup_cfg_packages() -> tuple[set[str], dict[str, str]]:
+    """setup.cfg's `packages` and `package_dir` (package -> folder, relative to the repository)."""
+    options = configparser.ConfigParser()
+    options.read(REPO / "setup.cfg")
+    packages = set(options["options"]["packages"].split())
+    mapping = (line.split("=") for line in options["options"].get("package_dir", "").splitlines() if "=" in line)
+    return packages, {name.strip(): folder.strip() for name, folder in mapping}
+
+
+def source_packages(packages_dir: dict[str, str]) -> set[str]:
+    """Every folder holding an __init__.py under ems_yolo/ and under the folders that package_dir maps, as a dotted
+    package name (links are not followed: ems_yolo/cfg in a checkout is a link to cfg/)."""
+    roots = {"ems_yolo": REPO / "ems_yolo", **{name: REPO / folder for name, folder in packages_dir.items()}}
+    found = set()
+    for name, root in roots.items():
+        for folder, _, files in os.walk(root):
+            if "__init__.py" in files:
+                found.add(".".join([name, *Path(folder).relative_to(root).parts]))
+    return found
+
+
+def test_every_package_of_the_source_tree_is_listed_in_setup_cfg():
+    """A package missing from setup.cfg is missing from the wheel (ems_yolo.nn.ops.lif once was: ImportError from an
+    installed wheel only); a listed package that does not exist fails the build."""
+    packages, package_dir = setup_cfg_packages()
+    assert {"ems_yolo", "ems_yolo.cfg", "ems_yolo.nn.ops.lif"} <= source_packages(package_dir)
+    assert source_packages(package_dir) == packages
+
+
+@pytest.mark.slow
 def test_wheel_in_a_fresh_venv_runs_info_train_predict_val_coco8_outside_the_repo(tmp_path):
     run([sys.executable, "-m", "pip", "wheel", REPO, "--no-deps", "-q", "-w", tmp_path / "dist"], cwd=tmp_path)
     wheel = next((tmp_path / "dist").glob("ems_yolo-*.whl"))

@@ -53,7 +53,6 @@ from pathlib import Path
 from torch import nn
 
 from ems_yolo.cfg import load_model_yaml
-from ems_yolo.nn.ops import runtime
 from ems_yolo.nn.flops import conv_ops
 from ems_yolo.nn.head import EMSDetect
 from ems_yolo.nn.layers import EncodingConv
@@ -66,6 +65,7 @@ from naive_reference import NaiveEMS, naive_lif
 
 MODEL = "ems-res10.yaml"
 IMPLS = ("ours", "naive")
+CPU = torch.device("cpu")  # the device of the CPU section (the CUDA section has functions of its own)
 
 
 @dataclass
@@ -161,15 +161,13 @@ def model_cfg(time_steps: int, width: float) -> dict:
     return cfg
 
 
-def build(impl: str, time_steps: int, width: float, device: torch.device) -> nn.Module:
-    """Our model ("ours"; "ckpt" with activation checkpointing; "triton" with the Triton LIF kernels) or the naive
-    reference around a fresh copy of it (same initialisation for a given seed)."""
+def build(impl: str, time_steps: int, width: float) -> nn.Module:
+    """Our model on the CPU ("ours"; "ckpt" with activation checkpointing) or the naive reference around a fresh
+    copy of it (same initialisation for a given seed)."""
     torch.manual_seed(0)
     cfg = model_cfg(time_steps, width)
     cfg["checkpoint"] = impl == "ckpt"
-    if impl == "triton":
-        cfg["neuron"] = {**cfg.get("neuron", {}), "backend": "triton"}
-    model = EMSDetectionModel(cfg, verbose=False).to(device)
+    model = EMSDetectionModel(cfg, verbose=False)
     return NaiveEMS(model) if impl == "naive" else model
 
 
@@ -202,28 +200,24 @@ def print_table(header: list[str], rows: list[list[str]]) -> None:
 # -------------------------------------------------------------------------------------------------- benchmarks
 
 
-def bench_training(s: Settings, device: torch.device, amp: bool) -> dict[int, dict[str, list[float]]]:
+def bench_training(s: Settings) -> dict[int, dict[str, list[float]]]:
     """Step times per T for ours and naive, and a dense matmul, measured in alternation (same machine state)."""
-    dtype = torch.float16 if amp else torch.float32
     n = s.matmul_size
     print(f"\nTraining throughput: EMS-ResNet10 width {s.width}, batch {s.batch}, {s.imgsz} px, SGD step, "
           f"synthetic loss; {s.warmup} warm-up + {s.train_iters} alternating steps each, with a {n}^3 "
-          f"{str(dtype).split('.')[-1]} torch.mm in every round for the FLOP/s reference", flush=True)
-    x = torch.rand(s.batch, 3, s.imgsz, s.imgsz, device=device)
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    impls = (*IMPLS, "triton") if device.type == "cuda" and runtime.available() else IMPLS
+          "float32 torch.mm in every round for the FLOP/s reference", flush=True)
+    x = torch.rand(s.batch, 3, s.imgsz, s.imgsz)
+    a, b = (torch.randn(n, n) for _ in range(2))
     results, rows = {}, []
     for T in s.time_steps:
-        fns = {impl: make_train_step(build(impl, T, s.width, device), x, amp) for impl in impls}
+        fns = {impl: make_train_step(build(impl, T, s.width), x, amp=False) for impl in IMPLS}
         fns["matmul"] = lambda: torch.mm(a, b)
-        results[T] = times = alternate(fns, s.warmup, s.train_iters, device)
-        rate = {k: s.batch / med(times[k]) for k in impls}
+        results[T] = times = alternate(fns, s.warmup, s.train_iters, CPU)
+        rate = {k: s.batch / med(times[k]) for k in IMPLS}
         rows.append([f"T={T}", f"{rate['ours']:.2f}", f"{rate['naive']:.2f}", f"{rate['ours'] / rate['naive']:.2f}x",
-                     spread(times["ours"]), spread(times["naive"])]
-                    + ([f"{rate['triton']:.2f}"] if "triton" in rate else []))
+                     spread(times["ours"]), spread(times["naive"])])
         del fns
-    print_table(["", "ours img/s", "naive img/s", "ours/naive", "ours step", "naive step"]
-                + (["ours+Triton LIF img/s"] if "triton" in impls else []), rows)
+    print_table(["", "ours img/s", "naive img/s", "ours/naive", "ours step", "naive step"], rows)
     return results
 
 
@@ -239,7 +233,7 @@ def memory_probe(impl: str, time_steps: int, s: Settings) -> None:
     """Child process: print the peak RSS growth (MiB) of building a model and running two training steps."""
     x = torch.rand(s.batch, 3, s.imgsz, s.imgsz)
     before = rss_mib("VmRSS")
-    step = make_train_step(build(impl, time_steps, s.width, torch.device("cpu")), x, amp=False)
+    step = make_train_step(build(impl, time_steps, s.width), x, amp=False)
     step()
     step()
     print(json.dumps({"peak_mib": rss_mib("VmHWM") - before}))
@@ -295,22 +289,21 @@ def export_onnx(model: EMSDetectionModel, x: torch.Tensor, path: str) -> None:
                           output_names=["output0"])
 
 
-def onnx_runner(model: EMSDetectionModel, x: torch.Tensor, device: torch.device) -> Callable[[], object] | None:
-    """An ONNX Runtime session of `model` as a closure on `x`, or None when no provider fits the device.
+def onnx_runner(model: EMSDetectionModel, x: torch.Tensor) -> Callable[[], object] | None:
+    """An ONNX Runtime CPU session of `model` as a closure on `x`, or None when ONNX Runtime has no CPU provider.
 
     Intra-op spinning is disabled: spinning ORT threads would otherwise steal the cores from the eager runs that
     follow in the alternation.
     """
     import onnxruntime as ort
 
-    provider = "CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider"
+    provider = "CPUExecutionProvider"
     if provider not in ort.get_available_providers():
         print(f"  ONNX Runtime: {provider} not available, skipped")
         return None
     opts = ort.SessionOptions()
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if device.type == "cpu":
-        opts.intra_op_num_threads = DEFAULT_THREADS
+    opts.intra_op_num_threads = DEFAULT_THREADS
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / "ems-res10.onnx")
         export_onnx(model, x, path)
@@ -324,17 +317,15 @@ def onnx_runner(model: EMSDetectionModel, x: torch.Tensor, device: torch.device)
     return lambda: session.run(None, feed)
 
 
-def bench_inference(s: Settings, device: torch.device, amp: bool) -> dict[str, list[float]]:
+def bench_inference(s: Settings) -> dict[str, list[float]]:
     """Per-frame latency (batch 1) of ours, naive and, when possible, ONNX Runtime running ours."""
     T = s.infer_time_steps
-    print(f"\nInference latency per frame: batch 1, {s.imgsz} px, T={T}, eval mode"
-          f"{', AMP autocast' if amp else ''}; {s.infer_warmup} warm-up + {s.infer_iters} alternating runs each",
-          flush=True)
-    x = torch.rand(1, 3, s.imgsz, s.imgsz, device=device)
-    models = {impl: build(impl, T, s.width, device).eval() for impl in IMPLS}
-    autocast = torch.autocast("cuda", dtype=torch.float16) if amp else nullcontext()
+    print(f"\nInference latency per frame: batch 1, {s.imgsz} px, T={T}, eval mode; {s.infer_warmup} warm-up + "
+          f"{s.infer_iters} alternating runs each", flush=True)
+    x = torch.rand(1, 3, s.imgsz, s.imgsz)
+    models = {impl: build(impl, T, s.width).eval() for impl in IMPLS}
 
-    def eager(m: nn.Module, cast: object = autocast) -> Callable[[], object]:
+    def eager(m: nn.Module, cast: object = nullcontext()) -> Callable[[], object]:
         def run() -> object:
             with torch.inference_mode(), cast:
                 return m(x)
@@ -342,7 +333,7 @@ def bench_inference(s: Settings, device: torch.device, amp: bool) -> dict[str, l
         return run
 
     fns = {impl: eager(m) for impl, m in models.items()}
-    if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():  # information, not a target
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():  # information, not a target
         for impl, m in models.items():
             fns[f"{impl}+bf16"] = eager(m, torch.autocast("cpu", dtype=torch.bfloat16))
     if s.compile:  # torch.compile of our eval model; compiled once here, outside the timed runs
@@ -350,10 +341,10 @@ def bench_inference(s: Settings, device: torch.device, amp: bool) -> dict[str, l
         fns["ours+compile"] = eager(torch.compile(models["ours"]))
         fns["ours+compile"]()
         print(f"  torch.compile: first call (compilation) took {time.perf_counter() - t0:.0f} s", flush=True)
-    ort_run = onnx_runner(models["ours"], x, device)
+    ort_run = onnx_runner(models["ours"], x)
     if ort_run is not None:
         fns["onnxruntime"] = ort_run
-    times = alternate(fns, s.infer_warmup, s.infer_iters, device)
+    times = alternate(fns, s.infer_warmup, s.infer_iters, CPU)
     print_table(["", "latency per frame"], [[k, spread(v, 1e3, "ms")] for k, v in times.items()])
     print(f"  naive/ours: {med(times['naive']) / med(times['ours']):.2f}x"
           + (f", ours eager/ONNX Runtime: {med(times['ours']) / med(times['onnxruntime']):.2f}x"
@@ -365,45 +356,37 @@ def bench_inference(s: Settings, device: torch.device, amp: bool) -> dict[str, l
     return times
 
 
-def bench_lif(s: Settings, device: torch.device) -> dict[str, list[float]]:
+def bench_lif(s: Settings) -> dict[str, list[float]]:
     """LIF forward + backward on `[T*B, 64, 80, 80]`: ours (fused node over time-folded views) vs the per-step
-    original; on CUDA also our Triton kernels (`backend: triton`) when triton is installed."""
+    original."""
     T = 4
     shape = (T * s.lif_batch, 64, 80, 80)
     print(f"\nLIF alone: forward + backward (surrogate), T={T}, input {list(shape)} float32; {s.warmup} warm-up + "
           f"{s.lif_iters} alternating runs each", flush=True)
     lif = LIF(T).train()
-    x = (torch.randn(shape, device=device) * 0.5 + 0.3).requires_grad_()
-    g = torch.randn(shape, device=device)
+    x = (torch.randn(shape) * 0.5 + 0.3).requires_grad_()
+    g = torch.randn(shape)
 
-    def ours(m: LIF = lif) -> None:
-        torch.autograd.grad(m(x), x, g)
+    def ours() -> None:
+        torch.autograd.grad(lif(x), x, g)
 
     def naive() -> None:
         torch.autograd.grad(naive_lif(lif, x.view(T, -1, *shape[1:])), x, g.view(T, -1, *shape[1:]))
 
-    fns = {"ours": ours, "naive": naive}
-    if device.type == "cuda" and runtime.available():
-        fast = LIF(T, backend="triton").train()
-        if not torch.equal(fast(x), lif(x)):
-            raise RuntimeError("the Triton LIF kernel disagrees with the torch path")
-        fns["ours+triton"] = lambda: ours(fast)
-    times = alternate(fns, s.warmup, s.lif_iters, device)
+    times = alternate({"ours": ours, "naive": naive}, s.warmup, s.lif_iters, CPU)
     print_table(["", "fwd+bwd"], [[k, spread(v, 1e3, "ms")] for k, v in times.items()])
-    print(f"  naive/ours: {med(times['naive']) / med(times['ours']):.2f}x"
-          + (f", torch path/Triton: {med(times['ours']) / med(times['ours+triton']):.2f}x"
-             if "ours+triton" in times else ""))
+    print(f"  naive/ours: {med(times['naive']) / med(times['ours']):.2f}x")
     return times
 
 
-def report_flops(s: Settings, train: dict[int, dict[str, list[float]]], amp: bool) -> float:
+def report_flops(s: Settings, train: dict[int, dict[str, list[float]]]) -> float:
     """Executed training FLOP/s (3 x forward, forward = 2 x conv MACs per image) over the matmul FLOP/s of the same
     rounds; returns our fraction at the largest T.
 
     The naive reference runs every conv T times. Ours runs the frame encoding conv once (its input is the same at
     every step) and the head convs once (on the mean over T), so it executes fewer FLOPs for the same model.
     """
-    model = build("ours", 1, s.width, torch.device("cpu"))
+    model = build("ours", 1, s.width)
     once = {id(c) for m in model.modules() if isinstance(m, (EncodingConv, EMSDetect)) for c in m.modules()}
     ops = conv_ops(model, s.imgsz)
     macs_once = sum(op.macs for op in ops if id(op.conv) in once)
@@ -411,7 +394,7 @@ def report_flops(s: Settings, train: dict[int, dict[str, list[float]]], amp: boo
     print(f"\nAchieved FLOP/s: model {2 * macs_step / 1e9:.3f} GFLOPs per image per step (2 x conv MACs from "
           f"layer shapes; {2 * macs_once / 1e9:.3f} of them in the encoding and head convs, which ours runs once "
           f"per image instead of T times), training = 3 x forward; reference: {s.matmul_size}^3 "
-          f"{'float16' if amp else 'float32'} torch.mm timed in the same rounds", flush=True)
+          "float32 torch.mm timed in the same rounds", flush=True)
     rows, fraction = [], 0.0
     for T, times in train.items():
         peak = 2 * s.matmul_size**3 / med(times["matmul"])
@@ -425,13 +408,13 @@ def report_flops(s: Settings, train: dict[int, dict[str, list[float]]], amp: boo
     return fraction
 
 
-def run_section(s: Settings, device: torch.device, amp: bool, argv: list[str]) -> list[Result]:
-    """All benchmarks on one device; returns the summary lines."""
-    train = bench_training(s, device, amp)
+def run_section(s: Settings, argv: list[str]) -> list[Result]:
+    """All benchmarks of the CPU section (float32); returns the summary lines."""
+    train = bench_training(s)
     memory = bench_memory_cpu(s, argv)
-    infer = bench_inference(s, device, amp)
-    lif = bench_lif(s, device)
-    fraction = report_flops(s, train, amp)
+    infer = bench_inference(s)
+    lif = bench_lif(s)
+    fraction = report_flops(s, train)
     tt, tm = s.time_steps[-1], s.memory_time_steps[-1]
     results = [
         Result(f"training throughput ours/naive, T={tt}", med(train[tt]["naive"]) / med(train[tt]["ours"]), 2.5, True),
@@ -449,8 +432,6 @@ def run_section(s: Settings, device: torch.device, amp: bool, argv: list[str]) -
                               med(infer["ours+compile"]) / med(infer["ours"])))
     results += [
         Result("LIF alone fwd+bwd time ours/naive", med(lif["ours"]) / med(lif["naive"])),
-        *([Result("LIF alone fwd+bwd time Triton/torch path", med(lif["ours+triton"]) / med(lif["ours"]), 1.0)]
-          if "ours+triton" in lif else []),
         Result(f"training FLOP/s / matmul FLOP/s (ours, T={tt})", fraction, percent=True),
     ]
     return results
@@ -748,7 +729,7 @@ def main() -> None:
     sections = {}
     if not args.cuda_only:
         print("\n=== CPU, float32 ===")
-        sections["CPU fp32"] = run_section(settings(args), torch.device("cpu"), False, argv)
+        sections["CPU fp32"] = run_section(settings(args), argv)
     if args.cuda_toy:
         print("\n=== CUDA section at toy sizes, on the CPU ===")
         sections["CUDA toy (CPU)"] = cuda_section(torch.device("cpu"), toy=True)

@@ -21,10 +21,8 @@ import yaml
 
 from ems_yolo.cfg import BUILTIN_DATA, CFG_DIR, SYNTHETIC_GEN1, SYNTHETIC_GEN4, check_value, ems_home, find_dataset_yaml
 from ems_yolo.data.events import is_event_split, split_representation
-from ems_yolo.events.automotive import SPLITS, EventCache, preprocess_dataset, split_cache_path
-from ems_yolo.events.protocols import GEN1, DatasetProtocol
-from ems_yolo.events.representations import EventRepresentation
-from ems_yolo.utils.files import atomic_write_text, build_folder_once, content_addressed, read_yaml_mapping
+from ems_yolo.events.automotive import preprocess_dataset, write_event_data_yaml
+from ems_yolo.utils.files import build_folder_once, content_addressed, read_yaml_mapping
 
 
 def _dataset_root(d: dict, yaml_path: Path) -> Path:
@@ -175,38 +173,6 @@ def load_data(data: str | Path | None, split: str = "") -> dict:
     return check_det_dataset(resolve_data(data), split=split)
 
 
-def write_event_data_yaml(folder: str | Path) -> Path:
-    """Write `<folder>/data.yaml` for the split caches found in `folder` (train.h5, val.h5, test.h5); the class
-    names are those the caches were built with."""
-    folder = Path(folder).expanduser().resolve()
-    present = {s: split_cache_path(folder, s) for s in SPLITS if split_cache_path(folder, s).is_file()}
-    if not present:
-        raise FileNotFoundError(f"{folder}: no split caches ({', '.join(f'{s}.h5' for s in SPLITS)})")
-    cache = EventCache(next(iter(present.values())))
-    rep = cache.representation
-    d = {"path": str(folder), **{s: p.name for s, p in present.items()},
-         "channels": rep.bins * rep.channels_per_bin, "names": dict(cache.names)}
-    out = folder / "data.yaml"
-    text = yaml.safe_dump(d, sort_keys=False)
-    if not out.is_file() or out.read_text() != text:
-        atomic_write_text(out, text)
-    return out
-
-
-def prepare_dataset(
-    src: str | Path,
-    dst: str | Path,
-    protocol: str | DatasetProtocol = GEN1,
-    representation: EventRepresentation | None = None,
-    splits: tuple[str, ...] = SPLITS,
-    progress: bool = True,
-    workers: int = 1,
-) -> Path:
-    """Build (or resume) the split caches of a Gen1 or 1 Mpx folder in `dst` and its data YAML; returns the YAML."""
-    preprocess_dataset(src, dst, protocol, representation, splits, progress=progress, workers=workers)
-    return write_event_data_yaml(dst)
-
-
 def make_synthetic_data(protocol: str = "gen1") -> Path:
     """Generate (once) the synthetic Gen1 or 1 Mpx recordings, their split caches and a data YAML; return the YAML."""
     from ems_yolo.events.synthetic import make_synthetic_gen1, make_synthetic_gen4
@@ -214,7 +180,8 @@ def make_synthetic_data(protocol: str = "gen1") -> Path:
     root = (make_synthetic_gen1 if protocol == "gen1" else make_synthetic_gen4)()
     with open(root.with_name(f"{root.name}.lock"), "a") as lock:  # the processes of a run (torchrun's ranks)
         fcntl.flock(lock, fcntl.LOCK_EX)  # build the caches once, one after the other: the first one writes them
-        return prepare_dataset(root, root / "cache", protocol, progress=False)
+        preprocess_dataset(root, root / "cache", protocol, progress=False)
+        return write_event_data_yaml(root / "cache")
 
 
 def _missing_message(src: Path, d: dict, root: Path, missing: list[Path]) -> str:

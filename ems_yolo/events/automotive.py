@@ -6,7 +6,7 @@ the events may also be `<name>_td.raw`, or RVT's `<name>_td.dat.h5` / `<name>_td
 becomes one sample: the event representation of the window before it (stored compactly, chunked and compressed,
 at the protocol's input resolution) and its cleaned boxes. Each recording is written to a part file of its own
 first, and a split file is only ever renamed into place complete, so an interrupted run (even by SIGKILL) resumes
-where it stopped.
+where it stopped. `write_event_data_yaml` then writes the data YAML that trains on those split files.
 
 Cache layout (root of each split file):
     samples      uint8 [N, *stored]   one sample per chunk, lzf-compressed
@@ -34,11 +34,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from ems_yolo.events.formats import open_events
 from ems_yolo.events.io import check_sensor_size, read_bbox
 from ems_yolo.events.protocols import GEN1, DatasetProtocol, check_label_classes, clean_labels, get_protocol
 from ems_yolo.events.representations import EventRepresentation
+from ems_yolo.utils.files import atomic_write_text
 
 SPLITS = ("train", "val", "test")
 CACHE_VERSION = 2
@@ -224,6 +226,24 @@ def preprocess_dataset(
             print(file=sys.stderr)
         _remove_empty([*(dst / ".parts" / s for s in present), dst / ".parts", *created])  # left empty
         raise
+    return out
+
+
+def write_event_data_yaml(folder: str | Path) -> Path:
+    """Write `<folder>/data.yaml` for the split caches found in `folder` (train.h5, val.h5, test.h5); the class
+    names are those the caches were built with."""
+    folder = Path(folder).expanduser().resolve()
+    present = {s: split_cache_path(folder, s) for s in SPLITS if split_cache_path(folder, s).is_file()}
+    if not present:
+        raise FileNotFoundError(f"{folder}: no split caches ({', '.join(f'{s}.h5' for s in SPLITS)})")
+    cache = EventCache(next(iter(present.values())))
+    rep = cache.representation
+    d = {"path": str(folder), **{s: p.name for s, p in present.items()},
+         "channels": rep.bins * rep.channels_per_bin, "names": dict(cache.names)}
+    out = folder / "data.yaml"
+    text = yaml.safe_dump(d, sort_keys=False)
+    if not out.is_file() or out.read_text() != text:
+        atomic_write_text(out, text)
     return out
 
 
