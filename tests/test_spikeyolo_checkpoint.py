@@ -178,8 +178,11 @@ def spikeyolo_copy(tmp_path_factory):
 
 @pytest.mark.slow
 def test_every_mode_runs_on_the_spikeyolo_checkpoint(spikeyolo_copy, tmp_path):
-    """EMSYOLO(<SpikeYOLO .pt>): predict on the pedestrian video (a few frames), val on COCO8, energy, and a
-    1-epoch fine-tuning on the built-in data (another nc: the class convs are re-initialised, the rest loaded)."""
+    """EMSYOLO(<SpikeYOLO .pt>): predict on the pedestrian video (a few frames), val on COCO8, energy, ONNX equal to
+    PyTorch, and a 1-epoch fine-tuning on the built-in data (another nc: the class convs are re-initialised, the
+    rest loaded)."""
+    import onnxruntime
+
     from ems_yolo import EMSYOLO
     from ems_yolo.data.shapes import make_shapes_dataset
 
@@ -196,6 +199,14 @@ def test_every_mode_runs_on_the_spikeyolo_checkpoint(spikeyolo_copy, tmp_path):
     data = make_shapes_dataset(n_train=4, n_val=4, imgsz=64)
     report = model.energy(data=str(data), imgsz=64, batch=2, max_batches=1, project=str(tmp_path))
     assert report.time_steps == 1 and report.samples == 2
+    onnx = model.export(format="onnx", imgsz=128)  # the whole s model (755 tensors), fixed batch of 1
+    x = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    sess = onnxruntime.InferenceSession(onnx, providers=["CPUExecutionProvider"])
+    out = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+    with torch.no_grad():
+        ref = deepcopy(model.model).float().eval()(x)[0]
+    assert out.shape == ref.shape == (1, 84, 336)
+    assert (out - ref).abs().max().item() < 1e-3  # measured 1.2e-4 (boxes in pixels, scores)
     model.train(data=str(data), epochs=1, imgsz=64, batch=2, workers=0, plots=False, project=str(tmp_path),
                 name="ft")
     tuned = torch.load(tmp_path / "ft" / "weights" / "last.pt", weights_only=False)["model"]

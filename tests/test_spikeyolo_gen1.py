@@ -213,10 +213,12 @@ def test_convert_command_and_emsyolo_on_the_gen1_file(gen1_file, loaded, tmp_pat
 
     from ems_yolo import EMSYOLO
     from ems_yolo.cli import app
-    from ems_yolo.engine.checkpoints import load_checkpoint_file
+    from ems_yolo.engine.checkpoints import load_checkpoint_file, spikeyolo_summary
 
     r = CliRunner().invoke(app, ["convert", f"source={gen1_file}", f"out={tmp_path / 'g.pt'}"])
     assert r.exit_code == 0, r.output
+    note = spikeyolo_summary(*loaded, None)  # what convert prints: T is not in the file
+    assert "T=2 (the released Gen1 checkpoint's T; set time_steps= for another)" in note
     converted = load_checkpoint_file(tmp_path / "g.pt")["model"]
     assert converted.yaml["neuron"] == {"kind": "ilif", "levels": 4, "charge": "gen1"} and converted.names[1] == \
         "pedestrian"

@@ -193,7 +193,8 @@ def conversion_summary(model: EMSDetectionModel, orig: OriginalCheckpoint, time_
 def spikeyolo_summary(model: EMSDetectionModel, sy: SpikeYOLOCheckpoint, time_steps: int | None) -> str:
     """What was converted from a SpikeYOLO checkpoint: classes, T and D, parameters, source epoch and date."""
     params = sum(p.numel() for p in model.parameters())
-    t_note = "given" if time_steps else "from its MS_GetT layer"
+    t_note = ("given" if time_steps else "the released Gen1 checkpoint's T; set time_steps= for another"
+              if sy.charge == "gen1" else "from its MS_GetT layer")
     return (
         f"{sy.path}: SpikeYOLO checkpoint ('{sy.source}' weights of epoch {sy.epoch}, saved "
         f"{sy.date or 'on an unknown date'}), {len(sy.tensors)} tensors mapped one-to-one\n"
