@@ -24,7 +24,6 @@ import torch
 
 from ems_yolo import EMSYOLO
 from ems_yolo.cfg import load_model_yaml
-from ems_yolo.cli import run
 from ems_yolo.engine.checkpoints import load_checkpoint_file
 from ems_yolo.engine.model import derive_model_yaml
 from ems_yolo.events import EventRepresentation
@@ -115,7 +114,11 @@ def runs(boxes_data, init_weights, event_data, tiny_yaml_file, tmp_path_factory)
     project = tmp_path_factory.mktemp("runs")
     common = [f"data={boxes_data}", *TRAIN, f"project={project}"]
     ann = [f"model={init_weights['ann']}", *common]
-    assert run(["train", *ann, "name=single"]) == 0  # one process, this one
+    # one process, started as the workers are (a fresh interpreter, one thread): the pytest worker's state (threads,
+    # what earlier tests of the same worker left behind) stays out of the comparison
+    single = subprocess.run([sys.executable, "-m", "ems_yolo", "train", *ann, "name=single"], capture_output=True,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert single.returncode == 0, (single.stdout + single.stderr)[-4000:]
     _finish(_torchrun(*ann, "name=ddp"))
     log = _finish(_torchrun(f"model={tiny_yaml_file()}", "sync_bn=True", f"data={event_data}", "epochs=2",
                             "batch=4", "imgsz=64", "workers=0", "plots=False", "device=cpu", f"project={project}",
