@@ -13,7 +13,7 @@ from shared_data import SHARED_DATA
 from typer.testing import CliRunner
 
 from ems_yolo import EMSYOLO
-from ems_yolo.cli import app
+from ems_yolo.cli import app, run
 from ems_yolo.data.datasets import resolve_data
 from ems_yolo.engine.model import derive_model_yaml
 from ems_yolo.events import automotive
@@ -125,6 +125,23 @@ def test_bad_cache_files_are_clear_errors(gen1_cache, tmp_path):
     y.write_text(f"path: {gen1_cache}\ntrain: train.h5\nval: val.h5\nchannels: 4\nnames: [car, pedestrian]\n")
     with pytest.raises(ValueError, match="channels: 4' does not match the event caches.*expected channels: 9"):
         resolve_data(y)
+
+
+def test_validating_on_data_of_another_input_width_is_one_line(data_yaml, tmp_path, capsys):
+    """An event model of another bin count, or a frame model, on these caches (3 bins x 3 channels): exit 2 and one
+    line naming the split file, both widths and the width that would match, before any batch reaches the model."""
+    from event_data import tiny_event_checkpoint
+
+    two_bins = tiny_event_checkpoint(tmp_path / "two.pt", EventRepresentation(bins=2, window_us=150_000))
+    val = data_yaml.parent.resolve() / "val.h5"
+    for model, reads in ((two_bins, "6 (T=2 x 3)"), ("ems-res10.yaml", "3 (images)")):
+        code = run(["val", f"model={model}", f"data={data_yaml}", "imgsz=64", "batch=2",
+                    f"project={tmp_path / 'runs'}"])
+        err = capsys.readouterr().err
+        head, tail = (f"ems-yolo: error: {val}: 9 input channels (3 bins x 3 of ems_frames), but the model ",
+                      f"{Path(model).name} reads {reads}; expected data of {reads.split()[0]} channels\n")
+        assert code == 2 and err.startswith(head) and err.endswith(tail) and err.count("\n") == 1, err
+    assert not any((tmp_path / "runs").rglob("*")) if (tmp_path / "runs").exists() else True
 
 
 def test_missing_gen1_explains_how_to_get_it(tmp_path, monkeypatch):

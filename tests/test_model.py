@@ -198,6 +198,8 @@ def test_ann_twin_trains_after_ultralytics_checkpoint_loading(tiny_cfg, tmp_path
     (an in-place ReLU overwrites the tdBN output its backward needs)."""
     from ultralytics.nn.tasks import load_checkpoint
 
+    import ems_yolo.engine.checkpoints  # noqa: F401  (routes the loader through ems-yolo's, as every command does)
+
     from ems_yolo.nn.model import ann_twin
 
     model = EMSDetectionModel(ann_twin(tiny_cfg(nc=2)), verbose=False)
@@ -216,6 +218,8 @@ def test_outputs_identical_after_a_checkpoint_round_trip(name, tiny_cfg, tmp_pat
     """Ultralytics' loader sets `inplace=True` on every module with the flag; no layer may compute another function
     after it (the SiLU convs of the COCO model did)."""
     from ultralytics.nn.tasks import load_checkpoint
+
+    import ems_yolo.engine.checkpoints  # noqa: F401  (routes the loader through ems-yolo's, as every command does)
 
     model = EMSDetectionModel(tiny_cfg(name, width=0.125, nc=3, time_steps=3), verbose=False).eval()
     for m in model.modules():  # trained-looking statistics, so that every layer is far from its init

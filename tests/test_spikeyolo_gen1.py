@@ -206,9 +206,10 @@ def test_gen1_neurons_and_float64_outputs_of_their_neuron(loaded):
 
 
 @pytest.mark.slow
-def test_convert_command_and_emsyolo_on_the_gen1_file(gen1_file, loaded, tmp_path):
+def test_convert_command_and_emsyolo_on_the_gen1_file(gen1_file, loaded, gen1_cache, tmp_path):
     """`ems-yolo convert source=<Gen1 .pt>` writes an ems-yolo checkpoint with the same outputs; EMSYOLO(<Gen1 .pt>)
-    reads it directly, here with T from `time_steps=` (3 event frames: 9 input channels)."""
+    reads it directly, here with T from `time_steps=` (3 event frames: 9 input channels), and validates on event
+    caches of 3 bins of ems_frames (at its own T=2 they are one line)."""
     from typer.testing import CliRunner
 
     from ems_yolo import EMSYOLO
@@ -229,6 +230,13 @@ def test_convert_command_and_emsyolo_on_the_gen1_file(gen1_file, loaded, tmp_pat
     assert three.time_steps == 3 and three.model.yaml["channels"] == 9
     assert three.ckpt["converted_from"]["file"] == str(gen1_file)
     assert len(_raw(three.model, _event_frames(3))) == 3
+    data = tmp_path / "gen1.yaml"
+    data.write_text(f"path: {gen1_cache}\ntrain: train.h5\nval: val.h5\nnames: [car, pedestrian]\n")
+    val = dict(data=str(data), imgsz=64, batch=2, plots=False, project=str(tmp_path / "runs"))
+    assert 0 <= three.val(**val).box.map50 <= 1
+    with pytest.raises(ValueError, match=r"val\.h5: 9 input channels \(3 bins x 3 of ems_frames\), but the model "
+                                         r"\S+ reads 6 \(T=2 x 3\); expected data of 6 channels"):
+        EMSYOLO(gen1_file).val(**val)
 
 
 @pytest.mark.parametrize(

@@ -131,6 +131,19 @@ def _ultralytics_check(copy: Path, src: Path) -> None:
         raise ValueError(f"{src}: {message.replace(str(copy), '').strip()}") from None
 
 
+def check_input_channels(model_yaml: dict, model_name: str, data: dict, data_name: str) -> None:
+    """A model validated on data of another input width is one line naming both (its first layer would otherwise
+    fail on the first batch with a shape error): an event model reads T bins of a fixed representation."""
+    ch, have = int(model_yaml.get("channels", 3)), int(data.get("channels", 3))
+    if ch == have:
+        return
+    rep, T = data.get("events"), int(model_yaml.get("time_steps", 1))
+    held = f"{rep['bins']} bins x {have // rep['bins']} of {rep['name']}" if rep else "images"
+    reads = f"T={T} x {ch // T}" if model_yaml.get("input") == "events" and ch % T == 0 else "images"
+    raise ValueError(f"{data_name}: {have} input channels ({held}), but the model {model_name} reads {ch} ({reads}); "
+                     f"expected data of {ch} channels")
+
+
 def warn_class_mismatch(model_names: dict | list, data_names: dict | list) -> None:
     """One warning when a model's classes are not the dataset's: metrics compare class indices and are reported
     under the model's names."""

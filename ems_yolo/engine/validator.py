@@ -19,7 +19,7 @@ from ems_yolo import ultralytics_compat  # noqa: F401  (first: offline environme
 from ultralytics.models.yolo.detect import DetectionValidator
 from ultralytics.utils import LOGGER, RANK
 
-from ems_yolo.data.datasets import warn_class_mismatch
+from ems_yolo.data.datasets import check_input_channels, warn_class_mismatch
 from ems_yolo.data.events import EventDetectionDataset
 from ems_yolo.data.splits import build_split_dataset
 from ems_yolo.events.io import concat_boxes, detections_to_boxes
@@ -62,6 +62,9 @@ class EMSValidator(DetectionValidator):
     def init_metrics(self, model) -> None:  # noqa: D102
         super().init_metrics(model)
         if not self.training:
+            net = getattr(model, "model", model)  # AutoBackend's PyTorch model; exports keep their own checks
+            if isinstance(getattr(net, "yaml", None), dict):
+                check_input_channels(net.yaml, str(self.args.model), self.data, str(self.data.get(self.args.split)))
             warn_class_mismatch(self.names, self.data["names"])
         self._event_gt: dict[int, list] = {}
         self._event_dt: dict[int, list] = {}
