@@ -15,9 +15,10 @@ GEN1_REP = EventRepresentation(bins=3, window_us=150_000)  # the caches of the `
 
 
 def tiny_event_checkpoint(path: Path, rep: EventRepresentation) -> Path:
-    """An untrained two-class ems-res10 at 1/8 width and T=2 reading `rep`, written as a checkpoint at `path`."""
+    """An untrained two-class ems-res10 at 1/8 width reading `rep` (T = its bins, as training makes it), written as
+    a checkpoint at `path`."""
     cfg = load_model_yaml("ems-res10.yaml")
-    cfg.update(width_multiple=0.125, input="events", time_steps=2, events=vars(rep).copy())
+    cfg.update(width_multiple=0.125, input="events", time_steps=rep.bins, events=vars(rep).copy())
     model = EMSDetectionModel(cfg, nc=2, ch=rep.bins * rep.channels_per_bin, verbose=False)
     return write_checkpoint({"model": model, "optimizer": None, "epoch": -1, "train_args": {"task": "detect"}}, path)
 

@@ -10,6 +10,7 @@ import pytest
 from event_data import GEN1_REP as REP
 import yaml
 from shared_data import SHARED_DATA
+from ultralytics_logs import ultralytics_log
 from typer.testing import CliRunner
 
 from ems_yolo import EMSYOLO
@@ -142,6 +143,26 @@ def test_validating_on_data_of_another_input_width_is_one_line(data_yaml, tmp_pa
                       f"{Path(model).name} reads {reads}; expected data of {reads.split()[0]} channels\n")
         assert code == 2 and err.startswith(head) and err.endswith(tail) and err.count("\n") == 1, err
     assert not any((tmp_path / "runs").rglob("*")) if (tmp_path / "runs").exists() else True
+
+
+@pytest.mark.slow
+def test_benchmark_of_an_event_model_validates_each_format_on_the_caches(data_yaml, tmp_path, capsys):
+    """`ems-yolo benchmark` on event caches: the PyTorch model and its ONNX and TorchScript exports score the same
+    on the same windows; the table names the data as the user gave it."""
+    import csv
+
+    from event_data import tiny_event_checkpoint
+
+    pt = tiny_event_checkpoint(tmp_path / "ev.pt", REP)
+    codes = []
+    log = ultralytics_log(lambda: codes.append(
+        run(["benchmark", f"model={pt}", f"data={data_yaml}", "imgsz=64", f"project={tmp_path / 'runs'}"])))
+    assert codes == [0], capsys.readouterr().err
+    rows = list(csv.DictReader((tmp_path / "runs" / "benchmark" / "benchmarks.csv").open()))
+    assert [r["format"] for r in rows] == ["pytorch", "onnx", "torchscript"]
+    for r in rows:
+        assert float(r["mAP50-95"]) == pytest.approx(float(rows[0]["mAP50-95"]), abs=1e-3), rows
+    assert f"Benchmarks of ev.pt on {data_yaml} at imgsz=64 (batch 1):" in log
 
 
 def test_missing_gen1_explains_how_to_get_it(tmp_path, monkeypatch):

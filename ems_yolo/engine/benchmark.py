@@ -19,9 +19,10 @@ COLUMNS = ("format", "size_mb", "mAP50", "mAP50-95", "inference_ms", "fps")
 
 
 def benchmark_formats(weights: Path, data: str, formats: tuple[str, ...], folder: Path, imgsz: int,
-                      device: str | None) -> list[dict]:
-    """Export `weights` (an ems-yolo .pt in `folder`/weights) to each format and validate each file on `data` with
-    batch 1; returns one row per format (COLUMNS) and writes them to `folder`/benchmarks.csv."""
+                      device: str | None, data_name: str) -> list[dict]:
+    """Export `weights` (an ems-yolo .pt in `folder`/weights) to each format and validate each file on `data` (the
+    resolved YAML of what the user named `data_name`) with batch 1; returns one row per format (COLUMNS) and writes
+    them to `folder`/benchmarks.csv."""
     from ems_yolo.engine.model import EMSYOLO
 
     rows = []
@@ -35,7 +36,7 @@ def benchmark_formats(weights: Path, data: str, formats: tuple[str, ...], folder
                      "inference_ms": round(ms, 2), "fps": round(1000 / ms, 1) if ms else None})
     table = [",".join(COLUMNS)] + [",".join("" if r[c] is None else str(r[c]) for c in COLUMNS) for r in rows]
     atomic_write_text(folder / "benchmarks.csv", "\n".join(table) + "\n")
-    LOGGER.info(f"\nBenchmarks of {weights.name} on {Path(data).name} at imgsz={imgsz} (batch 1):\n"
+    LOGGER.info(f"\nBenchmarks of {weights.name} on {data_name} at imgsz={imgsz} (batch 1):\n"
                 + "\n".join("".join(f"{v:>14}" for v in line.split(",")) for line in table)
                 + f"\nResults saved to {folder / 'benchmarks.csv'}")
     return rows

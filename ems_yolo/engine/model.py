@@ -30,6 +30,7 @@ from ultralytics.engine.model import Model
 from ultralytics.utils import DEFAULT_CFG, LOGGER
 
 from ems_yolo.cfg import (
+    BUILTIN_DATA,
     DEFAULT_MODEL,
     EXPORT_PACKAGES,
     EMS_TRAIN_DEFAULTS,
@@ -366,7 +367,8 @@ class EMSYOLO(Model):
                                f"(pip install 'ems-yolo[{EXPORT_PACKAGES[f][1]}]')")
             formats = tuple(f for f in formats if f not in skipped)
         imgsz = checked["imgsz"] or int(self.overrides.get("imgsz") or 640)
-        data = resolve_data(data or self.overrides.get("data"))
+        named = data or self.overrides.get("data")
+        data = resolve_data(named)
         project = Path(project or default_project())
         folder = increment_path(project / name)
         with no_half_written_runs(project):
@@ -382,7 +384,7 @@ class EMSYOLO(Model):
             write_checkpoint({**(self.ckpt or {}), "model": model, "ema": None, "optimizer": None,  # weights only
                               "train_args": {**(self.ckpt or {}).get("train_args", {}), "data": data, "imgsz": imgsz}},
                              weights)
-            return benchmark_formats(weights, data, formats, folder, imgsz, device)
+            return benchmark_formats(weights, data, formats, folder, imgsz, device, str(named or BUILTIN_DATA))
 
     def energy(
         self,
