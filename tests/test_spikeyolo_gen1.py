@@ -18,6 +18,7 @@ import types
 from collections import OrderedDict
 from copy import deepcopy
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -206,10 +207,13 @@ def test_gen1_neurons_and_float64_outputs_of_their_neuron(loaded):
 
 
 @pytest.mark.slow
-def test_convert_command_and_emsyolo_on_the_gen1_file(gen1_file, loaded, gen1_cache, tmp_path):
-    """`ems-yolo convert source=<Gen1 .pt>` writes an ems-yolo checkpoint with the same outputs; EMSYOLO(<Gen1 .pt>)
-    reads it directly, here with T from `time_steps=` (3 event frames: 9 input channels), and validates on event
-    caches of 3 bins of ems_frames (at its own T=2 they are one line)."""
+def test_convert_command_and_emsyolo_on_the_gen1_file(gen1_file, loaded, gen1_synth, gen1_cache, tmp_path):
+    """`ems-yolo convert source=<Gen1 .pt>` writes an ems-yolo checkpoint with the same outputs, recording pre_gen1.py's
+    input (the 250 ms before the label in T ems_frames bins); EMSYOLO(<Gen1 .pt>) reads it directly, here with T from
+    `time_steps=` (3 event frames: 9 input channels), validates on event caches of 3 bins of ems_frames (at its own
+    T=2 they are one line) and predicts along a Gen1 recording."""
+    from ems_yolo.events.automotive import find_recordings
+
     from typer.testing import CliRunner
 
     from ems_yolo import EMSYOLO
@@ -223,6 +227,8 @@ def test_convert_command_and_emsyolo_on_the_gen1_file(gen1_file, loaded, gen1_ca
     converted = load_checkpoint_file(tmp_path / "g.pt")["model"]
     assert converted.yaml["neuron"] == {"kind": "ilif", "levels": 4, "charge": "gen1"} and converted.names[1] == \
         "pedestrian"
+    assert converted.yaml["events"] == {"name": "ems_frames", "bins": 2, "window_us": 250_000, "height": 240,
+                                        "width": 304, "cutoff": 10}
     x = _event_frames(T)
     for a, b in zip(_raw(converted, x), _raw(deepcopy(loaded[0]), x)):
         assert torch.equal(a, b)
@@ -237,6 +243,10 @@ def test_convert_command_and_emsyolo_on_the_gen1_file(gen1_file, loaded, gen1_ca
     with pytest.raises(ValueError, match=r"val\.h5: 9 input channels \(3 bins x 3 of ems_frames\), but the model "
                                          r"\S+ reads 6 \(T=2 x 3\); expected data of 6 channels"):
         EMSYOLO(gen1_file).val(**val)
+    td = find_recordings(gen1_synth / "val")[0][1]  # a 2 s _td.dat recording
+    results = three.predict(td, stride_ms=500, imgsz=64, conf=0.001, save=False)
+    ends = [int(r.path.rsplit("@", 1)[1].removesuffix("us")) for r in results]
+    assert len(ends) >= 3 and set(np.diff(ends)) == {500_000}
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,9 @@ Its Gen1 code (`SpikeYOLO_for_Gen1/`, the same fork with the same module classes
 spike) from the SpikingJelly 0.0.0.0.12 copy it ships, whose `surrogate.Sigmoid` fires `round(clip(v, 0, 4))`: an
 I-LIF with `charge: gen1`, D=4. Its input is T event frames per sample (`[B, T, 3, H, W]`, the 0/127/255 frames of
 its pre_gen1.py, ems-yolo's `ems_frames`), so the model reads `input: events` with 3*T channels; T is not in the file
-(its `MS_GetT` keeps the YAML's 1): the released Gen1 checkpoint's T=2 unless given.
+(its `MS_GetT` keeps the YAML's 1): the released Gen1 checkpoint's T=2 unless given. pre_gen1.py makes each sample
+of the 250 ms before a label, in T equal bins at the sensor's 240x304 (its arrays are stored x-major and turned
+back by its loader): the representation the converted model records, so it predicts on recordings as trained.
 
 Every module of the pickled tree must be one this mapping knows, at the same path and of the mapped class in the
 ems-yolo model (ems_yolo/nn/spikeyolo.py keeps the original layout), so the tensors map one-to-one under their own
@@ -30,6 +32,7 @@ from torch import nn
 from ems_yolo import ultralytics_compat  # noqa: F401  (first: offline environment before Ultralytics loads)
 from ultralytics.nn.modules import DFL, Concat
 
+from ems_yolo.events.representations import EventRepresentation
 from ems_yolo.nn.foreign import ForeignCheckpoint, fail, foreign_fields, load_strict, pickled_rows, read_pickled_model
 from ems_yolo.nn.ilif import ILIF
 from ems_yolo.nn.inert_pickle import InertObject
@@ -58,6 +61,7 @@ GEN1_NEURON = "spikingjelly.clock_driven.neuron.MultiStepLIFNode"
 GEN1_SURROGATE = "spikingjelly.clock_driven.surrogate.Sigmoid"  # the shipped copy's: fires round(clip(v, 0, 4))
 GEN1_LEVELS = 4
 GEN1_TIME_STEPS = 2  # the released Gen1 checkpoint's T (their README: 23M, T=2, D=4); not stored in the file
+GEN1_WINDOW_US = 250_000  # pre_gen1.py's sample_size: the events before each label that make one sample
 # the SpikingJelly settings of the Gen1 neuron this mapping reads as `charge: gen1` (the state or memory entry)
 GEN1_SETTINGS = {"tau": 2.0, "decay_input": True, "v_reset": None, "v_threshold": 1.0}
 
@@ -282,6 +286,8 @@ def ems_model_yaml(sy: SpikeYOLOCheckpoint, time_steps: int | None = None, base:
     gen1 = sy.charge == "gen1"  # T event frames of `ch` channels each, time-major (their [B, T, C, H, W])
     cfg.update(nc=int(sy.yaml["nc"]), time_steps=T, neuron=neuron, channels=ch * T if gen1 else ch,
                input="events" if gen1 else cfg.get("input", "frames"))
+    if gen1:
+        cfg["events"] = EventRepresentation(bins=T, window_us=GEN1_WINDOW_US).to_dict()  # Gen1 sensor: 240x304
     return cfg
 
 
