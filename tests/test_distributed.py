@@ -60,7 +60,8 @@ def boxes_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def init_weights(tmp_path_factory) -> dict[str, Path]:
     """Shared starting weights of the ANN twin (each process would otherwise draw its own initialisation),
-    with sync_bn."""
+    with sync_bn; drawn from seed 0, so that the comparisons below do not depend on what ran before them."""
+    torch.manual_seed(0)
     cfg = load_model_yaml("ems-res10.yaml")
     cfg.update(width_multiple=0.25, nc=1)
     path = tmp_path_factory.mktemp("init") / "ann.pt"
@@ -152,7 +153,9 @@ def test_two_processes_train_as_one_with_the_whole_batch(runs, init_weights):
     moved = _distance(single, start)
     assert moved > 0.1  # training moved the weights
     _assert_fp16_close(ddp, single)
-    assert _distance(ddp, single) < 0.02 * moved
+    # FP16 checkpoints round the two runs' float32 weights apart here and there: measured 1.9% of the way training
+    # went from this initialisation, 0.1% to 3% from others
+    assert _distance(ddp, single) < 0.05 * moved
     rows = (runs / "ddp" / "results.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + EPOCHS  # written once, by rank 0
     assert sorted(p.name for p in (runs / "ddp" / "weights").iterdir()) == ["best.pt", "last.pt"]
@@ -166,7 +169,7 @@ def test_an_interrupted_distributed_run_resumes_to_the_same_weights(runs, init_w
     resumed, uninterrupted = _weights(runs / "crash"), _weights(runs / "ddp")
     assert "Resuming training" in (runs / "resume.log").read_text()
     # Ultralytics resumes from the checkpoint's FP16 EMA weights and FP16 optimizer state, not the FP32 model, so
-    # the resumed steps start near the uninterrupted ones, not on them (measured: 4% of the way training went)
+    # the resumed steps start near the uninterrupted ones, not on them (measured: 5.6% of the way training went)
     assert _distance(resumed, uninterrupted) < 0.1 * _distance(uninterrupted, start)
 
 
