@@ -224,6 +224,8 @@ def test_convert_command_and_emsyolo_on_the_gen1_file(gen1_file, loaded, gen1_sy
     assert r.exit_code == 0, r.output
     note = spikeyolo_summary(*loaded, None)  # what convert prints: T is not in the file
     assert "T=2 (the released Gen1 checkpoint's T; set time_steps= for another)" in note
+    assert note.endswith("\n  input ems_frames: 2 bins of the 250 ms before each window end at 304x240 (as their "
+                         "pre_gen1.py makes it)")
     converted = load_checkpoint_file(tmp_path / "g.pt")["model"]
     assert converted.yaml["neuron"] == {"kind": "ilif", "levels": 4, "charge": "gen1"} and converted.names[1] == \
         "pedestrian"

@@ -195,11 +195,14 @@ def spikeyolo_summary(model: EMSDetectionModel, sy: SpikeYOLOCheckpoint, time_st
     params = sum(p.numel() for p in model.parameters())
     t_note = ("given" if time_steps else "the released Gen1 checkpoint's T; set time_steps= for another"
               if sy.charge == "gen1" else "from its MS_GetT layer")
+    rep = model.yaml.get("events")
     return (
         f"{sy.path}: SpikeYOLO checkpoint ('{sy.source}' weights of epoch {sy.epoch}, saved "
         f"{sy.date or 'on an unknown date'}), {len(sy.tensors)} tensors mapped one-to-one\n"
         f"  model {Path(model.yaml['yaml_file']).name}: {model.yaml['nc']} classes, T={model.time_steps} ({t_note}), "
         f"I-LIF D={sy.levels}, {params:,} parameters"
+        + (f"\n  input {rep['name']}: {rep['bins']} bins of the {rep['window_us'] / 1000:g} ms before each window end "
+           f"at {rep['width']}x{rep['height']} (as their pre_gen1.py makes it)" if rep else "")
     )
 
 
