@@ -212,13 +212,12 @@ def test_convert_command_and_emsyolo_on_the_gen1_file(gen1_file, loaded, gen1_sy
     input (the 250 ms before the label in T ems_frames bins); EMSYOLO(<Gen1 .pt>) reads it directly, here with T from
     `time_steps=` (3 event frames: 9 input channels), validates on event caches of 3 bins of ems_frames (at its own
     T=2 they are one line) and predicts along a Gen1 recording."""
-    from ems_yolo.events.automotive import find_recordings
-
     from typer.testing import CliRunner
 
     from ems_yolo import EMSYOLO
     from ems_yolo.cli import app
     from ems_yolo.engine.checkpoints import load_checkpoint_file, spikeyolo_summary
+    from ems_yolo.events.automotive import find_recordings
 
     r = CliRunner().invoke(app, ["convert", f"source={gen1_file}", f"out={tmp_path / 'g.pt'}"])
     assert r.exit_code == 0, r.output

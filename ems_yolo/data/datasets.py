@@ -22,6 +22,7 @@ import yaml
 from ems_yolo.cfg import BUILTIN_DATA, CFG_DIR, SYNTHETIC_GEN1, SYNTHETIC_GEN4, check_value, ems_home, find_dataset_yaml
 from ems_yolo.data.events import is_event_split, split_representation
 from ems_yolo.events.automotive import preprocess_dataset, write_event_data_yaml
+from ems_yolo.events.representations import EventRepresentation
 from ems_yolo.utils.files import build_folder_once, content_addressed, read_yaml_mapping
 
 
@@ -138,7 +139,8 @@ def check_input_channels(model_yaml: dict, model_name: str, data: dict, data_nam
     if ch == have:
         return
     rep, T = data.get("events"), int(model_yaml.get("time_steps", 1))
-    held = f"{rep['bins']} bins x {have // rep['bins']} of {rep['name']}" if rep else "images"
+    rep = EventRepresentation(**rep) if rep else None
+    held = f"{rep.bins} bins x {rep.channels_per_bin} of {rep.name}" if rep else "images"
     reads = f"T={T} x {ch // T}" if model_yaml.get("input") == "events" and ch % T == 0 else "images"
     raise ValueError(f"{data_name}: {have} input channels ({held}), but the model {model_name} reads {ch} ({reads}); "
                      f"expected data of {ch} channels")
