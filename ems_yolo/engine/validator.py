@@ -42,6 +42,7 @@ class EMSValidator(DetectionValidator):
     per-frame YOLO-style mAP that the EMS-YOLO paper reports.
     """
 
+    _model = None  # what get_dataloader checks the data against (set by __call__)
     coco_stats: dict[str, float] | None = None
     prophesee_stats: dict[str, float] | None = None
 
@@ -54,6 +55,13 @@ class EMSValidator(DetectionValidator):
         frames = super().build_dataset
         return build_split_dataset(img_path, self.args, self.data, mode, lambda: frames(img_path, mode, batch))
 
+    def get_dataloader(self, dataset_path: str, batch_size: int):
+        """Ultralytics' loader; for a stand-alone validation of a PyTorch model first the check that the data is as
+        wide as the model's input (before the progress bar and the first batch; exports keep their own checks)."""
+        if isinstance(getattr(self._model, "yaml", None), dict):
+            check_input_channels(self._model.yaml, str(self.args.model), self.data, str(dataset_path))
+        return super().get_dataloader(dataset_path, batch_size)
+
     @property
     def events(self) -> bool:
         """Whether the data being validated is an event cache."""
@@ -62,9 +70,6 @@ class EMSValidator(DetectionValidator):
     def init_metrics(self, model) -> None:  # noqa: D102
         super().init_metrics(model)
         if not self.training:
-            net = getattr(model, "model", model)  # AutoBackend's PyTorch model; exports keep their own checks
-            if isinstance(getattr(net, "yaml", None), dict):
-                check_input_channels(net.yaml, str(self.args.model), self.data, str(self.data.get(self.args.split)))
             warn_class_mismatch(self.names, self.data["names"])
         self._event_gt: dict[int, list] = {}
         self._event_dt: dict[int, list] = {}
@@ -132,6 +137,7 @@ class EMSValidator(DetectionValidator):
     def __call__(self, trainer=None, model=None):
         """Ultralytics' validation; with `save_json=True` and no detection at all (where Ultralytics writes no JSON
         and scores nothing) an empty predictions.json and a pycocotools mAP of 0 are reported."""
+        self._model = None if trainer is not None else model  # the PyTorch model of a stand-alone validation
         stats = super().__call__(trainer, model)
         if self.args.save_json and not self.jdict and not self.training and (self.is_coco or self.gdict):
             atomic_write_text(self.save_dir / "predictions.json", "[]")
